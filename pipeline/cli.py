@@ -113,6 +113,21 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from pipeline.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import write_report
+
+    store = _store(args, args.items)
+    path = write_report(store, args.out)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distillery", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab", type=int, default=2048)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_tiny_model)
+
+    d = sub.add_parser("demo", help="the built-in demo: train a tiny teacher, distill a student, "
+                       "print the evaluation table (CPU, no network)")
+    with_recipe(d)
+    d.add_argument("items", nargs="*", metavar="key=value")
+    d.set_defaults(func=cmd_demo, recipe="configs/tiny.yaml")
+
+    rp = sub.add_parser("report", help="write a single static HTML report of the data root")
+    rp.add_argument("--out", default="report.html", help="output file (default report.html)")
+    with_recipe(rp)
+    rp.add_argument("items", nargs="*", metavar="data_root=...")
+    rp.set_defaults(func=cmd_report)
     return p
 
 
