@@ -193,7 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value / stage@version items may come before or after the options.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        if args.command == "tiny-model":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items = list(args.items) + extra
     try:
         return args.func(args)
     except UserError as e:
