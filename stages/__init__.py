@@ -1,6 +1,14 @@
 """The pipeline's stages, in order. An explicit dict: no registry, no discovery."""
 from stages import prompts
+from stages import generate
+from stages import verify, prune, select
+from stages import sft
 
 STAGES = {
     "prompts": prompts.STAGE,
+    "generate": generate.STAGE,
+    "verify": verify.STAGE,
+    "prune": prune.STAGE,
+    "select": select.STAGE,
+    "sft": sft.STAGE,
 }

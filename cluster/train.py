@@ -1,0 +1,133 @@
+"""How training runs — Ray Train workers with DeepSpeed ZeRO — never what it computes.
+
+The training stages (stages/sft.py, stages/redi.py) call `fit(loop, config, resources, ctx)`:
+one Ray Train `TorchTrainer` with `resources.num_workers` workers (one process per GPU on GPU),
+the torch process group on gloo (CPU) or NCCL (GPU), and inside each worker a transformers/TRL
+trainer configured with the ZeRO json from cluster/deepspeed/ (stage 2 default, 3 selectable,
+optional CPU offload). The same code runs on a laptop's local Ray and on a cluster
+(RAY_ADDRESS): only `resources:` in the recipe changes.
+
+    resources:
+      sft:  {num_workers: 8, use_gpu: true, zero_stage: 2}
+      redi: {num_workers: 8, use_gpu: true, zero_stage: 3, offload: true}
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def deepspeed_config(zero_stage: int, offload: bool) -> dict:
+    """The ZeRO json for this run as a dict (TrainingArguments(deepspeed=...) takes a dict).
+
+    Batch sizes, clipping and bf16 stay "auto": the HF integration fills them from the
+    TrainingArguments, so the json never disagrees with the trainer (STACK.md: TRL's SFTConfig
+    turns bf16 on by default and a json saying `false` is then rejected).
+    """
+    from pipeline.errors import UserError
+
+    if zero_stage not in (2, 3):
+        raise UserError(f"resources.zero_stage: {zero_stage} is not supported (use 2 or 3)")
+    with open(os.path.join(HERE, "deepspeed", f"zero{zero_stage}.json"), encoding="utf-8") as f:
+        ds = json.load(f)
+    if offload:
+        # Optimizer state (fp32 master weights + Adam moments = 12 bytes/param) to host memory;
+        # at stage 3 the parameters too. Trades step time for GPU memory.
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if zero_stage == 3:
+            ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return ds
+
+
+def fit(loop, config: dict, resources, ctx) -> None:
+    """Run `loop(config)` on `resources.num_workers` Ray Train workers; raise if any worker fails."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ctx.ensure_ray()
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = 1
+    config = dict(config)
+    # The DeepSpeed comm op is JIT-built once (~20 s on CPU) and cached here (STACK.md).
+    config["torch_extensions_dir"] = os.environ.get(
+        "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distillery/torch_extensions"))
+    config["deepspeed"] = deepspeed_config(resources.zero_stage, resources.offload)
+    config["use_gpu"] = resources.use_gpu
+    config["cpus_per_worker"] = resources.cpus_per_worker
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=resources.num_workers,
+                                     use_gpu=resources.use_gpu,
+                                     resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        run_config=RunConfig(name=f"{ctx.stage}-{ctx.version}",
+                             storage_path=ctx.scratch_dir("ray-train")),
+    )
+    trainer.fit()
+
+
+# --- inside a worker -------------------------------------------------------------------------
+
+def worker_env(config: dict) -> None:
+    """Process settings every worker needs before torch/deepspeed do real work."""
+    import torch
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = config["torch_extensions_dir"]
+    # TensorBoard event files go into the version folder (<version>/logs), not the checkpoints
+    # folder that is deleted at the end.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(config["out_dir"], "logs")
+    if not config["use_gpu"]:
+        torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+
+
+def deepspeed_for_worker(config: dict) -> dict:
+    """A fresh copy of the ZeRO dict; ZeRO-3 needs the process group in DeepSpeed's hands before
+    `from_pretrained` (zero.Init partitions at load time; STACK.md: it asserts otherwise)."""
+    ds = copy.deepcopy(config["deepspeed"])
+    if ds["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if config["use_gpu"] else "gloo")
+    return ds
+
+
+def last_checkpoint(checkpoint_dir: str) -> str | None:
+    """The newest complete `checkpoint-N` folder of an interrupted run, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    return get_last_checkpoint(checkpoint_dir)
+
+
+def peak_memory_mb(use_gpu: bool) -> float:
+    """Peak memory of this worker: CUDA allocator peak on GPU, the process's max RSS on CPU."""
+    import resource
+
+    import torch
+
+    if use_gpu:
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB -> MiB
+
+
+def finish(trainer, tokenizer, out_dir: str, checkpoint_dir: str, stats: dict) -> None:
+    """Write the HF checkpoint (model + tokenizer + chat template) and the run's stats.
+
+    `save_model` is collective under ZeRO-3 (the shards are gathered), so every rank calls it;
+    only rank 0 writes files.
+    """
+    trainer.save_model(out_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out_dir)
+        with open(os.path.join(out_dir, "train_stats.json"), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+        # Optimizer state and DeepSpeed shards exist for resuming an interrupted run only.
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
