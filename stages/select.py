@@ -1,0 +1,165 @@
+"""Stage `select` — the SFT set and the REDI preference pairs, two splits of one version.
+
+    <version>/sft/    problem_id, trace_id, messages, difficulty, source
+    <version>/pairs/  problem_id, prompt, chosen, rejected, chosen_trace_id, rejected_trace_id
+
+`messages` = the exact prompt messages the teacher saw + one assistant turn
+"<think>\\n{reasoning}\\n</think>\\n{final}" built from the pruned text; `prompt / chosen / rejected`
+are TRL's conversational preference format, so TRL's DPO trainer (and our REDI trainer) read the
+split unchanged.
+
+Per problem, its traces are put in a seeded shuffle (sorted by trace_id first, so the order does
+not depend on how rows arrived): SFT takes the first `sft_per_problem` correct traces; a pair is
+the first correct with the first incorrect trace (METHODS.md, REDI), both within the length caps.
+Problems that give no pair are counted by reason.
+
+    distillery run select --recipe configs/tiny.yaml select.seed=1
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+from pipeline.stage import Stage
+
+
+@dataclass
+class SelectConfig:
+    """Knobs of the select stage.
+
+    seed: the per-problem shuffle seed (same seed + same input = same rows).
+    sft_per_problem: at most this many correct traces per problem in the SFT split (0 = all).
+    sft_max_tokens: SFT rows longer than this (prompt_tokens + pruned_tokens) are left out
+      (0 = no cap; the trainer's max length truncates anyway).
+    pair_max_prompt_tokens: problems whose prompt is longer give no pair (REDI recipe: 800).
+    pair_max_response_tokens: traces longer than this are not used in pairs (REDI recipe: 19k).
+    """
+
+    seed: int = 0
+    sft_per_problem: int = 4
+    sft_max_tokens: int = 0
+    pair_max_prompt_tokens: int = 800
+    pair_max_response_tokens: int = 19000
+
+
+def assistant_text(completion: str) -> str:
+    """"<think>\\n{reasoning}\\n</think>\\n{final}" from a completion with or without <think> tags.
+
+    A teacher whose chat template opens <think> in the prompt writes only "...</think>final";
+    one that writes no think block at all gets an empty one (the student's format stays fixed).
+    """
+    text = completion or ""
+    if "</think>" in text:
+        reasoning, final = text.split("</think>", 1)
+        reasoning = reasoning.strip()
+        if reasoning.startswith("<think>"):
+            reasoning = reasoning[len("<think>"):].strip()
+    else:
+        reasoning, final = "", text
+    return f"<think>\n{reasoning}\n</think>\n{final.strip()}"
+
+
+def shuffled(traces: list[dict], seed: int, problem_id: str) -> list[dict]:
+    """The problem's traces in a seeded order independent of the input row order."""
+    order = sorted(traces, key=lambda r: r["trace_id"])
+    random.Random(f"{seed}:{problem_id}").shuffle(order)
+    return order
+
+
+def plan(rows: list[dict], cfg: SelectConfig) -> tuple[list[dict], list[tuple[dict, dict]], dict]:
+    """(sft rows, [(chosen, rejected)], problems without a pair by reason).
+
+    rows: dicts with problem_id, trace_id, correct, prompt_tokens, pruned_tokens.
+    """
+    by_problem: dict = {}
+    for r in rows:
+        by_problem.setdefault(r["problem_id"], []).append(r)
+    sft, pairs = [], []
+    no_pair = {"no_correct": 0, "no_incorrect": 0, "prompt_too_long": 0, "response_too_long": 0}
+    for pid in sorted(by_problem):
+        order = shuffled(by_problem[pid], cfg.seed, pid)
+        correct = [r for r in order if r["correct"] is True]
+        fits = [r for r in correct
+                if not cfg.sft_max_tokens
+                or r["prompt_tokens"] + r["pruned_tokens"] <= cfg.sft_max_tokens]
+        sft.extend(fits[:cfg.sft_per_problem] if cfg.sft_per_problem else fits)
+
+        incorrect = [r for r in order if r["correct"] is False]
+        if not correct:
+            no_pair["no_correct"] += 1
+            continue
+        if not incorrect:
+            no_pair["no_incorrect"] += 1
+            continue
+        if order[0]["prompt_tokens"] > cfg.pair_max_prompt_tokens:
+            no_pair["prompt_too_long"] += 1
+            continue
+        cap = cfg.pair_max_response_tokens
+        chosen = [r for r in correct if r["pruned_tokens"] <= cap]
+        rejected = [r for r in incorrect if r["pruned_tokens"] <= cap]
+        if not chosen or not rejected:
+            no_pair["response_too_long"] += 1
+            continue
+        pairs.append((chosen[0], rejected[0]))
+    return sft, pairs, no_pair
+
+
+def run(cfg: SelectConfig, inputs, ctx):
+    import pyarrow as pa
+
+    if cfg.sft_per_problem < 0:
+        raise UserError(f"select.sft_per_problem: must be >= 0, got {cfg.sft_per_problem}")
+    # Driver-side: a problem's traces must meet in one place, and the selection is a few list
+    # walks. Rows carry the texts, so this holds the prune version in memory (fine up to a few
+    # GB; beyond that, a Ray groupby per problem).
+    rows = inputs["prune"].read_table(columns=[
+        "problem_id", "trace_id", "correct", "prompt_tokens", "pruned_tokens", "pruned_completion",
+        "prompt_messages", "difficulty", "source"]).to_pylist()
+    sft, pairs, no_pair = plan(rows, cfg)
+
+    message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    sft_table = pa.Table.from_pylist([{
+        "problem_id": r["problem_id"],
+        "trace_id": r["trace_id"],
+        "messages": list(r["prompt_messages"]) + [
+            {"role": "assistant", "content": assistant_text(r["pruned_completion"])}],
+        "difficulty": r["difficulty"],
+        "source": r["source"],
+    } for r in sft], schema=pa.schema([("problem_id", pa.string()), ("trace_id", pa.string()),
+                                       ("messages", message), ("difficulty", pa.string()),
+                                       ("source", pa.string())]))
+    pairs_table = pa.Table.from_pylist([{
+        "problem_id": c["problem_id"],
+        "prompt": list(c["prompt_messages"]),
+        "chosen": [{"role": "assistant", "content": assistant_text(c["pruned_completion"])}],
+        "rejected": [{"role": "assistant", "content": assistant_text(r["pruned_completion"])}],
+        "chosen_trace_id": c["trace_id"],
+        "rejected_trace_id": r["trace_id"],
+    } for c, r in pairs], schema=pa.schema([
+        ("problem_id", pa.string()), ("prompt", message), ("chosen", message),
+        ("rejected", message), ("chosen_trace_id", pa.string()),
+        ("rejected_trace_id", pa.string())]))
+
+    problems = len({r["problem_id"] for r in rows})
+    ctx.stats.update({
+        "problems": problems,
+        "sft_rows": sft_table.num_rows,
+        "sft_problems": len({r["problem_id"] for r in sft}),
+        "pairs": pairs_table.num_rows,
+        "problems_without_pair": no_pair,
+        "mean_sft_tokens": round(sum(r["pruned_tokens"] for r in sft) / len(sft), 1) if sft else None,
+    })
+    return {"sft": sft_table, "pairs": pairs_table}
+
+
+STAGE = Stage(
+    name="select",
+    config=SelectConfig,
+    reads=("prune",),
+    requires=("problem_id", "trace_id", "correct", "prompt_tokens", "pruned_tokens",
+              "pruned_completion", "prompt_messages", "difficulty", "source"),
+    adds=("problem_id", "trace_id", "messages", "prompt", "chosen", "rejected",
+          "chosen_trace_id", "rejected_trace_id"),
+    run=run,
+)

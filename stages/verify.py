@@ -1,0 +1,377 @@
+"""Stage `verify` — check every trace's final answer against the reference with math-verify.
+
+Adds per row `pred_answer, correct, verify_status` and per problem `pass_rate, difficulty`.
+Incorrect traces are kept (REDI learns from them); nothing is dropped here.
+
+    distillery run verify --recipe configs/tiny.yaml verify.timeout_s=2
+
+Why a child process: math-verify bounds its own calls with SIGALRM, which only works in a main
+thread and cannot interrupt C code — `verify(1, 10^{10^{10^{10}}})` sits inside CPython's bigint
+power for hours with the GIL held. So each Ray worker sends its (answer, reference) pairs to a
+child process (`Checker`) and SIGKILLs it when a call overruns `timeout_s`; the next call forks a
+fresh child from a forkserver that has math-verify imported already (a few ms, not an import).
+The child also runs under an address-space cap, so `2^{2^{40}}` fails with MemoryError ("error")
+instead of eating the machine's memory.
+
+Statuses: ok (correct is true/false) | no_answer (nothing extracted: correct = false, the trace
+gave no answer) | no_reference (the problem has no answer: correct = null, non-math sources pass
+through) | timeout | error (correct = null: unverifiable).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from pipeline.errors import UserError
+from pipeline.stage import Stage
+
+FALLBACKS = ("answer_is", "last_number")
+
+
+@dataclass
+class VerifyConfig:
+    """Knobs of the verify stage.
+
+    answer_field: the column the answer is extracted from: "final" (the text after </think>; a
+      trace cut off inside its reasoning has none, so it gets no_answer) or "completion".
+    fallbacks: extractors tried in order when the text has no \\boxed{...}: "answer_is" (the last
+      "the answer is X"), "last_number" (the last number in the text; lenient, opt-in).
+    timeout_s: hard wall-clock bound on one parse+verify call (the child is killed past it).
+    memory_mib: address-space cap of the checking child process (huge powers fail, not swap).
+    easy_min_pass_rate / medium_min_pass_rate: difficulty from the problem's pass rate:
+      easy >= 0.8 > medium >= 0.3 > hard (defaults). pass_rate = correct / verifiable samples
+      (timeouts, errors and no_reference rows are not counted); null when none is verifiable.
+    batch_size: rows per Ray map task batch.
+    """
+
+    answer_field: str = "final"
+    fallbacks: list = field(default_factory=lambda: ["answer_is"])
+    timeout_s: float = 5.0
+    memory_mib: int = 2048
+    easy_min_pass_rate: float = 0.8
+    medium_min_pass_rate: float = 0.3
+    batch_size: int = 256
+
+
+# --------------------------------------------------------------------------- answer extraction
+
+_ANSWER_IS = re.compile(r"answer is[:\s]*\$?\s*([^\n$]*?)\s*\$?\s*\.?\s*(?:\n|$)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if absent/unclosed."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    while start != -1:
+        i = start + (6 if text.startswith("\\boxed", start) else 5)
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                if text[j] == "{":
+                    depth += 1
+                elif text[j] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        return text[i + 1:j].strip()
+        elif i > start + 5 and i < len(text):  # "\boxed 5": up to the next space or '$'
+            m = re.match(r"[^\s$]+", text[i:])
+            if m:
+                return m.group(0).rstrip(".")
+        # Unclosed or empty: try the \boxed before this one (a truncated last line).
+        start = max(text.rfind("\\boxed", 0, start), text.rfind("\\fbox", 0, start))
+    return None
+
+
+def extract_answer(text: str, fallbacks=("answer_is",)) -> str | None:
+    """The final answer of a trace: the last \\boxed{} first, then each fallback in order."""
+    if not text:
+        return None
+    found = last_boxed(text)
+    if found:
+        return found
+    for name in fallbacks:
+        if name == "answer_is":
+            hits = [m.group(1).strip() for m in _ANSWER_IS.finditer(text) if m.group(1).strip()]
+        else:  # last_number
+            hits = [m.group(0).replace(",", "") for m in _NUMBER.finditer(text)]
+        if hits:
+            return hits[-1]
+    return None
+
+
+# --------------------------------------------------------------------------- bounded checking
+
+def _serve(conn, memory_mib: int) -> None:
+    """The checking child: (pred, ref) -> ("ok", bool) | ("error", message) until EOF."""
+    import logging
+    import resource
+
+    # math-verify warns on every call that its own (signal) timeout is off: ours is the kill.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    cap = memory_mib << 20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    from math_verify import parse, verify
+
+    golds: dict = {}
+    conn.send(("pid", os.getpid()))
+    while True:
+        try:
+            pred, ref = conn.recv()
+        except EOFError:
+            os._exit(0)
+        try:
+            gold = golds.get(ref)
+            if gold is None:
+                # Wrapping in \boxed{} makes math-verify read the bare string as LaTeX
+                # ("0.5", "\frac{1}{2}", "x+1" alike). A reference it cannot parse at all
+                # is compared as a string.
+                gold = golds[ref] = parse("\\boxed{" + ref + "}", parsing_timeout=None) or [ref]
+            target = parse("\\boxed{" + pred + "}", parsing_timeout=None) or [pred]
+            conn.send(("ok", bool(verify(gold, target, timeout_seconds=None))))
+        except (Exception, MemoryError, RecursionError) as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"[:200]))
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent dies, even while it is stuck in C code."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+
+
+def _helper_main(fd: int, memory_mib: int) -> None:
+    """`python -m stages.verify FD MIB`: import math-verify once, then fork checking children.
+
+    A child killed for a timeout is replaced by a fresh fork (a few ms, no re-import); a child
+    that exits 0 saw EOF (the Checker closed), and then the helper exits too.
+    """
+    from multiprocessing.connection import Connection
+
+    _die_with_parent()
+    import math_verify  # noqa: F401  (imported once here, inherited by every fork)
+
+    conn = Connection(fd)
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            _die_with_parent()
+            _serve(conn, memory_mib)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            return
+
+
+class Checker:
+    """math-verify in a child process with a hard per-call timeout (kill + fresh child).
+
+    Not multiprocessing: its spawn/forkserver re-run the parent's __main__ (a Ray worker's), and
+    a plain fork of a threaded Ray worker is unsafe. A helper started with subprocess imports
+    math-verify once and forks each checking child from that clean, single-threaded state.
+    """
+
+    START_TIMEOUT_S = 120  # helper start = a Python start + importing math-verify/sympy (~0.5 s)
+
+    def __init__(self, timeout_s: float, memory_mib: int):
+        self.timeout_s, self.memory_mib = timeout_s, memory_mib
+        self.helper = self.conn = self.pid = None
+        self.restarts = 0
+
+    def _start(self) -> None:
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        self.helper = subprocess.Popen(
+            [sys.executable, "-m", "stages.verify", str(theirs.fileno()), str(self.memory_mib)],
+            pass_fds=[theirs.fileno()],
+            # Our sys.path, so `stages` imports wherever Ray put this worker's code.
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self._await_child()
+
+    def _await_child(self) -> None:
+        """Read up to the next child's hello; answers of a killed child are discarded."""
+        while True:
+            if not self.conn.poll(self.START_TIMEOUT_S):
+                raise RuntimeError("verify: the math-verify helper did not start")
+            kind, value = self.conn.recv()
+            if kind == "pid":
+                self.pid = value
+                return
+
+    def check(self, pred: str, ref: str) -> tuple[bool | None, str]:
+        """(correct, status): (True|False, "ok") or (None, "timeout"|"error")."""
+        import signal
+
+        if self.helper is None:
+            self._start()
+        self.conn.send((pred, ref))
+        if not self.conn.poll(self.timeout_s):
+            os.kill(self.pid, signal.SIGKILL)
+            self.restarts += 1
+            self._await_child()
+            return None, "timeout"
+        kind, value = self.conn.recv()
+        if kind == "pid":  # the child died mid-call (e.g. the kernel killed it); a new one is up
+            self.pid = value
+            self.restarts += 1
+            return None, "error"
+        return (value, "ok") if kind == "ok" else (None, "error")
+
+    def close(self) -> None:
+        if self.helper is not None:
+            self.conn.close()  # child sees EOF and exits 0, then the helper exits
+            try:
+                self.helper.wait(timeout=5)
+            except Exception:
+                self.helper.kill()
+                self.helper.wait()
+            self.helper = self.conn = self.pid = None
+
+
+_CHECKERS: dict = {}
+
+
+def _checker(timeout_s: float, memory_mib: int) -> Checker:
+    """One Checker per process (per Ray worker), reused by every batch that worker runs."""
+    key = (timeout_s, memory_mib)
+    if key not in _CHECKERS:
+        _CHECKERS[key] = Checker(timeout_s, memory_mib)
+    return _CHECKERS[key]
+
+
+def verify_rows(texts, refs, cfg: VerifyConfig, checker: Checker | None = None) -> dict:
+    """Columns pred_answer / correct / verify_status for parallel lists of texts and references.
+
+    Identical (answer, reference) pairs are checked once: n samples of a problem mostly agree.
+    """
+    checker = checker or _checker(cfg.timeout_s, cfg.memory_mib)
+    memo: dict = {}
+    preds, correct, status = [], [], []
+    for text, ref in zip(texts, refs):
+        pred = extract_answer(text or "", cfg.fallbacks)
+        preds.append(pred)
+        if ref is None or not str(ref).strip():
+            correct.append(None), status.append("no_reference")
+        elif pred is None:
+            correct.append(False), status.append("no_answer")
+        else:
+            key = (pred, str(ref).strip())
+            if key not in memo:
+                memo[key] = checker.check(*key)
+            correct.append(memo[key][0]), status.append(memo[key][1])
+    return {"pred_answer": preds, "correct": correct, "verify_status": status}
+
+
+def difficulty_of(pass_rate: float | None, cfg: VerifyConfig) -> str | None:
+    if pass_rate is None:
+        return None
+    if pass_rate >= cfg.easy_min_pass_rate:
+        return "easy"
+    return "medium" if pass_rate >= cfg.medium_min_pass_rate else "hard"
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _check_config(cfg: VerifyConfig) -> None:
+    if cfg.answer_field not in ("final", "completion"):
+        raise UserError(f"verify.answer_field: '{cfg.answer_field}' is not 'final' or 'completion'")
+    for name in cfg.fallbacks:
+        if name not in FALLBACKS:
+            raise UserError(f"verify.fallbacks: unknown extractor '{name}' (valid: {FALLBACKS})")
+    if not 0 <= cfg.medium_min_pass_rate <= cfg.easy_min_pass_rate <= 1:
+        raise UserError("verify: need 0 <= medium_min_pass_rate <= easy_min_pass_rate <= 1, got "
+                        f"{cfg.medium_min_pass_rate} and {cfg.easy_min_pass_rate}")
+    if cfg.timeout_s <= 0:
+        raise UserError(f"verify.timeout_s: must be > 0, got {cfg.timeout_s}")
+
+
+def run(cfg: VerifyConfig, inputs, ctx):
+    import collections
+    import time
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    _check_config(cfg)
+    ctx.ensure_ray()
+    started = time.time()
+
+    def check_batch(batch: pa.Table) -> pa.Table:
+        cols = verify_rows(batch.column(cfg.answer_field).to_pylist(),
+                           batch.column("answer").to_pylist(), cfg)
+        for name, typ in (("pred_answer", pa.string()), ("correct", pa.bool_()),
+                          ("verify_status", pa.string())):
+            batch = batch.append_column(name, pa.array(cols[name], typ))
+        return batch
+
+    ds = inputs["generate"].read_ray()
+    # Small inputs arrive as one block = one task = one core: split so every CPU gets work
+    # (e.g. 256 traces / 64 = 4 blocks on 2 CPUs).
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    blocks = max(1, min((ctx.rows_in or 0) // 64, 4 * cpus))
+    ds = ds.repartition(blocks).map_batches(check_batch, batch_format="pyarrow",
+                                            batch_size=cfg.batch_size,
+                                            num_cpus=ctx.resources.num_cpus).materialize()
+
+    # Per problem pass rates from three small columns, then joined back onto every row.
+    light = pa.concat_tables(ray.get(
+        ds.select_columns(["problem_id", "correct", "verify_status"]).to_arrow_refs()))
+    verifiable = light.filter(pc.is_valid(light["correct"]))
+    groups = verifiable.group_by("problem_id").aggregate([("correct", "sum"), ("correct", "count")])
+    rates = {pid: n_ok / n for pid, n_ok, n in zip(groups["problem_id"].to_pylist(),
+                                                   groups["correct_sum"].to_pylist(),
+                                                   groups["correct_count"].to_pylist())}
+    levels = {pid: difficulty_of(r, cfg) for pid, r in rates.items()}
+
+    def add_rates(batch: pa.Table) -> pa.Table:
+        pids = batch.column("problem_id").to_pylist()
+        batch = batch.append_column("pass_rate", pa.array([rates.get(p) for p in pids], pa.float64()))
+        return batch.append_column("difficulty", pa.array([levels.get(p) for p in pids], pa.string()))
+
+    out = ds.map_batches(add_rates, batch_format="pyarrow").materialize()
+    wall = time.time() - started
+
+    n_true = sum(bool(c) for c in verifiable["correct"].to_pylist())
+    hist = [0] * 10  # problems per pass-rate decile; 1.0 goes in the last bin
+    for r in rates.values():
+        hist[min(int(r * 10), 9)] += 1
+    ctx.stats.update({
+        "traces": light.num_rows,
+        "verifiable": verifiable.num_rows,
+        "correct": n_true,
+        "accuracy": round(n_true / verifiable.num_rows, 4) if verifiable.num_rows else None,
+        "status_counts": dict(collections.Counter(light["verify_status"].to_pylist())),
+        "problems": len(set(light["problem_id"].to_pylist())),
+        "problems_with_pass_rate": len(rates),
+        "pass_rate_histogram": {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": h for i, h in enumerate(hist)},
+        "difficulty_counts": {lvl: sum(v == lvl for v in levels.values())
+                              for lvl in ("easy", "medium", "hard")},
+        "wall_s": round(wall, 3),
+        "traces_per_s": round(light.num_rows / wall, 1) if wall else None,
+    })
+    return out
+
+
+STAGE = Stage(
+    name="verify",
+    config=VerifyConfig,
+    reads=("generate",),
+    requires=("problem_id", "trace_id", "answer", "completion", "final"),
+    adds=("pred_answer", "correct", "verify_status", "pass_rate", "difficulty"),
+    run=run,
+)
+
+
+if __name__ == "__main__":  # the Checker's helper process
+    import sys
+
+    _helper_main(int(sys.argv[1]), int(sys.argv[2]))
