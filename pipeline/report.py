@@ -1,0 +1,290 @@
+"""`distillery report` — one static HTML file about a data root; opens offline, no server.
+
+Sections (each says so and moves on when its stage has no version yet):
+  stages      per stage: versions, rows in -> out, drops by reason, wall time
+  lengths     trace length histograms before / after prune, per difficulty level
+  pass-rate   the per-problem pass-rate histogram from verify
+  provenance  provenance score histogram and sentence label shares
+  training    sft loss and the REDI curves (every numeric series in the sft/redi manifests)
+  evaluation  the evaluate table (pass@1, pass@k, mean tokens, per difficulty) and its chart
+  lineage     every version of every stage and the versions it was made from
+
+Charts are matplotlib PNGs embedded as base64 `data:` URIs: one self-contained file.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import os
+
+from pipeline.store import Store, Version
+
+STAGE_ORDER = ("prompts", "generate", "verify", "prune", "provenance", "select", "sft", "redi",
+               "evaluate")
+SECTIONS = ("stages", "lengths", "pass-rate", "provenance", "training", "evaluation", "lineage")
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.note{color:#777;font-style:italic} figure{margin:1em 0} img{max-width:100%}
+code{font-size:.9em;background:#f5f5f5;padding:0 .2em}
+"""
+
+
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list], num: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(
+        f'<td class="num">{_esc(c)}</td>' if i in num else f"<td>{_esc(c)}</td>"
+        for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _figure(fig, caption: str) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return (f'<figure><img alt="{_esc(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{_esc(caption)}</figcaption></figure>")
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_esc(text)}</p>'
+
+
+def _input(store: Store, version: Version | None, stage: str) -> Version | None:
+    """The version of `stage` that `version` was made from (not merely the newest one)."""
+    if version is None:
+        return None
+    ref = (version.manifest.get("inputs") or {}).get(stage)
+    return store.find(stage, ref) if ref else None
+
+
+# --------------------------------------------------------------------------- sections
+
+def _stages_section(store: Store, latest: dict[str, Version]) -> str:
+    rows = []
+    for stage in STAGE_ORDER:
+        versions = store.versions(stage)
+        v = latest.get(stage)
+        if v is None:
+            continue
+        m = v.manifest
+        drops = ", ".join(f"{k}: {n}" for k, n in sorted((m.get("drops") or {}).items())) or "-"
+        rows.append([stage, len(versions), v.version, m.get("rows_in", "-"),
+                     json.dumps(m.get("rows_out")) if isinstance(m.get("rows_out"), dict)
+                     else m.get("rows_out", "-"), drops, m.get("wall_s", "-")])
+    if not rows:
+        return _note(f"no complete version of any stage under {store.url}")
+    return _table(["stage", "versions", "latest", "rows in", "rows out", "drops by reason",
+                   "wall s"], rows, num={1, 3, 6})
+
+
+def _lengths_section(store: Store, latest: dict[str, Version]) -> str:
+    import matplotlib.pyplot as plt
+
+    prune = latest.get("prune")
+    verify = _input(store, prune, "verify") or latest.get("verify")
+    if verify is None:
+        return _note("no verify version yet: no trace lengths to show")
+    before = verify.read_table(columns=["completion_tokens", "correct", "difficulty"]).to_pylist()
+    after = (prune.read_table(columns=["pruned_tokens", "correct", "difficulty"]).to_pylist()
+             if prune is not None else [])
+    levels = sorted({r["difficulty"] for r in before if r["difficulty"] is not None}, key=str) or [None]
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3), squeeze=False)
+    rows = []
+    for ax, level in zip(axes[0], levels):
+        b = [r["completion_tokens"] for r in before if r["correct"] and r["difficulty"] == level]
+        a = [r["pruned_tokens"] for r in after if r["correct"] and r["difficulty"] == level]
+        top = max(b + a + [1])
+        bins = [top * i / 20 for i in range(21)]
+        ax.hist(b, bins=bins, alpha=0.55, label=f"before prune ({len(b)})")
+        if prune is not None:
+            ax.hist(a, bins=bins, alpha=0.55, label=f"after prune ({len(a)})")
+        ax.set_title(f"difficulty: {level}")
+        ax.set_xlabel("completion tokens")
+        ax.legend(fontsize=7)
+        rows.append([level, len(b), round(sum(b) / len(b), 1) if b else "-",
+                     len(a) if prune is not None else "-",
+                     round(sum(a) / len(a), 1) if a else "-"])
+    axes[0][0].set_ylabel("correct traces")
+    out = _figure(fig, "Correct trace lengths before and after prune, per difficulty level")
+    out += _table(["difficulty", "correct before", "mean tokens before", "kept after",
+                   "mean tokens after"], rows, num={1, 2, 3, 4})
+    if prune is None:
+        out += _note("no prune version yet: only the lengths before pruning are shown")
+    return out
+
+
+def _pass_rate_section(store: Store, latest: dict[str, Version]) -> str:
+    import matplotlib.pyplot as plt
+
+    verify = _input(store, latest.get("prune"), "verify") or latest.get("verify")
+    if verify is None:
+        return _note("no verify version yet")
+    t = verify.read_table(columns=["problem_id", "pass_rate", "difficulty"]).to_pylist()
+    per_problem = {r["problem_id"]: r for r in t}
+    rates = [r["pass_rate"] for r in per_problem.values() if r["pass_rate"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(rates, bins=[i / 10 for i in range(11)], edgecolor="white")
+    ax.set_xlabel("teacher pass rate per problem")
+    ax.set_ylabel("problems")
+    counts: dict = {}
+    for r in per_problem.values():
+        counts[r["difficulty"]] = counts.get(r["difficulty"], 0) + 1
+    return (_figure(fig, f"Pass-rate histogram over {len(rates)} problems ({verify.ref()})")
+            + _table(["difficulty", "problems"], [[k, n] for k, n in sorted(
+                counts.items(), key=lambda kv: str(kv[0]))], num={1}))
+
+
+def _provenance_section(store: Store, latest: dict[str, Version]) -> str:
+    import matplotlib.pyplot as plt
+
+    v = latest.get("provenance")
+    if v is None:
+        return _note("no provenance version in this data root")
+    names = set(v.manifest.get("schema") or {})
+    cols = [c for c in ("provenance_score", "sentence_labels", "selected") if c in names]
+    t = v.read_table(columns=cols).to_pylist()
+    out = ""
+    if "provenance_score" in cols:
+        scores = [r["provenance_score"] for r in t if r["provenance_score"] is not None]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.hist(scores, bins=30)
+        ax.set_xlabel("provenance score (mean lp_teacher - lp_student, nats/token)")
+        ax.set_ylabel("traces")
+        out += _figure(fig, f"Provenance scores of {len(scores)} traces")
+    if "sentence_labels" in cols:
+        shares: dict = {}
+        for r in t:
+            for label in r["sentence_labels"] or []:
+                shares[label] = shares.get(label, 0) + 1
+        total = sum(shares.values()) or 1
+        out += _table(["sentence label", "sentences", "share"],
+                      [[k, n, f"{n / total:.1%}"] for k, n in sorted(shares.items())], num={1, 2})
+    if "selected" in cols:
+        chosen = sum(bool(r["selected"]) for r in t)
+        out += _note(f"selected: {chosen} of {len(t)} traces")
+    return out or _note(f"{v.ref()} has none of the columns this section shows")
+
+
+def _series(stats: dict) -> dict[str, list[float]]:
+    """Every numeric list in a manifest's stats (loss, log-prob curves, learning rate ...)."""
+    return {k: v for k, v in (stats or {}).items() if isinstance(v, list) and len(v) > 1
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)}
+
+
+def _training_section(store: Store, latest: dict[str, Version]) -> str:
+    import matplotlib.pyplot as plt
+
+    out = ""
+    for stage in ("sft", "redi"):
+        v = latest.get(stage)
+        if v is None:
+            out += _note(f"no {stage} version yet")
+            continue
+        series = _series(v.manifest.get("stats"))
+        scalars = [[k, x] for k, x in sorted((v.manifest.get("stats") or {}).items())
+                   if isinstance(x, (int, float, str)) and not isinstance(x, bool)]
+        if series:
+            # Log-probs share one panel (a collapse shows as both falling together); loss
+            # and the rest get their own.
+            logp = {k: s for k, s in series.items() if "logp" in k or "logprob" in k}
+            other = {k: s for k, s in series.items() if k not in logp}
+            panels = [(k, {k: s}) for k, s in other.items()] + ([("log-probs", logp)] if logp else [])
+            fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3),
+                                     squeeze=False)
+            for ax, (title, curves) in zip(axes[0], panels):
+                for name, s in curves.items():
+                    ax.plot(range(1, len(s) + 1), s, label=name)
+                ax.set_title(title)
+                ax.set_xlabel("logging step")
+                if len(curves) > 1:
+                    ax.legend(fontsize=7)
+            out += f"<h3>{_esc(v.ref())}</h3>" + _figure(
+                fig, f"{stage}: " + ", ".join(series))
+        else:
+            out += f"<h3>{_esc(v.ref())}</h3>" + _note("no curves recorded in its manifest")
+        if scalars:
+            out += _table(["statistic", "value"], scalars)
+    return out
+
+
+def _evaluation_section(store: Store, latest: dict[str, Version]) -> str:
+    import matplotlib.pyplot as plt
+
+    v = latest.get("evaluate")
+    if v is None:
+        return _note("no evaluate version yet")
+    summary = v.read_table("summary").to_pylist()
+    k = summary[0]["k"] if summary else 1
+    rows = [[r["model"], r["difficulty"], r["problems"], r["samples"], r["pass_at_1"],
+             r["pass_at_k"], r["mean_completion_tokens"], r["truncated_share"]] for r in summary]
+    overall = [r for r in summary if r["difficulty"] == "all"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3))
+    names = [r["model"] for r in overall]
+    a1.bar(names, [r["pass_at_1"] for r in overall], color="#4c72b0")
+    a1.set_ylim(0, 1)
+    a1.set_title("pass@1 (held-out)")
+    a2.bar(names, [r["mean_completion_tokens"] for r in overall], color="#dd8452")
+    a2.set_title("mean completion tokens")
+    paths = v.manifest.get("stats", {}).get("models", {})
+    return (_figure(fig, f"Evaluation ({v.ref()})")
+            + _table(["model", "difficulty", "problems", "samples", "pass@1", f"pass@{k}",
+                      "mean tokens", "truncated"], rows, num={2, 3, 4, 5, 6, 7})
+            + _table(["model", "checkpoint"], [[n, p] for n, p in paths.items()]))
+
+
+def _lineage_section(store: Store) -> str:
+    rows = []
+    for stage in STAGE_ORDER:
+        latest = store.latest(stage)
+        for v in store.versions(stage):
+            inputs = ", ".join(f"{s}@{x}" for s, x in (v.manifest.get("inputs") or {}).items())
+            mark = " (LATEST)" if latest is not None and latest.version == v.version else ""
+            rows.append([v.ref() + mark, inputs or "-", json.dumps(v.manifest.get("rows_out")),
+                         v.manifest.get("code_version", "-"), v.manifest.get("finished_at", "-")])
+    if not rows:
+        return _note("no versions")
+    return _table(["version", "made from", "rows out", "code", "finished"], rows)
+
+
+def write_report(store: Store, out: str) -> str:
+    """Write the report of every stage under `store` to `out`; return its absolute path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    latest = {s: v for s in STAGE_ORDER if (v := store.latest(s)) is not None}
+    body = {
+        "stages": ("Stages: counts and drops", _stages_section(store, latest)),
+        "lengths": ("Trace lengths before / after prune", _lengths_section(store, latest)),
+        "pass-rate": ("Teacher pass rate", _pass_rate_section(store, latest)),
+        "provenance": ("Provenance", _provenance_section(store, latest)),
+        "training": ("Training curves", _training_section(store, latest)),
+        "evaluation": ("Evaluation", _evaluation_section(store, latest)),
+        "lineage": ("Lineage of every version", _lineage_section(store)),
+    }
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f'<section id="{sid}"><h2>{_esc(title)}</h2>{content}</section>'
+             for sid, (title, content) in body.items()]
+    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>Distillery report</title><style>{CSS}</style></head><body>"
+            f"<h1>Distillery report</h1><p>data root <code>{_esc(store.url)}</code>, "
+            f"written {now}</p>" + "".join(parts) + "</body></html>")
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(page)
+    return out
