@@ -44,20 +44,13 @@ class SelectConfig:
 
 
 def assistant_text(completion: str) -> str:
-    """"<think>\\n{reasoning}\\n</think>\\n{final}" from a completion with or without <think> tags.
+    """"<think>\n{reasoning}\n</think>\n{final}" from a completion, however it marked its thinking
+    (generate's `split_think`: only "</think>", both tags, an unclosed "<think>", or none — the
+    student's format stays fixed)."""
+    from stages.generate import split_think
 
-    A teacher whose chat template opens <think> in the prompt writes only "...</think>final";
-    one that writes no think block at all gets an empty one (the student's format stays fixed).
-    """
-    text = completion or ""
-    if "</think>" in text:
-        reasoning, final = text.split("</think>", 1)
-        reasoning = reasoning.strip()
-        if reasoning.startswith("<think>"):
-            reasoning = reasoning[len("<think>"):].strip()
-    else:
-        reasoning, final = "", text
-    return f"<think>\n{reasoning}\n</think>\n{final.strip()}"
+    reasoning, final = split_think(completion or "")
+    return f"<think>\n{reasoning}\n</think>\n{final}"
 
 
 def shuffled(traces: list[dict], seed: int, problem_id: str) -> list[dict]:
