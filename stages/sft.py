@@ -193,9 +193,10 @@ def collate(items: list[dict]) -> dict:
     import torch
 
     (row,) = items
-    batch = {k: torch.from_numpy(row[k]) for k in ("cu_seqlens", "keep", "targets", "keep_seq")}
-    batch["input_ids"] = torch.from_numpy(row["input_ids"])[None]
-    batch["position_ids"] = torch.from_numpy(row["position_ids"])[None]
+    # torch.tensor copies: rows come from Ray's object store as read-only arrays
+    batch = {k: torch.tensor(row[k]) for k in ("cu_seqlens", "keep", "targets", "keep_seq")}
+    batch["input_ids"] = torch.tensor(row["input_ids"])[None]
+    batch["position_ids"] = torch.tensor(row["position_ids"])[None]
     batch["max_seqlen"] = row["max_seqlen"]
     batch["n_seqs"] = row["n_seqs"]
     return batch
