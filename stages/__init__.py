@@ -3,6 +3,7 @@ from stages import prompts
 from stages import generate
 from stages import verify, prune, select
 from stages import sft
+from stages import redi
 
 STAGES = {
     "prompts": prompts.STAGE,
@@ -11,4 +12,5 @@ STAGES = {
     "prune": prune.STAGE,
     "select": select.STAGE,
     "sft": sft.STAGE,
+    "redi": redi.STAGE,
 }
