@@ -3,7 +3,7 @@
     export RAY_ADDRESS=http://head-node:8265        # the cluster's dashboard / job address
     python -m cluster.submit -- run all --recipe configs/recipe.yaml data_root=s3://bucket/run1
 
-runs `ray job submit --runtime-env cluster/runtime_env.yaml -- distillery run all …` on the
+runs `ray job submit --runtime-env cluster/runtime_env.yaml -- python -m pipeline.cli run all …` on the
 cluster. Inside the job RAY_ADDRESS is set by Ray, so every stage joins the cluster — the same
 code path as a laptop run (DESIGN.md rule 4). The data root must be storage every node sees
 (a shared filesystem or an fsspec URL such as s3://…).
@@ -27,7 +27,9 @@ def submit_command(address: str, distillery_args: list[str], no_wait: bool = Fal
            "--runtime-env", os.path.join(HERE, "runtime_env.yaml")]
     if no_wait:
         cmd.append("--no-wait")
-    return cmd + ["--", "distillery", *distillery_args]
+    # `python -m pipeline.cli`: the code comes with the working dir, the packages from the
+    # cluster's Python environment (install distillery's dependencies on the nodes).
+    return cmd + ["--", "python", "-m", "pipeline.cli", *distillery_args]
 
 
 def main(argv: list[str] | None = None) -> int:

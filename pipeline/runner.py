@@ -71,21 +71,20 @@ def _write_dataset(ds, folder: str, store: Store) -> None:
 
     store.fs.makedirs(folder, exist_ok=True)
     if isinstance(ds, pa.Table):
-        with store.fs.open(posixpath.join(folder, "part-00000-000.parquet"), "wb") as f:
+        with store.fs.open(posixpath.join(folder, "part-00000.parquet"), "wb") as f:
             pq.write_table(ds, f)
         return
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
-            return f"part-{task_index:05d}-{block_index:03d}.parquet"
-
-    ds.write_parquet(folder, filesystem=store.arrow_fs(), filename_provider=PartNames())
+    ds.write_parquet(folder, filesystem=store.arrow_fs())
+    # Ray names files <write uuid>_<task>-<block>.parquet; give them the layout's part-NNNNN
+    # names, in Ray's order (uuid is one per write, so sorting keeps task order).
+    written = sorted(p for p in store.fs.ls(folder, detail=False) if p.endswith(".parquet"))
+    for i, path in enumerate(written):
+        store.fs.mv(path, posixpath.join(folder, f"part-{i:05d}.parquet"))
     if not store.fs.glob(posixpath.join(folder, "part-*.parquet")):
         # Zero rows: Ray writes no file, but readers still need the schema.
         schema = ds.schema()
         arrow_schema = schema.base_schema if schema is not None else pa.schema([])
-        with store.fs.open(posixpath.join(folder, "part-00000-000.parquet"), "wb") as f:
+        with store.fs.open(posixpath.join(folder, "part-00000.parquet"), "wb") as f:
             pq.write_table(arrow_schema.empty_table(), f)
 
 
