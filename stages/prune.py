@@ -7,11 +7,13 @@ unverifiable ones ("unverified"). Dropped rows are counted by reason in the mani
 mode: budget (no extra generation, ours) — per pass-rate difficulty level (easy/medium/hard, from
   verify) a token budget: correct traces within it are kept ("kept"), the shortest first when
   `keep_per_problem` caps them; longer ones are dropped ("over_budget").
-mode: rewrite (paper-faithful) — the teacher is shown the problem and a correct trace and judges its
-  difficulty (simple / moderate / complex, configs/dap/judge.txt), then rewrites the trace with the
-  prompt for that level (configs/dap/<level>.txt). Every rewrite is re-verified with verify's own
-  settings; one that no longer reaches the reference is rejected and the original kept
-  ("rejected_kept") or dropped ("rewrite_rejected"), per `on_reject`.
+mode: rewrite (paper-faithful) — one teacher call per correct trace: shown the problem and the
+  trace, the teacher judges the difficulty (simple / moderate / complex) and rewrites the trace at
+  a length fit for it, following that level's outline (configs/dap/: judge.txt is the frame,
+  simple.txt / moderate.txt / complex.txt the per-level outlines, in our own words). Every rewrite
+  is re-verified with verify's own settings; one that does not reach the reference answer is
+  rejected ("rejected_<reason>") and the original kept or, with `on_reject: drop`, dropped.
+  Token counts of rewrites use the teacher's tokenizer.
 
     distillery run prune --recipe configs/tiny.yaml prune.mode=budget
 """
@@ -38,25 +40,33 @@ class PruneConfig:
     keep_per_problem: budget mode: keep at most this many correct traces per problem, the shortest
       first (0 = every one within budget).
     teacher: rewrite mode: the model that judges and rewrites (the recipe's teacher by default).
-    prompts_dir: rewrite mode: folder with judge.txt, simple.txt, moderate.txt, complex.txt
-      ("" = configs/dap of this checkout). Placeholders: {problem}, {trace}.
-    judge_max_tokens / rewrite_max_tokens: generation lengths of the two teacher calls.
-    temperature: sampling temperature of both calls (0 = greedy).
+    backend / base_url / api_key_env: rewrite mode: "vllm" engines in Ray actors (where:
+      `resources.prune`) or an OpenAI-compatible server, as in generate.
+    tokenizer: rewrite mode: counts the rewritten tokens ("" = the teacher's tokenizer).
+    prompts_dir: rewrite mode: folder with judge.txt (the frame: {problem}, {trace}, {simple},
+      {moderate}, {complex}) and simple.txt / moderate.txt / complex.txt (one outline per level;
+      "" = configs/dap of this checkout). One teacher call judges and rewrites.
+    rewrite_max_tokens: generation length of the rewrite call.
+    max_model_len: the engine's context length (0 = the model's); the prompt holds the trace.
+    temperature / seed: sampling of the rewrite call (0 = greedy).
     on_reject: rewrite mode: a rewrite that fails re-verification keeps the original trace
       ("keep") or drops the row ("drop").
-    seed: engine seed of the rewrite calls.
     """
 
     mode: str = "budget"
     budgets: dict = field(default_factory=lambda: {"easy": 1024, "medium": 2048, "hard": 4096})
     keep_per_problem: int = 0
     teacher: str = ""
+    backend: str = "vllm"
+    base_url: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    tokenizer: str = ""
     prompts_dir: str = ""
-    judge_max_tokens: int = 16
     rewrite_max_tokens: int = 2048
+    max_model_len: int = 0
     temperature: float = 0.0
-    on_reject: str = "keep"
     seed: int = 0
+    on_reject: str = "keep"
 
 
 def _check_config(cfg: PruneConfig) -> None:
@@ -71,6 +81,8 @@ def _check_config(cfg: PruneConfig) -> None:
         for lvl, budget in cfg.budgets.items():
             if not isinstance(budget, int) or budget <= 0:
                 raise UserError(f"prune.budgets.{lvl}: expected a positive token count, got {budget!r}")
+    if cfg.backend not in ("vllm", "openai"):
+        raise UserError(f"prune.backend: '{cfg.backend}' is not 'vllm' or 'openai'")
     if cfg.on_reject not in ("keep", "drop"):
         raise UserError(f"prune.on_reject: '{cfg.on_reject}' is not 'keep' or 'drop'")
 
@@ -153,8 +165,185 @@ def run(cfg: PruneConfig, inputs, ctx):
     return run_rewrite(cfg, inputs, ctx)
 
 
+# --------------------------------------------------------------------------- rewrite mode
+
+def load_prompts(folder: str) -> dict:
+    """{"judge": frame, "simple": outline, "moderate": …, "complex": …} from the prompt folder."""
+    prompts = {}
+    for name in ("judge",) + JUDGED:
+        path = os.path.join(folder, f"{name}.txt")
+        if not os.path.exists(path):
+            raise UserError(f"prune.prompts_dir: {path} not found (need judge.txt, simple.txt, "
+                            "moderate.txt, complex.txt)")
+        with open(path, encoding="utf-8") as f:
+            prompts[name] = f.read().strip()
+    for slot in ("{problem}", "{trace}") + tuple("{%s}" % lvl for lvl in JUDGED):
+        if slot not in prompts["judge"]:
+            raise UserError(f"prune: {folder}/judge.txt has no {slot} placeholder")
+    return prompts
+
+
+def render_prompt(prompts: dict, problem: str, trace: str) -> str:
+    import re
+
+    values = {"problem": problem, "trace": trace, **{lvl: prompts[lvl] for lvl in JUDGED}}
+    # One pass: braces inside the problem or the trace (LaTeX) are never substituted again.
+    return re.sub(r"\{(problem|trace|simple|moderate|complex)\}", lambda m: values[m.group(1)],
+                  prompts["judge"])
+
+
+def parse_rewrite(text: str) -> tuple[str | None, str]:
+    """(judged level or None, the rewrite as "<think>\n…\n</think>\n{final}")."""
+    import re
+
+    from stages.generate import split_think
+
+    m = re.search(r"difficulty\W{0,4}(simple|moderate|complex)", text[:300], re.IGNORECASE)
+    level = m.group(1).lower() if m else None
+    body = text[m.end():] if m else text
+    reasoning, final = split_think(body[body.find("<think>"):] if "<think>" in body else body)
+    return level, f"<think>\n{reasoning}\n</think>\n{final}"
+
+
+def judge_rewrites(rows: list[dict], outputs: dict, vcfg, count_tokens, checker=None) -> list[dict]:
+    """Per row: pruned_completion, pruned_tokens, prune_status, judged_difficulty.
+
+    rows: verify rows; outputs: {trace_id: (teacher text, finish_reason)} for correct rows.
+    A rewrite is accepted ("rewritten") only if the same verifier finds the reference answer in
+    it; otherwise the status names the reason and the original text is carried.
+    """
+    from stages.generate import split_think
+    from stages.verify import verify_rows
+
+    out = []
+    for r in rows:
+        keep = {"pruned_completion": r["completion"], "pruned_tokens": r["completion_tokens"],
+                "judged_difficulty": None}
+        if r["correct"] is not True:
+            out.append({**keep, "prune_status": "incorrect" if r["correct"] is False
+                        else "unverified"})
+            continue
+        text, finish = outputs[r["trace_id"]]
+        level, rewrite = parse_rewrite(text)
+        keep["judged_difficulty"] = level
+        if finish != "stop":  # "length" (cut off), "prompt_too_long", "error"
+            out.append({**keep, "prune_status": f"rejected_{finish}"})
+            continue
+        reasoning, final = split_think(rewrite)
+        answer_text = final if vcfg.answer_field == "final" else rewrite
+        got = verify_rows([answer_text], [r["answer"]], vcfg, checker)
+        status = got["verify_status"][0]
+        if got["correct"][0] is True:
+            out.append({"pruned_completion": rewrite, "pruned_tokens": count_tokens(rewrite),
+                        "judged_difficulty": level, "prune_status": "rewritten"})
+        elif status in ("ok", "no_answer"):
+            out.append({**keep, "prune_status": "rejected_wrong_answer" if status == "ok"
+                        else "rejected_no_answer"})
+        else:  # timeout / error: unverifiable counts as not verified
+            out.append({**keep, "prune_status": "rejected_unverifiable"})
+    return out
+
+
+_TOKENIZERS: dict = {}
+
+
+def _token_counter(name: str):
+    """len(tokens) under the teacher's tokenizer; loaded once per process."""
+    if name not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[name] = AutoTokenizer.from_pretrained(name)
+    tok = _TOKENIZERS[name]
+    return lambda text: len(tok.encode(text, add_special_tokens=False))
+
+
 def run_rewrite(cfg: PruneConfig, inputs, ctx):
-    raise UserError("prune.mode=rewrite: not available yet (needs the generate stage's engine)")
+    import collections
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    from pipeline.config import build_config
+    from stages.generate import Endpoint, Sampling, complete_chats
+    from stages.verify import VerifyConfig
+
+    # Re-verify with exactly the settings the verify version used.
+    vcfg = build_config(VerifyConfig, inputs["verify"].manifest["config"],
+                        f"{inputs['verify'].ref()} manifest config")
+    prompts = load_prompts(cfg.prompts_dir or PROMPTS_DIR)
+    tokenizer = cfg.tokenizer or cfg.teacher
+    ctx.ensure_ray()
+    src = inputs["verify"].read_ray()
+    message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+    def ask(batch: pa.Table) -> pa.Table:
+        batch = batch.filter(pc.fill_null(batch.column("correct"), False))
+        msgs = [[{"role": "user", "content": render_prompt(prompts, p, c)}]
+                for p, c in zip(batch.column("problem").to_pylist(),
+                                batch.column("completion").to_pylist())]
+        # Only the id and the prompt go to the engine: its output names its own columns
+        # (completion, completion_tokens, …) after ours.
+        return pa.table({"trace_id": batch.column("trace_id"),
+                         "rewrite_messages": pa.array(msgs, message)})
+
+    endpoint = (Endpoint(base_url=cfg.base_url, api_key_env=cfg.api_key_env)
+                if cfg.backend == "openai" else None)
+    answers = complete_chats(
+        src.map_batches(ask, batch_format="pyarrow"), model=cfg.teacher, n=1,
+        sampling=Sampling(temperature=cfg.temperature, max_tokens=cfg.rewrite_max_tokens,
+                          seed=cfg.seed),
+        resources=ctx.resources, ctx=ctx, messages_column="rewrite_messages", endpoint=endpoint,
+        max_model_len=cfg.max_model_len)
+    got = [t for t in ray.get(answers.select_columns(
+        ["trace_id", "completion", "finish_reason"]).to_arrow_refs()) if t.num_rows]
+    outputs = {}
+    for t in got:
+        for tid, text, finish in zip(t.column("trace_id").to_pylist(),
+                                     t.column("completion").to_pylist(),
+                                     t.column("finish_reason").to_pylist()):
+            outputs[tid] = (text, finish)
+
+    def finish(batch: pa.Table) -> pa.Table:
+        cols = judge_rewrites(batch.select(["trace_id", "answer", "correct", "completion",
+                                            "completion_tokens"]).to_pylist(),
+                              outputs, vcfg, _token_counter(tokenizer))
+        for name, typ in (("pruned_completion", pa.string()), ("pruned_tokens", pa.int64()),
+                          ("prune_status", pa.string()), ("judged_difficulty", pa.string())):
+            batch = batch.append_column(name, pa.array([c[name] for c in cols], typ))
+        return batch
+
+    judged = src.map_batches(finish, batch_format="pyarrow").materialize()
+    light = pa.concat_tables(ray.get(judged.select_columns(
+        ["correct", "completion_tokens", "pruned_tokens", "prune_status",
+         "judged_difficulty"]).to_arrow_refs())).to_pylist()
+
+    outcomes = collections.Counter(r["prune_status"] for r in light)
+    rewritten = [r for r in light if r["prune_status"] == "rewritten"]
+    asked = sum(r["correct"] is True for r in light)
+    per_level = {}
+    for lvl in JUDGED + (None,):
+        ok = [r for r in rewritten if r["judged_difficulty"] == lvl]
+        per_level[lvl or "unparsed"] = {
+            "judged": sum(r["correct"] is True and r["judged_difficulty"] == lvl for r in light),
+            "rewritten": len(ok),
+            "mean_tokens_before": _mean(r["completion_tokens"] for r in ok),
+            "mean_tokens_after": _mean(r["pruned_tokens"] for r in ok)}
+    ctx.stats.update({
+        "mode": "rewrite",
+        "rewrites_asked": asked,
+        "outcomes": dict(outcomes),
+        "acceptance_rate": round(len(rewritten) / asked, 4) if asked else None,
+        "per_level": per_level,
+        "mean_tokens_before": _mean(r["completion_tokens"] for r in light if r["correct"] is True),
+        "mean_tokens_after": _mean(r["pruned_tokens"] for r in light if r["correct"] is True),
+    })
+    if cfg.on_reject == "keep":
+        return judged
+    for status, n in outcomes.items():
+        if status.startswith("rejected_"):
+            ctx.drops["rewrite_" + status] += n
+    return judged.filter(lambda r: not r["prune_status"].startswith("rejected_"))
 
 
 STAGE = Stage(

@@ -74,3 +74,62 @@ def test_budget_mode_rejects_missing_level(tmp_path, ray_cluster):
     run("verify", recipe)
     with pytest.raises(UserError, match="missing"):
         run("prune", recipe)
+
+
+# --------------------------------------------------------------------- rewrite mode (DAP)
+
+def test_judge_rewrites_accepts_only_reverified_rewrites(tiny_model):
+    """Hand-written teacher outputs through the real verifier and the teacher's tokenizer."""
+    from stages.prune import _token_counter, judge_rewrites
+    from stages.verify import Checker, VerifyConfig
+
+    base = {"answer": "0.5", "completion": "<think>\nlong long\n</think>\n\\boxed{1/2}",
+            "completion_tokens": 400}
+    rows = [{**base, "trace_id": "ok", "correct": True},
+            {**base, "trace_id": "wrong", "correct": True},
+            {**base, "trace_id": "none", "correct": True},
+            {**base, "trace_id": "cut", "correct": True},
+            {**base, "trace_id": "neg", "correct": False},
+            {**base, "trace_id": "unk", "correct": None}]
+    outputs = {
+        "ok": ("Difficulty: simple\n<think>\nhalf of 1\n</think>\nSo \\boxed{\\frac{1}{2}}.", "stop"),
+        "wrong": ("Difficulty: complex\n<think>\nhm\n</think>\n\\boxed{2}", "stop"),
+        "none": ("I would rather not.", "stop"),
+        "cut": ("Difficulty: moderate\n<think>\nhalf of", "length"),
+    }
+    count = _token_counter(tiny_model)
+    checker = Checker(timeout_s=2.0, memory_mib=2048)
+    try:
+        got = judge_rewrites(rows, outputs, VerifyConfig(), count, checker)
+    finally:
+        checker.close()
+    status = [g["prune_status"] for g in got]
+    assert status == ["rewritten", "rejected_wrong_answer", "rejected_no_answer",
+                      "rejected_length", "incorrect", "unverified"]
+    assert [g["judged_difficulty"] for g in got] == ["simple", "complex", None, "moderate",
+                                                      None, None]
+    rewrite = "<think>\nhalf of 1\n</think>\nSo \\boxed{\\frac{1}{2}}."
+    assert got[0]["pruned_completion"] == rewrite
+    assert got[0]["pruned_tokens"] == count(rewrite) < 400
+    for g in got[1:]:                       # rejected and pass-through rows carry the original
+        assert g["pruned_completion"] == base["completion"] and g["pruned_tokens"] == 400
+
+
+def test_rewrite_mode_on_the_tiny_teacher(tmp_path, ray_cluster, tiny_model):
+    """The real engine path: vLLM (CPU) rewrites every correct trace; a random-init teacher
+    cannot keep the answer, so each rewrite must be rejected and counted, the original kept."""
+    rows = _rows()[:6]          # 5 correct easy traces + 1 correct hard one
+    recipe = write_generate(tmp_path, rows, [
+        f"teacher={tiny_model}", "prune.mode=rewrite", "prune.rewrite_max_tokens=16",
+        "prune.on_reject=drop"])
+    run("verify", recipe)
+    p = run("prune", recipe)
+    stats = p.manifest["stats"]
+    assert stats["rewrites_asked"] == 6
+    rejected = {k: v for k, v in stats["outcomes"].items() if k.startswith("rejected_")}
+    assert sum(rejected.values()) + stats["outcomes"].get("rewritten", 0) == 6
+    # on_reject=drop: each rejected rewrite dropped its row, counted by reason.
+    assert p.manifest["drops"] == {"rewrite_" + k: v for k, v in rejected.items()}
+    out = p.read_table().to_pylist()
+    assert len(out) == 6 - sum(rejected.values())
+    assert all(r["prune_status"] == "rewritten" for r in out)
