@@ -38,7 +38,17 @@ code{font-size:.9em;background:#f5f5f5;padding:0 .2em}
 
 
 def _esc(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
     return html.escape(str(value))
+
+
+def _level_key(level) -> tuple:
+    """easy < medium < hard, then anything else (numbers of operations, MATH levels) as text."""
+    order = {"easy": 0, "medium": 1, "hard": 2}
+    return (order.get(level, 3), str(level))
 
 
 def _table(header: list[str], rows: list[list], num: set[int] = frozenset()) -> str:
@@ -83,7 +93,7 @@ def _stages_section(store: Store, latest: dict[str, Version]) -> str:
             continue
         m = v.manifest
         drops = ", ".join(f"{k}: {n}" for k, n in sorted((m.get("drops") or {}).items())) or "-"
-        rows.append([stage, len(versions), v.version, m.get("rows_in", "-"),
+        rows.append([stage, len(versions), v.version, m.get("rows_in"),
                      json.dumps(m.get("rows_out")) if isinstance(m.get("rows_out"), dict)
                      else m.get("rows_out", "-"), drops, m.get("wall_s", "-")])
     if not rows:
@@ -102,7 +112,8 @@ def _lengths_section(store: Store, latest: dict[str, Version]) -> str:
     before = verify.read_table(columns=["completion_tokens", "correct", "difficulty"]).to_pylist()
     after = (prune.read_table(columns=["pruned_tokens", "correct", "difficulty"]).to_pylist()
              if prune is not None else [])
-    levels = sorted({r["difficulty"] for r in before if r["difficulty"] is not None}, key=str) or [None]
+    levels = sorted({r["difficulty"] for r in before if r["difficulty"] is not None},
+                    key=_level_key) or [None]
     fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3), squeeze=False)
     rows = []
     for ax, level in zip(axes[0], levels):
@@ -146,7 +157,7 @@ def _pass_rate_section(store: Store, latest: dict[str, Version]) -> str:
         counts[r["difficulty"]] = counts.get(r["difficulty"], 0) + 1
     return (_figure(fig, f"Pass-rate histogram over {len(rates)} problems ({verify.ref()})")
             + _table(["difficulty", "problems"], [[k, n] for k, n in sorted(
-                counts.items(), key=lambda kv: str(kv[0]))], num={1}))
+                counts.items(), key=lambda kv: _level_key(kv[0]))], num={1}))
 
 
 def _provenance_section(store: Store, latest: dict[str, Version]) -> str:
@@ -201,9 +212,13 @@ def _training_section(store: Store, latest: dict[str, Version]) -> str:
         if series:
             # Log-probs share one panel (a collapse shows as both falling together); loss
             # and the rest get their own.
-            logp = {k: s for k, s in series.items() if "logp" in k or "logprob" in k}
-            other = {k: s for k, s in series.items() if k not in logp}
-            panels = [(k, {k: s}) for k, s in other.items()] + ([("log-probs", logp)] if logp else [])
+            # Length-normalized and summed log-probs are on different scales: two panels.
+            logp = {k: s for k, s in series.items() if "logp" in k and not k.endswith("_sum")}
+            logp_sum = {k: s for k, s in series.items() if "logp" in k and k.endswith("_sum")}
+            other = {k: s for k, s in series.items() if "logp" not in k}
+            panels = [(k, {k: s}) for k, s in other.items()] + [
+                (title, group) for title, group in (("log-probs per token", logp),
+                                                    ("log-probs summed", logp_sum)) if group]
             fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3),
                                      squeeze=False)
             for ax, (title, curves) in zip(axes[0], panels):

@@ -1,0 +1,306 @@
+"""Stage `evaluate` — pass@1 and pass@k of several models on held-out problems, one table.
+
+    distillery run evaluate --recipe configs/tiny.yaml evaluate.samples=8
+
+Every model in `models` (the recipe's teacher and base student, the sft and redi checkpoints
+this run reads, or any checkpoint path / hub id) samples `samples` completions per held-out
+problem on vLLM (generate's `complete_chats`: the same engines, chat rendering and sampling
+knobs), and every completion is checked by verify's own extractor + math-verify (`verify_rows`),
+so evaluation and training data agree on what "correct" means.
+
+Reported per model, overall and per difficulty level (METHODS.md "Evaluation"):
+  pass@1   = mean over problems of c/n (c correct of n samples): pass@1 averaged over n samples;
+  pass@k   = mean over problems of 1 - C(n-c, k) / C(n, k), the unbiased estimator of
+             Chen et al. 2021 (HumanEval) — the chance that at least one of k samples is correct;
+  mean completion tokens beside them (pruning should cut tokens without cutting accuracy).
+
+Held-out set: `eval_path: synthetic` makes problems with their own seed; any file in the formats
+`prompts` reads works too. Either way, problems whose normalized text is among the training
+prompts (the `prompts` version read) are dropped and counted ("contaminated").
+
+Output: one version with two splits — `samples` (one row per model x problem x sample, with the
+completion and the verdict) and `summary` (one row per model x difficulty, "all" included).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import UserError
+from pipeline.stage import Stage
+
+# Names that mean "the model this recipe/run already has"; anything else is a path or hub id.
+NAMED = ("teacher", "student", "sft", "redi")
+
+
+@dataclass
+class EvaluateConfig:
+    """Knobs of the evaluate stage (engines per model: `resources.evaluate`).
+
+    teacher / student: filled from the recipe's top-level teacher / student.
+    models: what to evaluate, in table order: "teacher", "student" (the base student), "sft",
+      "redi" (the versions this run reads; pin them with sft@<version>), or a checkpoint folder /
+      hub id. Duplicates are an error.
+    eval_path: "synthetic" (held-out problems made by stages/synthetic.py with `synthetic_seed`)
+      or a .jsonl/.json/.csv/.parquet file or save_to_disk folder (as `prompts` reads them).
+    problem_field / answer_field / difficulty_field: columns of that file ("" difficulty_field
+      = no per-level rows). Synthetic problems carry their number of operations as difficulty.
+    split: the split of a save_to_disk DatasetDict.
+    limit: evaluate the first N problems (0 = all).
+    synthetic_n / synthetic_seed / synthetic_min_terms / synthetic_max_terms /
+      synthetic_max_operand: the held-out generator (a seed no training set uses).
+    decontaminate: drop problems whose normalized text is among the training prompts read.
+    samples: completions per problem (n); pass@1 is averaged over them.
+    pass_k: k of the pass@k column (1 <= k <= samples).
+    temperature / top_p / top_k / max_tokens / seed: sampling (METHODS.md: T 0.6, top-p 0.95).
+    system_prompt / problem_template: how a problem becomes the chat sent to the model; keep
+      them equal to generate's, so the models are asked as the teacher was.
+    verify_answer_field / verify_fallbacks / verify_timeout_s: as verify's answer_field,
+      fallbacks and timeout_s ("final" = the text after </think>).
+    """
+
+    teacher: str = ""
+    student: str = ""
+    models: list = field(default_factory=lambda: ["teacher", "student", "sft", "redi"])
+    eval_path: str = "synthetic"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    difficulty_field: str = "difficulty"
+    split: str = "test"
+    limit: int = 0
+    synthetic_n: int = 200
+    synthetic_seed: int = 1_000_003
+    synthetic_min_terms: int = 2
+    synthetic_max_terms: int = 4
+    synthetic_max_operand: int = 99
+    decontaminate: bool = True
+    samples: int = 4
+    pass_k: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = -1
+    max_tokens: int = 4096
+    seed: int = 0
+    system_prompt: str = ""
+    problem_template: str = ("{problem}\n\nPlease reason step by step, and put your final "
+                             "answer within \\boxed{{}}.")
+    verify_answer_field: str = "final"
+    verify_fallbacks: list = field(default_factory=lambda: ["answer_is"])
+    verify_timeout_s: float = 5.0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    Computed as a product (no huge binomials): C(n-c, k)/C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i).
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def summarize(rows: list[dict], k: int) -> list[dict]:
+    """Per-sample verdicts -> one summary row per (model, difficulty), "all" first.
+
+    rows: dicts with model, problem_id, difficulty, correct (bool|None), completion_tokens,
+    finish_reason. An unverifiable sample (correct None) counts as not correct: evaluation must
+    not get easier when the verifier gives up.
+    """
+    by_model: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {}).setdefault(r["problem_id"], []).append(r)
+    out = []
+    for model, problems in by_model.items():
+        levels = sorted({s[0]["difficulty"] for s in problems.values()
+                         if s[0]["difficulty"] is not None})
+        for level in ["all"] + levels:
+            chosen = [s for s in problems.values() if level == "all" or s[0]["difficulty"] == level]
+            p1, pk, tokens, truncated, samples = [], [], [], 0, 0
+            for s in chosen:
+                n, c = len(s), sum(bool(x["correct"]) for x in s)
+                p1.append(c / n)
+                pk.append(pass_at_k(n, c, min(k, n)))
+                tokens += [x["completion_tokens"] for x in s]
+                truncated += sum(x["finish_reason"] == "length" for x in s)
+                samples += n
+            out.append({
+                "model": model, "difficulty": level, "problems": len(chosen), "samples": samples,
+                "pass_at_1": round(sum(p1) / len(p1), 4), "k": k,
+                "pass_at_k": round(sum(pk) / len(pk), 4),
+                "mean_completion_tokens": round(sum(tokens) / len(tokens), 1),
+                "truncated_share": round(truncated / samples, 4),
+            })
+    return out
+
+
+def format_table(summary: list[dict], paths: dict[str, str] | None = None) -> str:
+    """The overall rows as a fixed-width table (what the CLI and the demo print)."""
+    overall = [r for r in summary if r["difficulty"] == "all"]
+    if not overall:
+        return "(no models evaluated)"
+    k = overall[0]["k"]
+    head = f"{'model':<10} {'pass@1':>7} {f'pass@{k}':>7} {'mean tokens':>12} {'problems':>9}"
+    lines = [head, "-" * len(head)]
+    for r in overall:
+        lines.append(f"{r['model']:<10} {r['pass_at_1']:>7.3f} {r['pass_at_k']:>7.3f} "
+                     f"{r['mean_completion_tokens']:>12.1f} {r['problems']:>9}")
+    levels = [r for r in summary if r["difficulty"] != "all"]
+    if levels:
+        names = sorted({r["difficulty"] for r in levels}, key=str)
+        lines += ["", "pass@1 by difficulty: " + "  ".join(f"{n:>6}" for n in names)]
+        for model in dict.fromkeys(r["model"] for r in overall):
+            cells = {r["difficulty"]: r["pass_at_1"] for r in levels if r["model"] == model}
+            lines.append(f"{model:<21} " + "  ".join(
+                f"{cells[n]:>6.3f}" if n in cells else f"{'-':>6}" for n in names))
+    if paths:
+        lines += [""] + [f"{name}: {path}" for name, path in paths.items()]
+    return "\n".join(lines)
+
+
+def load_eval_problems(cfg: EvaluateConfig) -> list[dict]:
+    """[{problem, answer, difficulty}] from the synthetic generator or a file."""
+    from stages.prompts import _answer_text, normalize, read_records
+
+    if cfg.eval_path == "synthetic":
+        from stages.synthetic import make_problems
+
+        made = make_problems(cfg.synthetic_n, seed=cfg.synthetic_seed,
+                             min_terms=cfg.synthetic_min_terms, max_terms=cfg.synthetic_max_terms,
+                             max_operand=cfg.synthetic_max_operand)
+        rows = [{"problem": normalize(p["problem"]), "answer": p["answer"],
+                 "difficulty": str(p["difficulty"])} for p in made]
+    else:
+        rows = []
+        for where, rec in read_records(cfg.eval_path, cfg.split):
+            for name in (cfg.problem_field, cfg.answer_field):
+                if name not in rec:
+                    raise UserError(f"{where}: no field '{name}' (fields: {sorted(rec)}); "
+                                    "set evaluate.problem_field / evaluate.answer_field")
+            if not isinstance(rec[cfg.problem_field], str):
+                raise UserError(f"{where}: field '{cfg.problem_field}': expected text")
+            level = rec.get(cfg.difficulty_field) if cfg.difficulty_field else None
+            rows.append({"problem": normalize(rec[cfg.problem_field]),
+                         "answer": _answer_text(rec[cfg.answer_field], where, cfg.answer_field),
+                         "difficulty": None if level is None else str(level)})
+    return rows[:cfg.limit] if cfg.limit else rows
+
+
+def resolve_models(cfg: EvaluateConfig, inputs) -> dict[str, str]:
+    """{table name: checkpoint path or hub id}, in cfg.models order."""
+    if not cfg.models:
+        raise UserError("evaluate.models is empty: name at least one model "
+                        f"({', '.join(NAMED)}, or a checkpoint path)")
+    if len(set(cfg.models)) != len(cfg.models):
+        raise UserError(f"evaluate.models lists a model twice: {cfg.models}")
+    found = {"teacher": cfg.teacher, "student": cfg.student,
+             "sft": inputs["sft"].path, "redi": inputs["redi"].path}
+    out = {}
+    for name in cfg.models:
+        path = found.get(name, name)
+        if not path:
+            raise UserError(f"evaluate.models: '{name}' is not set in the recipe "
+                            f"(set `{name}:` at the top of the recipe or {name}=...)")
+        out[name] = path
+    return out
+
+
+def run(cfg: EvaluateConfig, inputs, ctx):
+    import pyarrow as pa
+    import ray.data
+
+    from stages.generate import Sampling, check_model, complete_chats, split_think
+    from stages.prompts import normalize, problem_id
+    from stages.verify import VerifyConfig, verify_rows
+
+    if cfg.samples < 1 or not 1 <= cfg.pass_k <= cfg.samples:
+        raise UserError(f"evaluate: need samples >= 1 and 1 <= pass_k <= samples, got "
+                        f"samples={cfg.samples} pass_k={cfg.pass_k}")
+    if "{problem}" not in cfg.problem_template:
+        raise UserError("evaluate.problem_template must contain {problem}")
+    models = resolve_models(cfg, inputs)
+    for path in models.values():
+        check_model(path)
+
+    problems = load_eval_problems(cfg)
+    ctx.rows_in = len(problems)
+    training = {normalize(p) for p in inputs["prompts"].read_table(columns=["problem"])
+                .column("problem").to_pylist()} if cfg.decontaminate else set()
+    kept, seen = [], set()
+    for p in problems:
+        if p["problem"] in training:
+            ctx.drops["contaminated"] += 1
+        elif p["problem"] in seen:
+            ctx.drops["duplicate"] += 1
+        elif p["answer"] is None:
+            ctx.drops["no_reference"] += 1
+        else:
+            seen.add(p["problem"])
+            kept.append(p)
+    if not kept:
+        raise UserError(f"evaluate: no held-out problems left from {cfg.eval_path} "
+                        f"(drops: {dict(ctx.drops)})")
+
+    def messages(problem: str) -> list[dict]:
+        system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        return system + [{"role": "user", "content": cfg.problem_template.format(problem=problem)}]
+
+    msg_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    table = pa.table({
+        "problem_id": [problem_id(p["problem"]) for p in kept],
+        "problem": [p["problem"] for p in kept],
+        "answer": [p["answer"] for p in kept],
+        "difficulty": pa.array([p["difficulty"] for p in kept], pa.string()),
+        "prompt_messages": pa.array([messages(p["problem"]) for p in kept], msg_type),
+    })
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        max_tokens=cfg.max_tokens, seed=cfg.seed)
+    verify_cfg = VerifyConfig(answer_field=cfg.verify_answer_field,
+                              fallbacks=list(cfg.verify_fallbacks),
+                              timeout_s=cfg.verify_timeout_s)
+    ctx.ensure_ray()
+
+    parts, rows = [], []
+    for name, path in models.items():
+        # One engine pool per model, torn down (engine shut down) when the dataset is consumed.
+        out = complete_chats(ray.data.from_arrow(table), model=path, sampling=sampling,
+                             n=cfg.samples, resources=ctx.resources, ctx=ctx, batch_size=None)
+        t = pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
+        t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
+        completions = t.column("completion").to_pylist()
+        texts = ([split_think(c)[1] for c in completions]
+                 if cfg.verify_answer_field == "final" else completions)
+        verdict = verify_rows(texts, t.column("answer").to_pylist(), verify_cfg)
+        t = t.drop(["prompt_messages", "error"])
+        t = t.add_column(0, "model", pa.array([name] * t.num_rows, pa.string()))
+        t = t.add_column(1, "model_path", pa.array([path] * t.num_rows, pa.string()))
+        t = t.append_column("pred_answer", pa.array(verdict["pred_answer"], pa.string()))
+        t = t.append_column("correct", pa.array(verdict["correct"], pa.bool_()))
+        t = t.append_column("verify_status", pa.array(verdict["verify_status"], pa.string()))
+        parts.append(t)
+        rows += t.select(["model", "problem_id", "difficulty", "correct", "completion_tokens",
+                          "finish_reason"]).to_pylist()
+        print(f"evaluate: {name} done ({t.num_rows} samples)", flush=True)
+
+    summary = summarize(rows, cfg.pass_k)
+    paths = dict(models)
+    for r in summary:
+        r["model_path"] = paths[r["model"]]
+    ctx.stats.update({"models": paths, "problems": len(kept), "samples_per_problem": cfg.samples,
+                      "table": summary})
+    print("\n" + format_table(summary) + "\n", flush=True)
+    return {"samples": pa.concat_tables(parts), "summary": pa.Table.from_pylist(summary)}
+
+
+STAGE = Stage(
+    name="evaluate",
+    config=EvaluateConfig,
+    reads=("prompts", "sft", "redi"),
+    requires=("problem",),
+    adds=("model", "problem_id", "correct", "completion_tokens", "pass_at_1", "pass_at_k",
+          "mean_completion_tokens"),
+    run=run,
+)

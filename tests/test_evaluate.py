@@ -1,0 +1,127 @@
+"""evaluate: the pass@k estimator, the summary, and one real run on vLLM (tiny random model)."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+
+import pytest
+
+from stages.evaluate import format_table, pass_at_k, summarize
+
+
+def _brute_pass_at_k(n: int, c: int, k: int) -> float:
+    """The definition: the share of k-subsets of the n samples holding a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_pass_at_k_matches_its_definition(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_edges_and_closed_forms():
+    assert pass_at_k(16, 0, 4) == 0.0
+    assert pass_at_k(16, 16, 4) == 1.0
+    assert pass_at_k(16, 13, 4) == 1.0          # only 3 wrong: any 4 hold a correct one
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 = c / n
+    # Large n stays finite and equals the binomial form.
+    assert pass_at_k(200, 7, 50) == pytest.approx(1 - math.comb(193, 50) / math.comb(200, 50))
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 2, 5)
+
+
+def test_summarize_per_level_and_overall():
+    rng = random.Random(0)
+    rows, truth = [], {}
+    for pid in range(12):
+        level = str(1 + pid % 3)
+        c = rng.randint(0, 4)
+        truth[pid] = (level, c)
+        for s in range(4):
+            rows.append({"model": "m", "problem_id": str(pid), "difficulty": level,
+                         "correct": s < c, "completion_tokens": 10 + pid,
+                         "finish_reason": "length" if pid == 0 else "stop"})
+    # An unverifiable sample counts as wrong, not as skipped.
+    rows[1]["correct"] = None  # problem 0, sample 1: correct when c >= 2
+    truth[0] = (truth[0][0], truth[0][1] - (truth[0][1] >= 2))
+    out = {r["difficulty"]: r for r in summarize(rows, k=2)}
+    assert set(out) == {"all", "1", "2", "3"}
+    for level in ("all", "1", "2", "3"):
+        pids = [p for p, (lv, _) in truth.items() if level in ("all", lv)]
+        want1 = sum(truth[p][1] / 4 for p in pids) / len(pids)
+        want2 = sum(pass_at_k(4, truth[p][1], 2) for p in pids) / len(pids)
+        assert out[level]["pass_at_1"] == pytest.approx(want1, abs=1e-4)
+        assert out[level]["pass_at_k"] == pytest.approx(want2, abs=1e-4)
+        assert out[level]["problems"] == len(pids)
+    assert out["all"]["mean_completion_tokens"] == pytest.approx(sum(10 + p for p in range(12)) / 12)
+    assert out["all"]["truncated_share"] == pytest.approx(4 / 48, abs=1e-4)
+    assert "pass@2" in format_table(summarize(rows, k=2))
+
+
+def _model_version(data_root: str, stage: str, model_dir: str) -> str:
+    """A real checkpoint committed as a model version (what sft/redi write)."""
+    from pipeline.store import Store
+
+    store = Store(data_root)
+    tmp = store.begin(stage, f"{stage}000test", clear=True)
+    for name in os.listdir(model_dir):
+        shutil.copy(os.path.join(model_dir, name), tmp)
+    v = store.commit(stage, f"{stage}000test", {"stage": stage, "output": "model",
+                                                 "inputs": {}, "stats": {}})
+    return v.path
+
+
+def test_evaluate_stage_on_vllm(ray_cluster, tiny_model, data_root, tmp_path):
+    """Real vLLM + math-verify: two models, held-out synthetic problems, one contaminated."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+    from stages.evaluate import EvaluateConfig, load_eval_problems
+
+    cfg = EvaluateConfig(synthetic_n=6, synthetic_seed=5)
+    leaked = load_eval_problems(cfg)[0]["problem"]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text(json.dumps({"problem": leaked, "answer": "0"}) + "\n"
+                          + json.dumps({"problem": "Compute 1 + 1.", "answer": "2"}) + "\n")
+    sft_path = _model_version(data_root, "sft", tiny_model)
+    _model_version(data_root, "redi", tiny_model)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"data_root: {data_root}\nteacher: {tiny_model}\n"
+                           f"prompts: {{path: {train_file}}}\n")
+    recipe = load_recipe(str(recipe_file), [
+        "evaluate.models=[teacher, sft]", "evaluate.synthetic_n=6", "evaluate.synthetic_seed=5",
+        "evaluate.samples=3", "evaluate.pass_k=2", "evaluate.max_tokens=12",
+        "evaluate.temperature=1.0", "evaluate.problem_template='{problem}'"])
+    run_stage("prompts", recipe)
+    v = run_stage("evaluate", recipe)
+
+    assert v.manifest["drops"] == {"contaminated": 1}
+    samples = v.read_table("samples")
+    assert samples.num_rows == 2 * 5 * 3  # 2 models x 5 problems x 3 samples
+    assert leaked not in samples.column("problem").to_pylist()
+    assert set(samples.column("model_path").to_pylist()) == {tiny_model, sft_path}
+    assert all(0 < t <= 12 for t in samples.column("completion_tokens").to_pylist())
+    # A random-init model writes no \boxed answer: every sample is checked and found wrong.
+    statuses = set(samples.column("verify_status").to_pylist())
+    assert statuses <= {"no_answer", "ok"}
+    summary = {(r["model"], r["difficulty"]): r for r in v.read_table("summary").to_pylist()}
+    for model in ("teacher", "sft"):
+        mine = [r for r in samples.to_pylist() if r["model"] == model]
+        assert summary[(model, "all")]["pass_at_1"] == pytest.approx(
+            sum(bool(r["correct"]) for r in mine) / len(mine), abs=1e-4)
+        assert summary[(model, "all")]["mean_completion_tokens"] == pytest.approx(
+            sum(r["completion_tokens"] for r in mine) / len(mine), abs=0.05)
+        assert summary[(model, "all")]["problems"] == 5
+    assert v.manifest["stats"]["models"] == {"teacher": tiny_model, "sft": sft_path}
+    assert pq.read_schema(v.parquet_files("summary")[0]).field("pass_at_k") is not None
