@@ -144,15 +144,22 @@ def _die_with_parent() -> None:
 
 
 def _helper_main(fd: int, memory_mib: int) -> None:
-    """`python -m stages.verify FD MIB`: import math-verify once, then fork checking children.
+    """`python stages/verify.py FD MIB`: import math-verify once, then fork checking children.
 
     A child killed for a timeout is replaced by a fresh fork (a few ms, no re-import); a child
     that exits 0 saw EOF (the Checker closed), and then the helper exits too.
     """
+    import logging
     from multiprocessing.connection import Connection
 
     _die_with_parent()
-    import math_verify  # noqa: F401  (imported once here, inherited by every fork)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    from math_verify import parse, verify
+
+    # Imported and warmed up once here (the LaTeX grammar and sympy's caches build on first use,
+    # ~0.1-0.5 s), so every fork starts ready.
+    verify(parse("\\boxed{\\frac{1}{2}}", parsing_timeout=None),
+           parse("\\boxed{0.5}", parsing_timeout=None), timeout_seconds=None)
 
     conn = Connection(fd)
     while True:
@@ -188,7 +195,10 @@ class Checker:
 
         ours, theirs = socket.socketpair()
         self.helper = subprocess.Popen(
-            [sys.executable, "-m", "stages.verify", str(theirs.fileno()), str(self.memory_mib)],
+            # A script, not `-m stages.verify` (that imports every stage first); -P keeps stages/
+            # off sys.path, where select.py would shadow the standard library's `select`.
+            [sys.executable, "-P", os.path.abspath(__file__), str(theirs.fileno()),
+             str(self.memory_mib)],
             pass_fds=[theirs.fileno()],
             # Our sys.path, so `stages` imports wherever Ray put this worker's code.
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
@@ -201,7 +211,11 @@ class Checker:
         while True:
             if not self.conn.poll(self.START_TIMEOUT_S):
                 raise RuntimeError("verify: the math-verify helper did not start")
-            kind, value = self.conn.recv()
+            try:
+                kind, value = self.conn.recv()
+            except EOFError:
+                raise RuntimeError("verify: the math-verify helper exited (its stderr is "
+                                   "above)") from None
             if kind == "pid":
                 self.pid = value
                 return
