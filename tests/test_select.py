@@ -107,3 +107,43 @@ def test_sft_rows_render_with_assistant_only_mask(tmp_path, ray_cluster, tiny_mo
         # The masked part is one contiguous span at the end (before the template's last "\n").
         first = mask.index(1)
         assert all(mask[first:first + len(trained)]) and sum(mask) == len(trained)
+
+
+def test_verify_prune_select_on_real_generated_traces(tmp_path, ray_cluster, tiny_model):
+    """prompts -> generate (vLLM, the tiny model) -> verify -> prune -> select, real stages."""
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+    from stages.verify import extract_answer
+
+    recipe = load_recipe("configs/tiny.yaml", [
+        f"data_root={tmp_path / 'data'}", f"teacher={tiny_model}", "prompts.synthetic_n=6",
+        "generate.n=4", "generate.max_tokens=24", "generate.shard_size=6"])
+    quiet = dict(log=lambda *_: None)
+    run_stage("prompts", recipe, **quiet)
+    gen = run_stage("generate", recipe, **quiet)
+    v = run_stage("verify", recipe, **quiet)
+    p = run_stage("prune", recipe, **quiet)
+    s = run_stage("select", recipe, **quiet)
+
+    traces = gen.read_table().to_pylist()
+    rows = {r["trace_id"]: r for r in v.read_table().to_pylist()}
+    assert sorted(rows) == sorted(r["trace_id"] for r in traces)   # verify keeps every trace
+    for t in traces:
+        r = rows[t["trace_id"]]
+        assert r["pred_answer"] == extract_answer(t["final"])
+        assert r["verify_status"] in ("ok", "no_answer")           # every problem has a reference
+        assert r["correct"] == (r["verify_status"] == "ok" and r["correct"])
+    for pid in {r["problem_id"] for r in rows.values()}:
+        mine = [r for r in rows.values() if r["problem_id"] == pid]
+        assert len(mine) == 4
+        assert {r["pass_rate"] for r in mine} == {sum(r["correct"] for r in mine) / 4}
+    assert v.manifest["stats"]["traces"] == 24
+
+    # prune keeps every incorrect trace; select pairs/SFT rows only from what prune kept.
+    pruned = p.read_table().to_pylist()
+    assert sum(r["prune_status"] == "incorrect" for r in pruned) == \
+        sum(r["correct"] is False for r in rows.values())
+    st = s.manifest["stats"]
+    assert st["problems"] == 6
+    assert st["pairs"] + sum(st["problems_without_pair"].values()) == 6
+    assert st["sft_rows"] == s.rows["sft"] and st["pairs"] == s.rows["pairs"]
