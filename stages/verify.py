@@ -8,14 +8,14 @@ Incorrect traces are kept (REDI learns from them); nothing is dropped here.
 Why a child process: math-verify bounds its own calls with SIGALRM, which only works in a main
 thread and cannot interrupt C code — `verify(1, 10^{10^{10^{10}}})` sits inside CPython's bigint
 power for hours with the GIL held. So each Ray worker sends its (answer, reference) pairs to a
-child process (`Checker`) and SIGKILLs it when a call overruns `timeout_s`; the next call forks a
-fresh child from a forkserver that has math-verify imported already (a few ms, not an import).
-The child also runs under an address-space cap, so `2^{2^{40}}` fails with MemoryError ("error")
-instead of eating the machine's memory.
+child process (`Checker`) and SIGKILLs it when a call overruns `timeout_s`; the next call gets a
+fresh child forked from a helper that has math-verify imported and warmed up already (~15 ms,
+not a 1 s import). Children run under an address-space cap (`memory_mib`), so a huge power fails
+("error" or "timeout") instead of eating the machine's memory.
 
 Statuses: ok (correct is true/false) | no_answer (nothing extracted: correct = false, the trace
-gave no answer) | no_reference (the problem has no answer: correct = null, non-math sources pass
-through) | timeout | error (correct = null: unverifiable).
+gave no answer) | no_reference (the problem has no answer, or its source is in `skip_sources`:
+correct = null, non-math rows pass through) | timeout | error (correct = null: unverifiable).
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ class VerifyConfig:
     easy_min_pass_rate / medium_min_pass_rate: difficulty from the problem's pass rate:
       easy >= 0.8 > medium >= 0.3 > hard (defaults). pass_rate = correct / verifiable samples
       (timeouts, errors and no_reference rows are not counted); null when none is verifiable.
+    skip_sources: rows whose `source` is listed are not checked (non-math data: code, chat);
+      they get status no_reference and correct = null, and pass through.
     batch_size: rows per Ray map task batch.
     """
 
@@ -51,6 +53,7 @@ class VerifyConfig:
     memory_mib: int = 2048
     easy_min_pass_rate: float = 0.8
     medium_min_pass_rate: float = 0.3
+    skip_sources: list = field(default_factory=list)
     batch_size: int = 256
 
 
@@ -261,18 +264,20 @@ def _checker(timeout_s: float, memory_mib: int) -> Checker:
     return _CHECKERS[key]
 
 
-def verify_rows(texts, refs, cfg: VerifyConfig, checker: Checker | None = None) -> dict:
-    """Columns pred_answer / correct / verify_status for parallel lists of texts and references.
+def verify_rows(texts, refs, cfg: VerifyConfig, checker: Checker | None = None,
+                sources=None) -> dict:
+    """Columns pred_answer / correct / verify_status for parallel lists of texts and references
+    (and sources, checked against cfg.skip_sources).
 
     Identical (answer, reference) pairs are checked once: n samples of a problem mostly agree.
     """
     checker = checker or _checker(cfg.timeout_s, cfg.memory_mib)
     memo: dict = {}
     preds, correct, status = [], [], []
-    for text, ref in zip(texts, refs):
+    for i, (text, ref) in enumerate(zip(texts, refs)):
         pred = extract_answer(text or "", cfg.fallbacks)
         preds.append(pred)
-        if ref is None or not str(ref).strip():
+        if ref is None or not str(ref).strip() or (sources and sources[i] in cfg.skip_sources):
             correct.append(None), status.append("no_reference")
         elif pred is None:
             correct.append(False), status.append("no_answer")
@@ -321,7 +326,8 @@ def run(cfg: VerifyConfig, inputs, ctx):
 
     def check_batch(batch: pa.Table) -> pa.Table:
         cols = verify_rows(batch.column(cfg.answer_field).to_pylist(),
-                           batch.column("answer").to_pylist(), cfg)
+                           batch.column("answer").to_pylist(), cfg,
+                           sources=batch.column("source").to_pylist())
         for name, typ in (("pred_answer", pa.string()), ("correct", pa.bool_()),
                           ("verify_status", pa.string())):
             batch = batch.append_column(name, pa.array(cols[name], typ))
@@ -379,7 +385,7 @@ STAGE = Stage(
     name="verify",
     config=VerifyConfig,
     reads=("generate",),
-    requires=("problem_id", "trace_id", "answer", "completion", "final"),
+    requires=("problem_id", "trace_id", "answer", "source", "completion", "final"),
     adds=("pred_answer", "correct", "verify_status", "pass_rate", "difficulty"),
     run=run,
 )

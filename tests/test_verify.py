@@ -199,14 +199,18 @@ def test_verify_stage_pass_rates_difficulty_and_stats(tmp_path, ray_cluster):
     assert stats["pass_rate_histogram"]["0.9-1.0"] == 1
 
 
-def test_verify_thresholds_are_configurable(tmp_path, ray_cluster):
-    rows = _hand_written_rows()
+def test_verify_thresholds_and_skipped_sources(tmp_path, ray_cluster):
+    rows = _hand_written_rows() + [
+        trace("Print 7 in Python.", "7", "\\boxed{7}", 0, source="code")]
     recipe = write_generate(tmp_path, rows, ["verify.medium_min_pass_rate=0.6",
-                                             "verify.easy_min_pass_rate=1.0"])
+                                             "verify.easy_min_pass_rate=1.0",
+                                             "verify.skip_sources=[code]"])
     v = run("verify", recipe)
-    levels = {r["problem"]: r["difficulty"] for r in v.read_table().to_pylist()}
-    assert levels["Compute 3 + 4."] == "hard"      # 0.5 < 0.6
-    assert levels["Half of one?"] == "easy"        # 1.0 >= 1.0
+    got = {r["problem"]: r for r in v.read_table().to_pylist()}
+    assert got["Compute 3 + 4."]["difficulty"] == "hard"      # 0.5 < 0.6
+    assert got["Half of one?"]["difficulty"] == "easy"        # 1.0 >= 1.0
+    code = got["Print 7 in Python."]                          # not checked, passes through
+    assert (code["verify_status"], code["correct"], code["pass_rate"]) == ("no_reference", None, None)
 
 
 def test_verify_bad_config_is_a_user_error(tmp_path, ray_cluster):
