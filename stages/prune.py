@@ -289,14 +289,17 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
 
     endpoint = (Endpoint(base_url=cfg.base_url, api_key_env=cfg.api_key_env)
                 if cfg.backend == "openai" else None)
-    answers = complete_chats(
-        src.map_batches(ask, batch_format="pyarrow"), model=cfg.teacher, n=1,
-        sampling=Sampling(temperature=cfg.temperature, max_tokens=cfg.rewrite_max_tokens,
-                          seed=cfg.seed),
-        resources=ctx.resources, ctx=ctx, messages_column="rewrite_messages", endpoint=endpoint,
-        max_model_len=cfg.max_model_len)
-    got = [t for t in ray.get(answers.select_columns(
-        ["trace_id", "completion", "finish_reason"]).to_arrow_refs()) if t.num_rows]
+    got = []
+    correct = inputs["verify"].read_table(columns=["correct"]).column("correct")
+    if pc.sum(pc.fill_null(correct, False).cast(pa.int64())).as_py():  # else: no engine start
+        answers = complete_chats(
+            src.map_batches(ask, batch_format="pyarrow"), model=cfg.teacher, n=1,
+            sampling=Sampling(temperature=cfg.temperature, max_tokens=cfg.rewrite_max_tokens,
+                              seed=cfg.seed),
+            resources=ctx.resources, ctx=ctx, messages_column="rewrite_messages",
+            endpoint=endpoint, max_model_len=cfg.max_model_len)
+        got = [t for t in ray.get(answers.select_columns(
+            ["trace_id", "completion", "finish_reason"]).to_arrow_refs()) if t.num_rows]
     outputs = {}
     for t in got:
         for tid, text, finish in zip(t.column("trace_id").to_pylist(),

@@ -196,6 +196,8 @@ class Checker:
         import sys
         from multiprocessing.connection import Connection
 
+        if self.conn is not None:  # the previous helper died
+            self.conn.close()
         ours, theirs = socket.socketpair()
         self.helper = subprocess.Popen(
             # A script, not `-m stages.verify` (that imports every stage first); -P keeps stages/
@@ -227,7 +229,7 @@ class Checker:
         """(correct, status): (True|False, "ok") or (None, "timeout"|"error")."""
         import signal
 
-        if self.helper is None:
+        if self.helper is None or self.helper.poll() is not None:  # none yet, or it died
             self._start()
         self.conn.send((pred, ref))
         if not self.conn.poll(self.timeout_s):
