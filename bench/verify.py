@@ -104,10 +104,14 @@ def checker_overhead(rows: list[dict], calls: int = 300) -> dict:
         c.check(pred, ref)
     in_child = (time.time() - start) / len(pairs)
     start = time.time()
+    c.check_many(pairs)
+    batched = (time.time() - start) / len(pairs)
+    start = time.time()
     c.check("10^{10^{10^{10}}}", "1")  # times out after 1 s, kill + re-fork
     refork = time.time() - start - 1.0
     c.close()
-    return {"direct_ms": direct * 1e3, "checker_ms": in_child * 1e3, "kill_refork_ms": refork * 1e3}
+    return {"direct_ms": direct * 1e3, "checker_ms": in_child * 1e3, "batched_ms": batched * 1e3,
+            "kill_refork_ms": refork * 1e3}
 
 
 def main() -> None:
@@ -120,8 +124,9 @@ def main() -> None:
           f"distinct (final, reference) pairs: {distinct}, CPUs: {os.cpu_count()}")
 
     over = checker_overhead(rows)
-    print(f"per call: direct math-verify {over['direct_ms']:.2f} ms, through the killable child "
-          f"{over['checker_ms']:.2f} ms; kill + re-fork after a timeout {over['kill_refork_ms']:.0f} ms")
+    print(f"per call: direct math-verify {over['direct_ms']:.2f} ms; through the killable child "
+          f"{over['checker_ms']:.2f} ms one by one, {over['batched_ms']:.2f} ms batched "
+          f"(check_many); kill + re-fork after a timeout {over['kill_refork_ms']:.0f} ms")
 
     stock_s, stock_correct = stock_loop(rows)
     print(f"stock  single-process math-verify loop: {stock_s:.2f} s, "

@@ -122,20 +122,21 @@ def _serve(conn, memory_mib: int) -> None:
     conn.send(("pid", os.getpid()))
     while True:
         try:
-            pred, ref = conn.recv()
+            pairs = conn.recv()  # a list: one message in, one answer out per pair, in order
         except EOFError:
             os._exit(0)
-        try:
-            gold = golds.get(ref)
-            if gold is None:
-                # Wrapping in \boxed{} makes math-verify read the bare string as LaTeX
-                # ("0.5", "\frac{1}{2}", "x+1" alike). A reference it cannot parse at all
-                # is compared as a string.
-                gold = golds[ref] = parse("\\boxed{" + ref + "}", parsing_timeout=None) or [ref]
-            target = parse("\\boxed{" + pred + "}", parsing_timeout=None) or [pred]
-            conn.send(("ok", bool(verify(gold, target, timeout_seconds=None))))
-        except (Exception, MemoryError, RecursionError) as e:
-            conn.send(("error", f"{type(e).__name__}: {e}"[:200]))
+        for pred, ref in pairs:
+            try:
+                gold = golds.get(ref)
+                if gold is None:
+                    # Wrapping in \boxed{} makes math-verify read the bare string as LaTeX
+                    # ("0.5", "\frac{1}{2}", "x+1" alike). A reference it cannot parse at all
+                    # is compared as a string.
+                    gold = golds[ref] = parse("\\boxed{" + ref + "}", parsing_timeout=None) or [ref]
+                target = parse("\\boxed{" + pred + "}", parsing_timeout=None) or [pred]
+                conn.send(("ok", bool(verify(gold, target, timeout_seconds=None))))
+            except (Exception, MemoryError, RecursionError) as e:
+                conn.send(("error", f"{type(e).__name__}: {e}"[:200]))
 
 
 def _die_with_parent() -> None:
@@ -227,22 +228,35 @@ class Checker:
 
     def check(self, pred: str, ref: str) -> tuple[bool | None, str]:
         """(correct, status): (True|False, "ok") or (None, "timeout"|"error")."""
+        return self.check_many([(pred, ref)])[0]
+
+    def check_many(self, pairs: list[tuple[str, str]]) -> list[tuple[bool | None, str]]:
+        """check() for each (pred, ref), sent to the child as one message: two process wake-ups
+        per batch instead of two per pair. Each answer must arrive within timeout_s of the one
+        before it; on a timeout the child is killed and the rest resent to the next one."""
         import signal
 
-        if self.helper is None or self.helper.poll() is not None:  # none yet, or it died
-            self._start()
-        self.conn.send((pred, ref))
-        if not self.conn.poll(self.timeout_s):
-            os.kill(self.pid, signal.SIGKILL)
-            self.restarts += 1
-            self._await_child()
-            return None, "timeout"
-        kind, value = self.conn.recv()
-        if kind == "pid":  # the child died mid-call (e.g. the kernel killed it); a new one is up
-            self.pid = value
-            self.restarts += 1
-            return None, "error"
-        return (value, "ok") if kind == "ok" else (None, "error")
+        results: list = []
+        while len(results) < len(pairs):
+            if self.helper is None or self.helper.poll() is not None:  # none yet, or it died
+                self._start()
+            todo = pairs[len(results):]
+            self.conn.send(todo)
+            for _ in todo:
+                if not self.conn.poll(self.timeout_s):
+                    os.kill(self.pid, signal.SIGKILL)
+                    self.restarts += 1
+                    self._await_child()
+                    results.append((None, "timeout"))
+                    break
+                kind, value = self.conn.recv()
+                if kind == "pid":  # the child died mid-call (e.g. killed by the kernel)
+                    self.pid = value
+                    self.restarts += 1
+                    results.append((None, "error"))
+                    break
+                results.append((value, "ok") if kind == "ok" else (None, "error"))
+        return results
 
     def close(self) -> None:
         if self.helper is not None:
@@ -274,21 +288,21 @@ def verify_rows(texts, refs, cfg: VerifyConfig, checker: Checker | None = None,
     Identical (answer, reference) pairs are checked once: n samples of a problem mostly agree.
     """
     checker = checker or _checker(cfg.timeout_s, cfg.memory_mib)
-    memo: dict = {}
-    preds, correct, status = [], [], []
+    preds, keys = [], []
     for i, (text, ref) in enumerate(zip(texts, refs)):
         pred = extract_answer(text or "", cfg.fallbacks)
         preds.append(pred)
         if ref is None or not str(ref).strip() or (sources and sources[i] in cfg.skip_sources):
-            correct.append(None), status.append("no_reference")
+            keys.append("no_reference")
         elif pred is None:
-            correct.append(False), status.append("no_answer")
+            keys.append("no_answer")
         else:
-            key = (pred, str(ref).strip())
-            if key not in memo:
-                memo[key] = checker.check(*key)
-            correct.append(memo[key][0]), status.append(memo[key][1])
-    return {"pred_answer": preds, "correct": correct, "verify_status": status}
+            keys.append((pred, str(ref).strip()))
+    todo = list(dict.fromkeys(k for k in keys if isinstance(k, tuple)))
+    memo = dict(zip(todo, checker.check_many(todo)))
+    memo.update({"no_reference": (None, "no_reference"), "no_answer": (False, "no_answer")})
+    return {"pred_answer": preds, "correct": [memo[k][0] for k in keys],
+            "verify_status": [memo[k][1] for k in keys]}
 
 
 def difficulty_of(pass_rate: float | None, cfg: VerifyConfig) -> str | None:
