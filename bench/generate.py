@@ -90,12 +90,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="teacher (default: build the tiny model)")
-    p.add_argument("--problems", type=int, default=256)
+    p.add_argument("--problems", type=int, default=192)
     p.add_argument("--n", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--problems-n8", type=int, default=64)
+    p.add_argument("--problems-n8", type=int, default=32)
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # (a) in a child
     args = p.parse_args()
     if args.raw:
