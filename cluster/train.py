@@ -98,12 +98,20 @@ def deepspeed_for_worker(config: dict) -> dict:
 
 
 def last_checkpoint(checkpoint_dir: str) -> str | None:
-    """The newest complete `checkpoint-N` folder of an interrupted run, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete `checkpoint-N` folder of an interrupted run, or None.
+
+    The Trainer writes trainer_state.json last; a folder without it was cut off mid-save.
+    """
+    import re
 
     if not os.path.isdir(checkpoint_dir):
         return None
-    return get_last_checkpoint(checkpoint_dir)
+    done = [name for name in os.listdir(checkpoint_dir)
+            if re.fullmatch(r"checkpoint-\d+", name)
+            and os.path.exists(os.path.join(checkpoint_dir, name, "trainer_state.json"))]
+    if not done:
+        return None
+    return os.path.join(checkpoint_dir, max(done, key=lambda n: int(n.split("-")[1])))
 
 
 def peak_memory_mb(use_gpu: bool) -> float:

@@ -281,21 +281,54 @@ def sft_loss(model, batch):
 
 # --- the worker: one Ray Train process -----------------------------------------------------------
 
+def packed_trainer_class(loss_fn):
+    """A transformers Trainer whose step is `loss_fn(model, packed_row) -> (loss, metrics)`.
+
+    Metrics are averaged over each logging window and land in the logs (TensorBoard) and the
+    manifest's lists. bench/train.py times exactly this class.
+    """
+    import collections
+
+    from transformers import Trainer
+
+    class PackedTrainer(Trainer):
+        metrics = collections.defaultdict(list)
+        tokens = 0            # input tokens this session on this worker (no padding to count)
+        calls = 0             # optimizer steps this session (one packed row per step)
+        started = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.started is None:
+                PackedTrainer.started = time.perf_counter()
+            PackedTrainer.tokens += inputs["input_ids"].numel()
+            PackedTrainer.calls += 1
+            loss, metrics = loss_fn(model, inputs)
+            for k, v in metrics.items():
+                self.metrics[k].append(v)
+            return loss
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs:
+                for k, vs in self.metrics.items():
+                    logs[k] = sum(vs) / len(vs)
+                self.metrics.clear()
+            super().log(logs, start_time)
+
+    return PackedTrainer
+
+
 def train_packed(config: dict, loss_fn) -> None:
     """Build the trainer for packed rows, train (resuming if a checkpoint exists), save, report.
 
-    `loss_fn(model, batch) -> (loss, {metric: float})`; metrics are averaged over each logging
-    window and land in the logs (TensorBoard) and in the manifest's lists.
+    `loss_fn(model, batch) -> (loss, {metric: float})` (see packed_trainer_class).
     """
     from cluster.train import (deepspeed_for_worker, finish, last_checkpoint, peak_memory_mb,
                                worker_env)
 
     worker_env(config)
-    import collections
-
     import ray
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     register_attention()
     rows = ray.get(config["rows"])
@@ -331,27 +364,7 @@ def train_packed(config: dict, loss_fn) -> None:
         dtype=torch.bfloat16 if use_gpu else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
 
-    class PackedTrainer(Trainer):
-        metrics = collections.defaultdict(list)
-        tokens = 0            # input tokens this session on this worker (no padding to count)
-        started = None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.started is None:
-                PackedTrainer.started = time.perf_counter()
-            PackedTrainer.tokens += inputs["input_ids"].numel()
-            loss, metrics = loss_fn(model, inputs)
-            for k, v in metrics.items():
-                self.metrics[k].append(v)
-            return loss
-
-        def log(self, logs, start_time=None):
-            if "loss" in logs:
-                for k, vs in self.metrics.items():
-                    logs[k] = sum(vs) / len(vs)
-                self.metrics.clear()
-            super().log(logs, start_time)
-
+    PackedTrainer = packed_trainer_class(loss_fn)
     trainer = PackedTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
                             processing_class=tokenizer)
     resume = last_checkpoint(checkpoint_dir)
@@ -363,6 +376,8 @@ def train_packed(config: dict, loss_fn) -> None:
     stats = {
         "steps": trainer.state.global_step,
         "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
+        "steps_this_run": PackedTrainer.calls,   # after a resume: steps - resumed_from_step
+        # the history of a resumed run includes the logs restored from the checkpoint
         "logged_steps": [h["step"] for h in history],
         "loss": losses,
         "final_loss": losses[-1] if losses else None,
