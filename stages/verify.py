@@ -373,8 +373,9 @@ def run(cfg: VerifyConfig, inputs, ctx):
         batch = batch.append_column("pass_rate", pa.array([rates.get(p) for p in pids], pa.float64()))
         return batch.append_column("difficulty", pa.array([levels.get(p) for p in pids], pa.string()))
 
-    out = ds.map_batches(add_rates, batch_format="pyarrow").materialize()
-    wall = time.time() - started
+    # Lazy: the runner's Parquet write runs this pass (one Ray job fewer).
+    out = ds.map_batches(add_rates, batch_format="pyarrow")
+    wall = time.time() - started  # checking + pass rates; the manifest's wall_s adds the write
 
     n_true = sum(bool(c) for c in verifiable["correct"].to_pylist())
     hist = [0] * 10  # problems per pass-rate decile; 1.0 goes in the last bin
@@ -391,8 +392,8 @@ def run(cfg: VerifyConfig, inputs, ctx):
         "pass_rate_histogram": {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": h for i, h in enumerate(hist)},
         "difficulty_counts": {lvl: sum(v == lvl for v in levels.values())
                               for lvl in ("easy", "medium", "hard")},
-        "wall_s": round(wall, 3),
-        "traces_per_s": round(light.num_rows / wall, 1) if wall else None,
+        "check_wall_s": round(wall, 3),
+        "check_traces_per_s": round(light.num_rows / wall, 1) if wall else None,
     })
     return out
 
