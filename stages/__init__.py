@@ -4,6 +4,7 @@ from stages import generate
 from stages import verify, prune, select
 from stages import sft
 from stages import redi
+from stages import evaluate
 
 STAGES = {
     "prompts": prompts.STAGE,
@@ -13,4 +14,5 @@ STAGES = {
     "select": select.STAGE,
     "sft": sft.STAGE,
     "redi": redi.STAGE,
+    "evaluate": evaluate.STAGE,
 }
