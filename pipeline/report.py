@@ -194,6 +194,7 @@ def _provenance_section(store: Store, latest: dict[str, Version]) -> str:
 def _series(stats: dict) -> dict[str, list[float]]:
     """Every numeric list in a manifest's stats (loss, log-prob curves, learning rate ...)."""
     return {k: v for k, v in (stats or {}).items() if isinstance(v, list) and len(v) > 1
+            and k != "logged_steps"  # the x axis of the others, not a curve
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)}
 
 
@@ -207,6 +208,7 @@ def _training_section(store: Store, latest: dict[str, Version]) -> str:
             out += _note(f"no {stage} version yet")
             continue
         series = _series(v.manifest.get("stats"))
+        steps = (v.manifest.get("stats") or {}).get("logged_steps") or []
         scalars = [[k, x] for k, x in sorted((v.manifest.get("stats") or {}).items())
                    if isinstance(x, (int, float, str)) and not isinstance(x, bool)]
         if series:
@@ -223,9 +225,10 @@ def _training_section(store: Store, latest: dict[str, Version]) -> str:
                                      squeeze=False)
             for ax, (title, curves) in zip(axes[0], panels):
                 for name, s in curves.items():
-                    ax.plot(range(1, len(s) + 1), s, label=name)
+                    xs = steps if len(steps) == len(s) else range(1, len(s) + 1)
+                    ax.plot(xs, s, label=name)
                 ax.set_title(title)
-                ax.set_xlabel("logging step")
+                ax.set_xlabel("optimizer step" if len(steps) else "logging step")
                 if len(curves) > 1:
                     ax.legend(fontsize=7)
             out += f"<h3>{_esc(v.ref())}</h3>" + _figure(

@@ -63,7 +63,7 @@ def full_store(tmp_path) -> Store:
     _commit(store, "prune", "r1", pa.Table.from_pylist(kept), {"verify": "v1"}, {},
             drops={"over_budget": len(rows) - len(kept)})
     _commit(store, "sft", "s1", None, {"prune": "r1"},
-            {"loss": [2.0, 1.5, 1.1, 0.9], "epochs": 2})
+            {"loss": [2.0, 1.5, 1.1, 0.9], "logged_steps": [1, 2, 3, 4], "epochs": 2})
     _commit(store, "redi", "d1", None, {"sft": "s1"},
             {"loss": [0.5, 0.45, 0.4], "chosen_logps": [-0.5, -0.45, -0.4],
              "rejected_logps": [-0.6, -0.8, -1.0], "alpha": 0.8})
