@@ -145,7 +145,7 @@ HELD_OUT = dict(synthetic_n=200, synthetic_seed=99991)
 # with one shared KV head the same run learned to copy operands from the prompt far more slowly.
 TEACHER = dict(steps=800, batch=32, lr=3e-3, seed=0, train_n=20000, train_seed=1,
                shape=dict(layers=3, hidden=128, heads=2, kv_heads=2, intermediate=512, vocab=512))
-STUDENT_STEPS = 100
+STUDENT_STEPS = 400
 
 # What the demo sets on top of the recipe (configs/tiny.yaml), before the user's key=value items.
 # The prompt is the bare problem: that is how the teacher was trained.
@@ -153,13 +153,16 @@ DEMO_OVERRIDES = [
     f"prompts.synthetic_min_terms={TASK['min_terms']}",
     f"prompts.synthetic_max_terms={TASK['max_terms']}",
     f"prompts.synthetic_max_operand={TASK['max_operand']}",
-    "prompts.synthetic_n=256",
+    "prompts.synthetic_n=1024",
     "generate.problem_template='{problem}'",
     "generate.n=8", "generate.temperature=0.7", "generate.max_tokens=96",
     "generate.shard_size=256",
     # Traces here are 20-45 tokens (1-3 steps): tiny.yaml's 24-32 token caps would cut most.
     "prune.budgets={easy: 64, medium: 80, hard: 96}",
     "select.sft_per_problem=4", "select.pair_max_response_tokens=96",
+    # The student is a from-scratch model mid-way through learning the task: the teacher's own
+    # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, measured in docs/demo.md).
+    "sft.learning_rate=0.003", "sft.epochs=8",
     "evaluate.problem_template='{problem}'",
     "evaluate.samples=4", "evaluate.pass_k=4",
     "evaluate.max_tokens=96", "evaluate.temperature=0.6",
