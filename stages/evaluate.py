@@ -18,6 +18,10 @@ Held-out set: `eval_path: synthetic` makes problems with their own seed; any fil
 `prompts` reads works too. Either way, problems whose normalized text is among the training
 prompts (the `prompts` version read) are dropped and counted ("contaminated").
 
+Inputs: `prompts` (for decontamination) and the `sft` and `redi` versions (LATEST, or pinned with
+sft@<version> / redi@<version>), so a new checkpoint makes a new evaluate version; run it after
+redi. The teacher and base student come from the recipe.
+
 Output: one version with two splits — `samples` (one row per model x problem x sample, with the
 completion and the verdict) and `summary` (one row per model x difficulty, "all" included).
 """
