@@ -14,7 +14,10 @@ every variant. Prints real (non-pad) tokens/s of
       logits), and (c') the same packed row with a dense block-diagonal mask instead,
 the ratios c/a and c/b, MFU, and the REDI step vs TRL's DPO step (with its reference model) on
 the same pairs. Variants run in interleaved rounds and the median step time counts: the machine
-is shared, so single timings are noisy. Single process, no DeepSpeed: the step, not the launch.
+is shared, so single timings are noisy; on CPU a step's time is the process's CPU seconds / threads
+(what the step would take with the cores to itself). Single process, no DeepSpeed: the step,
+not the launch. The workload line prints the actual token lengths (one reasoning line is ~28
+tokens with the tiny tokenizer, so --median 250 gives a median near 450 tokens).
 """
 from __future__ import annotations
 
@@ -51,16 +54,28 @@ def conversations(n: int, median: int, cap: int, seed: int = 0):
 
 
 class StepTimer:
-    """A TrainerCallback that records each optimizer step's wall time."""
+    """A TrainerCallback that records each optimizer step's time.
 
-    def __init__(self):
-        self.times, self.t0 = [], None
+    On CPU it records this process's CPU seconds (all threads) divided by the threads used:
+    on a shared machine wall time mostly measures the neighbours, CPU time measures the work.
+    On GPU, wall time.
+    """
+
+    def __init__(self, cpu: bool):
+        self.times, self.t0, self.cpu = [], None, cpu
+
+    def now(self):
+        if self.cpu:
+            import torch
+
+            return time.process_time() / torch.get_num_threads()
+        return time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kw):
-        self.t0 = time.perf_counter()
+        self.t0 = self.now()
 
     def on_step_end(self, args, state, control, **kw):
-        self.times.append(time.perf_counter() - self.t0)
+        self.times.append(self.now() - self.t0)
 
     def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
         if name.startswith("on_"):
@@ -120,7 +135,7 @@ def trl_sft(args, convs, best: bool):
                         max_length=args.cap)
     trainer = SFTTrainer(model=build_model(args, "sdpa"), args=cfg, train_dataset=ds,
                          processing_class=tok)
-    timer, counter = StepTimer(), CountingCollator(trainer.data_collator)
+    timer, counter = StepTimer(cpu=not args.gpu), CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     trainer.add_callback(timer)
     trainer.train()
@@ -145,7 +160,7 @@ def our_sft(args, rows, attention: str):
                                                                per_device_train_batch_size=1),
                                                  remove_unused_columns=False),
                           train_dataset=rows, data_collator=collate)
-    timer = StepTimer()
+    timer = StepTimer(cpu=not args.gpu)
     trainer.add_callback(timer)
     trainer.train()
     return timer.times, [len(r["input_ids"]) for r in rows][:len(timer.times)]
@@ -182,7 +197,7 @@ def our_redi(args, pairs):
                                              per_device_train_batch_size=1),
                                remove_unused_columns=False),
         train_dataset=rows, data_collator=collate)
-    timer = StepTimer()
+    timer = StepTimer(cpu=not args.gpu)
     trainer.add_callback(timer)
     trainer.train()
     return timer.times
@@ -201,7 +216,7 @@ def trl_dpo(args, pairs):
                     max_length=2 * args.cap)
     trainer = DPOTrainer(model=build_model(args, "sdpa"), args=cfg, train_dataset=ds,
                          processing_class=tok)
-    timer = StepTimer()
+    timer = StepTimer(cpu=not args.gpu)
     trainer.add_callback(timer)
     trainer.train()
     return timer.times
