@@ -32,6 +32,12 @@ def _free_port() -> int:
 def ray_head():
     temp = tempfile.mkdtemp(prefix="rayhead-")
     gcs, dash = _free_port(), _free_port()
+    # Every port of its own: another Ray on the machine (the test session's, or a user's) holds
+    # the defaults, and a job agent that cannot bind never comes up ("No available agent").
+    own_ports = []
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--runtime-env-agent-port", "--metrics-export-port", "--ray-client-server-port"):
+        own_ports += [flag, str(_free_port())]
     # The cluster's Python environment is this venv (on a real cluster: the nodes' image).
     # Token auth on, as `ray start` sets it up by default in Ray 2.60: clients (drivers joining
     # from outside, `ray job submit`) must say RAY_AUTH_MODE=token and find ~/.ray/auth_token.
@@ -40,7 +46,7 @@ def ray_head():
     subprocess.run([os.path.join(VENV_BIN, "ray"), "start", "--head", "--num-cpus", "1",
                     "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                    "--temp-dir", temp, "--disable-usage-stats"],
+                    "--temp-dir", temp, "--disable-usage-stats", *own_ports],
                    env=env, check=True, capture_output=True)
     # The job agent comes up a little after `ray start` returns (longer on a busy machine):
     # wait until a trivial job is accepted, at most 120 s.
@@ -49,10 +55,17 @@ def ray_head():
     while True:
         probe = subprocess.run([os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", jobs,
                                 "--", "true"], env=env, capture_output=True, text=True)
-        if probe.returncode == 0 or time.time() > deadline:
+        if probe.returncode == 0:
             break
+        if time.time() > deadline:
+            _kill_head(temp)
+            pytest.fail(f"the Ray job agent never came up: {probe.stderr[-2000:]}")
         time.sleep(3)
     yield {"gcs": f"127.0.0.1:{gcs}", "jobs": jobs, "env": env}
+    _kill_head(temp)
+
+
+def _kill_head(temp: str) -> None:
     out = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
     for pid in out:
         try:
