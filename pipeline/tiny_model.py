@@ -89,11 +89,16 @@ def build_tiny_model(out: str, layers: int = 4, hidden: int = 256, heads: int = 
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
     )
-    model = Qwen2ForCausalLM(config)
+    save_model(Qwen2ForCausalLM(config), tokenizer, out)
+    return out
+
+
+def save_model(model, tokenizer, out: str) -> None:
+    """A checkpoint folder transformers and vLLM load: weights, tokenizer + chat template, and a
+    generation config whose eos is the chat template's end of turn (<|im_end|>)."""
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.save_pretrained(out)
-    return out
