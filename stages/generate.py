@@ -416,8 +416,13 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
     # on 2 cores, STACK.md); several replicas on a node let vLLM place its threads itself.
     cores = os.cpu_count() or 1
     threads_bind = f"0-{cores - 1}" if r.replicas == 1 else "auto"
+    # Ray exports OMP_NUM_THREADS = the actor's num_cpus (1) to its workers; a CPU engine binds
+    # its OpenMP threads to cores_per_engine cores, so give the runtime that many threads too.
+    cores_per_engine = max(1, cores // r.replicas)
+    env = {} if r.gpus_per_replica else {"env_vars": {"OMP_NUM_THREADS": str(cores_per_engine)}}
     return ds.map_batches(
         _VLLMChat, num_cpus=r.cpus_per_replica, num_gpus=r.gpus_per_replica or None, **common,
+        runtime_env=env,
         fn_constructor_kwargs=dict(
             model=model, sampling=sampling, n=n, messages_column=messages_column,
             max_model_len=max_model_len, trust_remote_code=trust_remote_code,
