@@ -456,6 +456,8 @@ def run(cfg: GenerateConfig, inputs, ctx):
         raise UserError("generate.n and generate.shard_size must be at least 1")
     if "{problem}" not in cfg.problem_template:
         raise UserError("generate.problem_template must contain {problem}")
+    if cfg.backend == "vllm":
+        check_model(cfg.teacher)  # before Ray starts: a wrong path is the user's, and instant
     endpoint = None
     if cfg.backend == "openai":
         endpoint = Endpoint(base_url=cfg.base_url, api_key_env=cfg.api_key_env,
