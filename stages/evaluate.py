@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.generate import PROBLEM_TEMPLATE
 
 # Names that mean "the model this recipe/run already has"; anything else is a path or hub id.
 NAMED = ("teacher", "student", "sft", "redi")
@@ -85,8 +86,7 @@ class EvaluateConfig:
     max_tokens: int = 4096
     seed: int = 0
     system_prompt: str = ""
-    problem_template: str = ("{problem}\n\nPlease reason step by step, and put your final "
-                             "answer within \\boxed{{}}.")
+    problem_template: str = PROBLEM_TEMPLATE
     verify_answer_field: str = "final"
     verify_fallbacks: list = field(default_factory=lambda: ["answer_is"])
     verify_timeout_s: float = 5.0
@@ -216,7 +216,8 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     import pyarrow as pa
     import ray.data
 
-    from stages.generate import Sampling, check_model, complete_chats, split_think
+    from stages.generate import (Sampling, check_model, complete_chats, prompt_messages,
+                                 split_think)
     from stages.prompts import normalize, problem_id
     from stages.verify import VerifyConfig, verify_rows
 
@@ -248,17 +249,13 @@ def run(cfg: EvaluateConfig, inputs, ctx):
         raise UserError(f"evaluate: no held-out problems left from {cfg.eval_path} "
                         f"(drops: {dict(ctx.drops)})")
 
-    def messages(problem: str) -> list[dict]:
-        system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-        return system + [{"role": "user", "content": cfg.problem_template.format(problem=problem)}]
-
     msg_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     table = pa.table({
         "problem_id": [problem_id(p["problem"]) for p in kept],
         "problem": [p["problem"] for p in kept],
         "answer": [p["answer"] for p in kept],
         "difficulty": pa.array([p["difficulty"] for p in kept], pa.string()),
-        "prompt_messages": pa.array([messages(p["problem"]) for p in kept], msg_type),
+        "prompt_messages": pa.array([prompt_messages(p["problem"], cfg) for p in kept], msg_type),
     })
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         max_tokens=cfg.max_tokens, seed=cfg.seed)

@@ -86,6 +86,12 @@ class Endpoint:
     request_seed: bool = False
 
 
+# The user turn open-r1 uses; evaluate defaults to the same so models are asked as the teacher was.
+# "{problem}" is replaced literally (str.replace, not str.format): \boxed{} needs no escaping.
+PROBLEM_TEMPLATE = ("{problem}\n\nPlease reason step by step, and put your final answer "
+                    "within \\boxed{}.")
+
+
 @dataclass
 class GenerateConfig:
     """Knobs of the generate stage (the "where" — replicas, GPUs — is in `resources.generate`).
@@ -117,8 +123,7 @@ class GenerateConfig:
     seed: int = 0
     stop: list = field(default_factory=list)
     system_prompt: str = ""
-    problem_template: str = ("{problem}\n\nPlease reason step by step, and put your final "
-                             "answer within \\boxed{}.")
+    problem_template: str = PROBLEM_TEMPLATE
     shard_size: int = 256
     max_model_len: int = 0
     trust_remote_code: bool = False
@@ -431,7 +436,9 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
             threads_bind=threads_bind, scratch=ctx.scratch_dir("vllm")))
 
 
-def prompt_messages(problem: str, cfg: GenerateConfig) -> list[dict]:
+def prompt_messages(problem: str, cfg) -> list[dict]:
+    """The chat sent for one problem; `cfg` is any config with `system_prompt` and
+    `problem_template` (generate's, evaluate's: both stages must ask the same way)."""
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     user = cfg.problem_template.replace("{problem}", problem)
     return messages + [{"role": "user", "content": user}]

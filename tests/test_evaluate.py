@@ -125,3 +125,16 @@ def test_evaluate_stage_on_vllm(ray_cluster, tiny_model, data_root, tmp_path):
         assert summary[(model, "all")]["problems"] == 5
     assert v.manifest["stats"]["models"] == {"teacher": tiny_model, "sft": sft_path}
     assert pq.read_schema(v.parquet_files("summary")[0]).field("pass_at_k") is not None
+
+
+def test_evaluate_asks_exactly_as_generate_does():
+    """One renderer, one default: a template copied from generate (with \\boxed{}) works."""
+    from stages.evaluate import EvaluateConfig
+    from stages.generate import GenerateConfig, prompt_messages
+
+    problem = "Compute {x} + 2."  # braces in the problem must survive too
+    assert prompt_messages(problem, EvaluateConfig()) == prompt_messages(problem, GenerateConfig())
+    cfg = EvaluateConfig(system_prompt="S", problem_template="Q: {problem} \\boxed{}")
+    assert prompt_messages(problem, cfg) == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q: Compute {x} + 2. \\boxed{}"}]
