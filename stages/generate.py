@@ -191,7 +191,7 @@ class _VLLMChat:
     def __init__(self, model: str, sampling: Sampling, n: int, messages_column: str,
                  max_model_len: int, trust_remote_code: bool, tensor_parallel_size: int,
                  gpus_per_replica: float, gpu_memory_utilization: float, kv_cache_gib: int,
-                 threads_bind: str, scratch: str):
+                 threads_bind: str, scratch: str, enforce_eager: bool = False):
         # vLLM reads these when it starts the engine: set them before importing it.
         os.environ["TMPDIR"] = scratch                      # one IPC socket per engine lands here
         os.environ["VLLM_CACHE_ROOT"] = os.path.join(scratch, "vllm-cache")
@@ -208,7 +208,7 @@ class _VLLMChat:
         from vllm import LLM
 
         kwargs = dict(model=model, trust_remote_code=trust_remote_code, seed=sampling.seed,
-                      tensor_parallel_size=tensor_parallel_size)
+                      tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if self.on_gpu:
@@ -433,7 +433,8 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
             max_model_len=max_model_len, trust_remote_code=trust_remote_code,
             tensor_parallel_size=r.tensor_parallel_size, gpus_per_replica=r.gpus_per_replica,
             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
-            threads_bind=threads_bind, scratch=ctx.scratch_dir("vllm")))
+            threads_bind=threads_bind, scratch=ctx.scratch_dir("vllm"),
+            enforce_eager=r.enforce_eager))
 
 
 def prompt_messages(problem: str, cfg) -> list[dict]:

@@ -337,6 +337,9 @@ def run(cfg: VerifyConfig, inputs, ctx):
     import ray
 
     _check_config(cfg)
+    if ctx.rows_in == 0:
+        raise UserError(f"verify: {inputs['generate'].ref()} has no traces to verify "
+                        f"({inputs['generate'].path})")
     ctx.ensure_ray()
     started = time.time()
 

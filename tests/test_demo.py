@@ -9,7 +9,7 @@ import os
 from pipeline.demo import TASK, ensure_models
 from stages.synthetic import make_problems
 
-TINY = dict(steps=4, batch=8, lr=1e-3, seed=0, train_n=200, train_seed=1,
+TINY = dict(steps=4, batch=8, lr=1e-3, seed=0, train_n=200, train_seed=1, balance_levels=True,
             shape=dict(layers=1, hidden=128, heads=2, kv_heads=1, intermediate=256, vocab=512))
 
 

@@ -220,3 +220,12 @@ def test_verify_bad_config_is_a_user_error(tmp_path, ray_cluster):
     with pytest.raises(UserError, match="lastnum"):
         run("verify", recipe)
     assert not os.path.exists(tmp_path / "data" / "verify" / "LATEST")
+
+
+def test_verify_empty_generate_version_is_a_user_error(tmp_path, ray_cluster):
+    from pipeline.errors import UserError
+
+    recipe = write_generate(tmp_path, [])
+    with pytest.raises(UserError, match="no traces to verify"):
+        run("verify", recipe)
+    assert not os.path.exists(tmp_path / "data" / "verify" / "LATEST")
