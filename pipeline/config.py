@@ -91,6 +91,18 @@ def build_config(cls: type, values: dict, where: str):
     return cls(**values)
 
 
+def absolute_if_local(model: str) -> str:
+    """A local model folder as an absolute path; a hub id ("org/name") or "" unchanged.
+
+    Ray Train workers do not run in the driver's working directory: a relative path such as
+    `data/tiny/models/student-…` (the demo's default data root) is not found there.
+    Local = what generate's check_model calls local: starts with / . ~ or exists here.
+    """
+    if model and (model.startswith(("/", ".", "~")) or os.path.exists(model)):
+        return os.path.abspath(os.path.expanduser(model))
+    return model
+
+
 def load_recipe(path: str, overrides: list[str] = (), stages: dict | None = None) -> Recipe:
     if stages is None:
         from stages import STAGES as stages
@@ -132,16 +144,18 @@ def load_recipe(path: str, overrides: list[str] = (), stages: dict | None = None
     order = list(stages)
     names = sorted(names, key=order.index)
 
-    teacher, student = str(raw.get("teacher") or ""), str(raw.get("student") or "")
+    teacher = absolute_if_local(str(raw.get("teacher") or ""))
+    student = absolute_if_local(str(raw.get("student") or ""))
     configs = {}
     for name, stage in stages.items():
         section = dict(raw.get(name) or {})
         field_names = {f.name for f in dataclasses.fields(stage.config)}
         # The recipe's teacher/student fill every stage field of that name the section leaves unset.
-        if "teacher" in field_names and "teacher" not in section and teacher:
-            section["teacher"] = teacher
-        if "student" in field_names and "student" not in section and student:
-            section["student"] = student
+        for role, value in (("teacher", teacher), ("student", student)):
+            if role in field_names and role not in section and value:
+                section[role] = value
+            elif isinstance(section.get(role), str):
+                section[role] = absolute_if_local(section[role])
         configs[name] = build_config(stage.config, section, f"recipe {path}: {name}")
 
     res_raw = raw.get("resources") or {}
@@ -154,5 +168,8 @@ def load_recipe(path: str, overrides: list[str] = (), stages: dict | None = None
     for name in res_raw:
         if name not in stages:
             raise UserError(f"recipe {path}: resources: unknown stage '{name}'{_nearest(name, stages)}")
-    return Recipe(path=path, data_root=str(raw["data_root"]), teacher=teacher, student=student,
+    data_root = str(raw["data_root"])
+    if "://" not in data_root:
+        data_root = os.path.abspath(os.path.expanduser(data_root))
+    return Recipe(path=path, data_root=data_root, teacher=teacher, student=student,
                   stages=names, configs=configs, resources=resources)

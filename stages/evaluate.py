@@ -202,9 +202,11 @@ def resolve_models(cfg: EvaluateConfig, inputs) -> dict[str, str]:
         raise UserError(f"evaluate.models lists a model twice: {cfg.models}")
     found = {"teacher": cfg.teacher, "student": cfg.student,
              "sft": inputs["sft"].path, "redi": inputs["redi"].path}
+    from pipeline.config import absolute_if_local
+
     out = {}
     for name in cfg.models:
-        path = found.get(name, name)
+        path = absolute_if_local(found.get(name, name))
         if not path:
             raise UserError(f"evaluate.models: '{name}' is not set in the recipe "
                             f"(set `{name}:` at the top of the recipe or {name}=...)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pytest
 
-from pipeline.config import load_recipe
+from pipeline.config import absolute_if_local, load_recipe
 from pipeline.errors import UserError
 from pipeline.runner import run_stage, version_hash
 from pipeline.stage import Stage
@@ -59,10 +59,27 @@ def test_precedence_defaults_recipe_overrides(tmp_path, monkeypatch):
     assert r.configs["echo"].n == 5            # recipe beats default
     assert r.configs["echo"].label == "cli"    # override beats recipe
     assert r.configs["double"].scale == 2.0 and r.configs["double"].n == 3  # default kept
-    assert r.data_root == "from-recipe"
+    assert r.data_root == os.path.abspath("from-recipe")
     monkeypatch.setenv("DISTILLERY_DATA_ROOT", "from-env")
-    assert _recipe(tmp_path, "data_root: from-recipe\n").data_root == "from-env"
-    assert _recipe(tmp_path, "data_root: x\n", ["data_root=from-cli"]).data_root == "from-cli"
+    assert _recipe(tmp_path, "data_root: from-recipe\n").data_root == os.path.abspath("from-env")
+    assert _recipe(tmp_path, "data_root: x\n", ["data_root=from-cli"]).data_root == \
+        os.path.abspath("from-cli")
+
+
+def test_local_paths_become_absolute_hub_ids_stay(tmp_path, monkeypatch):
+    """Ray Train workers run elsewhere than the driver's working directory: the demo's default
+    `data_root: data/tiny` once made sft look for `data/tiny/models/student-…` there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    r = _recipe(tmp_path, "data_root: data/tiny\nteacher: Qwen/Qwen2.5-7B\n"
+                          "student: models/student\n")
+    assert r.data_root == str(tmp_path / "data" / "tiny")
+    assert r.student == str(tmp_path / "models" / "student")
+    assert r.teacher == "Qwen/Qwen2.5-7B"                      # a hub id: left to the hub
+    assert absolute_if_local("./not-yet") == str(tmp_path / "not-yet")
+    assert absolute_if_local("~/m") == os.path.expanduser("~/m")
+    assert absolute_if_local("") == ""
+    assert _recipe(tmp_path, "data_root: s3://bucket/runs\n").data_root == "s3://bucket/runs"
 
 
 def test_unknown_keys_name_the_nearest(tmp_path):
