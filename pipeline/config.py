@@ -91,16 +91,18 @@ def build_config(cls: type, values: dict, where: str):
     return cls(**values)
 
 
+def is_local_model(model: str) -> bool:
+    """A model named by a folder (starts with / . ~ or exists here), not a hub id ("org/name")."""
+    return bool(model) and (model.startswith(("/", ".", "~")) or os.path.exists(model))
+
+
 def absolute_if_local(model: str) -> str:
     """A local model folder as an absolute path; a hub id ("org/name") or "" unchanged.
 
     Ray Train workers do not run in the driver's working directory: a relative path such as
     `data/tiny/models/student-…` (the demo's default data root) is not found there.
-    Local = what generate's check_model calls local: starts with / . ~ or exists here.
     """
-    if model and (model.startswith(("/", ".", "~")) or os.path.exists(model)):
-        return os.path.abspath(os.path.expanduser(model))
-    return model
+    return os.path.abspath(os.path.expanduser(model)) if is_local_model(model) else model
 
 
 def load_recipe(path: str, overrides: list[str] = (), stages: dict | None = None) -> Recipe:

@@ -363,7 +363,9 @@ def check_model(model: str) -> None:
     if not model:
         raise UserError("no teacher: set `teacher:` in the recipe or teacher=... on the "
                         "command line")
-    local = model.startswith(("/", ".", "~")) or os.path.exists(model)
+    from pipeline.config import is_local_model
+
+    local = is_local_model(model)
     path = os.path.expanduser(model)
     if local and not os.path.isdir(path):
         raise UserError(f"teacher {model}: no such model folder")
