@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from stages import STAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -35,7 +36,8 @@ def raw(args) -> dict:
     started = time.time()
     from vllm import LLM, SamplingParams
 
-    from stages.generate import GenerateConfig, prompt_messages
+    from stages.chat import prompt_messages
+    from stages.generate import GenerateConfig
     from stages.synthetic import make_problems
 
     llm = LLM(args.model, seed=0, max_model_len=args.max_model_len)
@@ -84,7 +86,7 @@ def stage(args) -> dict:
         f"prompts.synthetic_n={args.problems}", f"generate.n={args.n}",
         f"generate.max_tokens={args.max_tokens}", "generate.temperature=1.0",
         "generate.top_p=0.95", f"generate.shard_size={args.shard_size}",
-        f"generate.max_model_len={args.max_model_len}", *args.overrides])
+        f"generate.max_model_len={args.max_model_len}", *args.overrides], STAGES)
     run_stage("prompts", recipe, log=lambda *_: None)
     started = time.time()
     version = run_stage("generate", recipe)

@@ -151,7 +151,8 @@ def our_sft(args, rows, attention: str):
     """
     from transformers import TrainingArguments
 
-    from stages.sft import ATTENTION, collate, packed_trainer_class, register_attention, sft_loss
+    from stages.packed import ATTENTION, collate, packed_trainer_class, register_attention
+    from stages.packed import sft_loss
 
     register_attention()
     trainer_cls = packed_trainer_class(sft_loss)
@@ -167,7 +168,7 @@ def our_sft(args, rows, attention: str):
 
 
 def pairs_data(tok, convs_good, convs_bad):
-    from stages.sft import encode
+    from stages.packed import encode
 
     out = []
     for (p, c), (_, r) in zip(convs_good, convs_bad):
@@ -183,7 +184,7 @@ def our_redi(args, pairs):
     from transformers import TrainingArguments
 
     from stages.redi import CollapseWatch, redi_batch_loss
-    from stages.sft import ATTENTION, collate, packed_row, packed_trainer_class, register_attention
+    from stages.packed import ATTENTION, collate, packed_row, packed_trainer_class, register_attention
 
     register_attention()
     k = args.pairs_per_step
@@ -248,7 +249,7 @@ def main():
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from stages.sft import encode, pack, packed_row
+    from stages.packed import encode, pack, packed_row
 
     if not args.gpu:
         torch.set_num_threads(os.cpu_count())

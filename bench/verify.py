@@ -24,6 +24,7 @@ import random
 import sys
 import tempfile
 import time
+from stages import STAGES
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -144,7 +145,7 @@ def main() -> None:
 
         def ours(batch_size: int) -> float:
             # Each batch size is a new version (same work): the stage really runs each time.
-            recipe = load_recipe(recipe_file, [f"verify.batch_size={batch_size}"])
+            recipe = load_recipe(recipe_file, [f"verify.batch_size={batch_size}"], STAGES)
             v = run_stage("verify", recipe, log=lambda *_: None)
             stats = v.manifest["stats"]
             print(f"ours   verify stage on Ray: {v.manifest['wall_s']:.2f} s, "

@@ -31,8 +31,9 @@ def _split_refs(items: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _recipe(args, overrides):
     from pipeline.config import load_recipe
+    from stages import STAGES
 
-    return load_recipe(args.recipe, overrides)
+    return load_recipe(args.recipe, overrides, STAGES)
 
 
 def cmd_run(args) -> int:

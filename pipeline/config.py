@@ -31,6 +31,7 @@ class Recipe:
     stages: list[str]                          # the stages this recipe runs, in pipeline order
     configs: dict[str, Any]                    # stage name -> its config dataclass instance
     resources: dict[str, StageResources] = field(default_factory=dict)
+    stage_defs: dict[str, Any] = field(default_factory=dict)  # the STAGES dict it was loaded with
 
 
 def _nearest(key: str, valid) -> str:
@@ -105,9 +106,9 @@ def absolute_if_local(model: str) -> str:
     return os.path.abspath(os.path.expanduser(model)) if is_local_model(model) else model
 
 
-def load_recipe(path: str, overrides: list[str] = (), stages: dict | None = None) -> Recipe:
-    if stages is None:
-        from stages import STAGES as stages
+def load_recipe(path: str, overrides: list[str], stages: dict) -> Recipe:
+    """The recipe at `path` with `overrides`, for the pipeline `stages` (the CLI passes
+    stages.STAGES; the core itself imports no stage)."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
@@ -174,4 +175,4 @@ def load_recipe(path: str, overrides: list[str] = (), stages: dict | None = None
     if "://" not in data_root:
         data_root = os.path.abspath(os.path.expanduser(data_root))
     return Recipe(path=path, data_root=data_root, teacher=teacher, student=student,
-                  stages=names, configs=configs, resources=resources)
+                  stages=names, configs=configs, resources=resources, stage_defs=dict(stages))

@@ -269,12 +269,12 @@ def main(args) -> int:
     items = list(args.items)
     print(f"demo: recipe {args.recipe} + demo settings: {' '.join(DEMO_OVERRIDES)}")
     # First pass: the data root and the held-out set (the teacher must never train on it).
-    recipe = load_recipe(args.recipe, DEMO_OVERRIDES + items)
+    recipe = load_recipe(args.recipe, DEMO_OVERRIDES + items, STAGES)
     held_out = [p["problem"] for p in load_eval_problems(recipe.configs["evaluate"])]
     teacher, student, info = ensure_models(recipe.data_root, held_out)
     t_models = time.time() - started
     recipe = load_recipe(args.recipe, DEMO_OVERRIDES + [f"teacher={teacher}",
-                                                        f"student={student}"] + items)
+                                                        f"student={student}"] + items, STAGES)
     order = ["prompts", "generate", "verify", "prune", "provenance", "select", "sft", "redi",
              "evaluate"]
     missing = [s for s in order if s not in STAGES and s != "provenance"]

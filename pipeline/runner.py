@@ -4,10 +4,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import importlib
 import inspect
 import json
 import posixpath
-import sys
+import re
 import time
 
 from pipeline.config import Recipe
@@ -18,10 +19,26 @@ from pipeline.store import Store, Version
 CODE_VERSION = "0.1.0"
 
 
+# `from stages.packed import …` / `from cluster.inference import …`, at any indentation.
+_SHARED_IMPORT = re.compile(r"^\s*from\s+((?:stages|cluster)\.\w+)\s+import\b", re.M)
+
+
+def _module_sources(module: str, seen: dict[str, str]) -> None:
+    """The source of `module` and of every stages/cluster module it imports, recursively."""
+    if module in seen:
+        return
+    seen[module] = inspect.getsource(importlib.import_module(module))
+    for name in _SHARED_IMPORT.findall(seen[module]):
+        _module_sources(name, seen)
+
+
 def code_version(stage: Stage) -> str:
-    """Package version + a hash of the stage's module source: editing a stage makes new versions."""
-    source = inspect.getsource(sys.modules[stage.run.__module__])
-    return f"{CODE_VERSION}+{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+    """Package version + a hash of the stage's module source and of the shared modules it imports
+    (stages/packed.py, cluster/inference.py, …): editing any of them makes new versions."""
+    sources: dict[str, str] = {}
+    _module_sources(stage.run.__module__, sources)
+    blob = "\n".join(sources[name] for name in sorted(sources)).encode()
+    return f"{CODE_VERSION}+{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
 def version_hash(stage: Stage, cfg, inputs: dict[str, Version]) -> str:
@@ -104,8 +121,8 @@ def _describe(store: Store, folder: str) -> tuple[int, dict]:
 
 def run_stage(name: str, recipe: Recipe, pins: dict[str, str] | None = None,
               stages: dict[str, Stage] | None = None, log=print) -> Version:
-    if stages is None:
-        from stages import STAGES as stages
+    """Run stage `name` of the recipe (its STAGES dict: `recipe.stage_defs`, or `stages`)."""
+    stages = stages or recipe.stage_defs
     stage = stages[name]
     cfg = recipe.configs[name]
     store = Store(recipe.data_root)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.generate import PROBLEM_TEMPLATE
+from stages.chat import PROBLEM_TEMPLATE
 
 # Names that mean "the model this recipe/run already has"; anything else is a path or hub id.
 NAMED = ("teacher", "student", "sft", "redi")
@@ -218,8 +218,8 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     import pyarrow as pa
     import ray.data
 
-    from stages.generate import (Sampling, check_model, complete_chats, prompt_messages,
-                                 split_think)
+    from cluster.inference import Sampling, check_model, complete_chats
+    from stages.chat import prompt_messages, split_think
     from stages.prompts import normalize, problem_id
     from stages.verify import VerifyConfig, verify_rows
 

@@ -196,7 +196,7 @@ def parse_rewrite(text: str) -> tuple[str | None, str]:
     """(judged level or None, the rewrite as "<think>\n…\n</think>\n{final}")."""
     import re
 
-    from stages.generate import split_think
+    from stages.chat import split_think
 
     m = re.search(r"difficulty\W{0,4}(simple|moderate|complex)", text[:300], re.IGNORECASE)
     level = m.group(1).lower() if m else None
@@ -212,7 +212,7 @@ def judge_rewrites(rows: list[dict], outputs: dict, vcfg, count_tokens, checker=
     A rewrite is accepted ("rewritten") only if the same verifier finds the reference answer in
     it; otherwise the status names the reason and the original text is carried.
     """
-    from stages.generate import split_think
+    from stages.chat import split_think
     from stages.verify import verify_rows
 
     out = []
@@ -265,7 +265,7 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
     import ray
 
     from pipeline.config import build_config
-    from stages.generate import Endpoint, Sampling, complete_chats
+    from cluster.inference import Endpoint, Sampling, complete_chats
     from stages.verify import VerifyConfig
 
     # Re-verify with exactly the settings the verify version used.

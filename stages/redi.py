@@ -105,7 +105,7 @@ def pair_logps(model, batch):
     """
     import torch
 
-    from stages.sft import completion_logps
+    from stages.packed import completion_logps
 
     token_logps = completion_logps(model, batch)                         # [K]
     n = batch["n_seqs"]
@@ -134,7 +134,7 @@ class CollapseWatch:
 
 
 def redi_batch_loss(model, batch, alpha: float, watch: CollapseWatch):
-    from stages.sft import global_sum
+    from stages.packed import global_sum
 
     chosen, chosen_len, rejected, rejected_len = pair_logps(model, batch)
     loss = redi_loss(chosen, chosen_len, rejected, rejected_len, alpha)
@@ -147,7 +147,7 @@ def redi_batch_loss(model, batch, alpha: float, watch: CollapseWatch):
 
 
 def redi_worker(config: dict) -> None:
-    from stages.sft import train_packed
+    from stages.packed import train_packed
 
     loss_fn = functools.partial(redi_batch_loss, alpha=config["alpha"],
                                 watch=CollapseWatch(config["collapse_margin"]))
@@ -229,7 +229,7 @@ def run(cfg: REDIConfig, inputs, ctx):
     from transformers import AutoTokenizer
 
     from cluster.train import fit
-    from stages.sft import encode, fit_length, packed_row, read_stats, upstream_drops, worker_config
+    from stages.packed import encode, fit_length, packed_row, read_stats, upstream_drops, worker_config
 
     if cfg.loss not in ("redi", "dpo", "simpo"):
         raise UserError(f"redi.loss: '{cfg.loss}' (use 'redi', 'dpo' or 'simpo')")

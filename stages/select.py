@@ -47,7 +47,7 @@ def assistant_text(completion: str) -> str:
     """"<think>\n{reasoning}\n</think>\n{final}" from a completion, however it marked its thinking
     (generate's `split_think`: only "</think>", both tags, an unclosed "<think>", or none — the
     student's format stays fixed)."""
-    from stages.generate import split_think
+    from stages.chat import split_think
 
     reasoning, final = split_think(completion or "")
     return f"<think>\n{reasoning}\n</think>\n{final}"

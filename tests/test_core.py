@@ -16,6 +16,7 @@ from pipeline.errors import UserError
 from pipeline.runner import run_stage, version_hash
 from pipeline.stage import Stage
 from pipeline.store import Store
+from stages import STAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "pipeline.cli"]
@@ -186,7 +187,7 @@ def _write(path, text, mode="w"):
 
 def _run_prompts(tmp_path, *overrides):
     r = load_recipe(os.path.join(REPO, "configs/tiny.yaml"),
-                    [f"data_root={tmp_path / 'data'}", *overrides])
+                    [f"data_root={tmp_path / 'data'}", *overrides], STAGES)
     return run_stage("prompts", r, log=lambda *_: None)
 
 

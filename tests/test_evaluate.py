@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 from stages.evaluate import format_table, pass_at_k, summarize
+from stages import STAGES
 
 
 def _brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -102,7 +103,7 @@ def test_evaluate_stage_on_vllm(ray_cluster, tiny_model, data_root, tmp_path):
     recipe = load_recipe(str(recipe_file), [
         "evaluate.models=[teacher, sft]", "evaluate.synthetic_n=6", "evaluate.synthetic_seed=5",
         "evaluate.samples=3", "evaluate.pass_k=2", "evaluate.max_tokens=12",
-        "evaluate.temperature=1.0", "evaluate.problem_template='{problem}'"])
+        "evaluate.temperature=1.0", "evaluate.problem_template='{problem}'"], STAGES)
     run_stage("prompts", recipe)
     v = run_stage("evaluate", recipe)
 
@@ -130,7 +131,8 @@ def test_evaluate_stage_on_vllm(ray_cluster, tiny_model, data_root, tmp_path):
 def test_evaluate_asks_exactly_as_generate_does():
     """One renderer, one default: a template copied from generate (with \\boxed{}) works."""
     from stages.evaluate import EvaluateConfig
-    from stages.generate import GenerateConfig, prompt_messages
+    from stages.chat import prompt_messages
+    from stages.generate import GenerateConfig
 
     problem = "Compute {x} + 2."  # braces in the problem must survive too
     assert prompt_messages(problem, EvaluateConfig()) == prompt_messages(problem, GenerateConfig())

@@ -23,8 +23,10 @@ from pipeline.config import load_recipe
 from pipeline.errors import UserError
 from pipeline.runner import run_stage
 from pipeline.store import Store
-from stages.generate import (Endpoint, Sampling, check_endpoint, check_model, complete_chats,
-                             prompt_messages, split_think, trace_id, GenerateConfig)
+from cluster.inference import Endpoint, Sampling, check_endpoint, check_model, complete_chats
+from stages.chat import prompt_messages, split_think, trace_id
+from stages.generate import GenerateConfig
+from stages import STAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "configs", "tiny.yaml")
@@ -50,7 +52,7 @@ def _problems_file(folder) -> str:
 
 def _recipe(data_root, problems, teacher, extra=()):
     return load_recipe(RECIPE, [f"data_root={data_root}", f"teacher={teacher}",
-                                f"prompts.path={problems}", *OVERRIDES, *extra])
+                                f"prompts.path={problems}", *OVERRIDES, *extra], STAGES)
 
 
 def _rows(version) -> list[dict]:

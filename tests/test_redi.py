@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from test_sft import RECIPE, load_weights, write_select
+from stages import STAGES
 
 
 def write_sft_version(data_root: str, model_path: str, version: str = "test000sft00"):
@@ -35,7 +36,7 @@ def fixed_pairs(tokenizer):
     """[(prompt_ids, chosen_ids, rejected_ids)] for three fixed problems."""
     from test_sft import _trace
 
-    from stages.sft import encode
+    from stages.packed import encode
 
     out = []
     for a, b, good_steps, bad_steps in PAIRS:
@@ -52,7 +53,7 @@ def fixed_pairs(tokenizer):
 def models(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.sft import ATTENTION, register_attention
+    from stages.packed import ATTENTION, register_attention
 
     register_attention()
     return (AutoTokenizer.from_pretrained(tiny_model),
@@ -65,7 +66,7 @@ def packed_redi(model, pairs, alpha):
     import torch
 
     from stages.redi import pair_logps, redi_loss
-    from stages.sft import collate, packed_row
+    from stages.packed import collate, packed_row
 
     seqs = [s for p, c, r in pairs for s in ((p + c, len(p)), (p + r, len(p)))]
     with torch.no_grad():
@@ -104,7 +105,8 @@ def test_redi_loss_on_a_fixed_batch_equals_the_formula_computed_directly(models)
 def test_alpha_zero_equals_the_sft_loss_on_the_positives(models):
     import torch
 
-    from stages.sft import collate, packed_row, sft_loss
+    from stages.packed import collate, packed_row
+    from stages.packed import sft_loss
 
     tok, ours, _ = models
     pairs = fixed_pairs(tok)
@@ -149,7 +151,7 @@ def test_redi_stage_trains_from_the_sft_checkpoint(redi_inputs, tiny_model, ray_
     from pipeline.runner import run_stage
 
     data_root, sft = redi_inputs
-    version = run_stage("redi", load_recipe(RECIPE, _redi_overrides(data_root)))
+    version = run_stage("redi", load_recipe(RECIPE, _redi_overrides(data_root), STAGES))
     stats = version.manifest["stats"]
     assert version.manifest["inputs"]["sft"] == sft.version and stats["start"] == sft.ref()
     assert stats["steps"] == 6 == len(stats["loss"])
@@ -168,7 +170,7 @@ def test_dpo_baseline_trains_through_trl_on_the_same_pairs(redi_inputs, tiny_mod
 
     data_root, _ = redi_inputs
     version = run_stage("redi", load_recipe(RECIPE, _redi_overrides(
-        data_root, ["redi.loss=dpo", "redi.max_steps=2"])))
+        data_root, ["redi.loss=dpo", "redi.max_steps=2"]), STAGES))
     stats = version.manifest["stats"]
     assert stats["steps"] == 2 == len(stats["loss"])
     assert len(stats["logps_chosen_sum"]) == 2
@@ -185,4 +187,4 @@ def test_no_pairs_names_the_upstream_drop(tmp_path, tiny_model):
     write_select(data_root, empty=True)
     write_sft_version(data_root, tiny_model)
     with pytest.raises(UserError, match="no pairs.*no_correct_trace"):
-        run_stage("redi", load_recipe(RECIPE, _redi_overrides(data_root)))
+        run_stage("redi", load_recipe(RECIPE, _redi_overrides(data_root), STAGES))

