@@ -1,13 +1,19 @@
 """Versioned datasets on disk (DESIGN.md, "Versioned datasets on disk").
 
     <data_root>/<stage>/<version>/part-*.parquet  (+ <split>/part-*.parquet, or a checkpoint)
-    <data_root>/<stage>/<version>/manifest.json    written LAST: a folder without it is incomplete
+    <data_root>/<stage>/<version>/.manifest.json   written LAST: a folder without it is incomplete
     <data_root>/<stage>/.tmp-<version>/            where a version is built, then renamed
     <data_root>/<stage>/LATEST                     one line: the newest complete version
 
 `data_root` is a local path or an fsspec URL (s3://bucket/prefix, gs://…); a Ray cluster needs
 storage that every node sees. Only local paths are tested here; fsspec's rename on object stores
 is a copy, which is why completeness is marked by the manifest and not by the rename.
+
+The manifest's name starts with `.` so every Parquet reader skips it and a version or split folder
+opens directly: pyarrow/pandas skip `.` and `_` names, but `datasets.load_dataset("parquet",
+data_dir=...)` (and its data_files globs) skip only `.` names and `__` folders (datasets'
+data_files.py) — a Spark-style `_manifest.json` still broke it. Versions written before carry
+`manifest.json` and are still read.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from fsspec.core import url_to_fs
 
 from pipeline.errors import UserError
 
-MANIFEST = "manifest.json"
+MANIFEST = ".manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # the name before the readers-skip-it rename: still read
 
 
 @dataclass
@@ -92,12 +99,13 @@ class Store:
 
     def _load(self, stage: str, version: str) -> Version | None:
         path = self.version_dir(stage, version)
-        try:
-            with self.fs.open(posixpath.join(path, MANIFEST), "r") as f:
-                manifest = json.load(f)
-        except FileNotFoundError:
-            return None  # no manifest: incomplete, never read
-        return Version(stage, version, path, manifest, self.fs)
+        for name in (MANIFEST, LEGACY_MANIFEST):
+            try:
+                with self.fs.open(posixpath.join(path, name), "r") as f:
+                    return Version(stage, version, path, json.load(f), self.fs)
+            except FileNotFoundError:
+                continue
+        return None  # no manifest: incomplete, never read
 
     def find(self, stage: str, version: str) -> Version | None:
         return self._load(stage, version)

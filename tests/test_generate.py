@@ -281,7 +281,7 @@ def test_openai_backend_same_schema(server, reference, tmp_path, monkeypatch):
     assert {(r["problem_id"], r["sample_idx"]): r["prompt_tokens"] for r in short} == ref_prompt
     assert all(r["teacher"] == "tiny" for r in rows)
     # The key never reaches the manifest.
-    with open(os.path.join(version.path, "manifest.json")) as f:
+    with open(os.path.join(version.path, ".manifest.json")) as f:
         assert "test-secret-123" not in f.read()
 
 
