@@ -1,0 +1,496 @@
+"""`distillery view` on a real store, driven in headless Chromium over the DevTools protocol.
+
+The store is built by the real stages on the tiny model (prompts from a file that carries an XSS
+problem -> generate on vLLM -> verify -> prune -> select -> evaluate on vLLM). sft and redi are
+the tiny model committed as model versions, as tests/test_evaluate.py does (training is tested
+in its own modules). The provenance stage has not landed yet: its version is built here with the
+Store API from the real prune version plus the contract's columns (/tmp/briefs/contract.md);
+switch to `run_stage("provenance", ...)` once stages/provenance.py exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.store import Store
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                                    "(Debian: apt-get install -y chromium)")
+XSS_PROBLEM = 'Compute 1 + 1. <script>window.__xss=1</script><img src=x onerror="window.__xss=1">'
+XSS_COMPLETION = ('<think>\nFirst <script>window.__xss=1</script>. Then '
+                  '<img src=x onerror="window.__xss=1">.\n</think>\nSo \\boxed{2}')
+LABELS = ("teacher", "student", "common")
+
+
+def _commit(store: Store, stage: str, version: str, table: pa.Table, inputs: dict) -> None:
+    tmp = store.begin(stage, version, clear=True)
+    pq.write_table(table, os.path.join(tmp, "part-00000.parquet"))
+    store.commit(stage, version, {
+        "stage": stage, "version": version, "inputs": inputs, "output": "dataset", "splits": [],
+        "rows_in": table.num_rows, "rows_out": table.num_rows, "drops": {}, "stats": {},
+        "schema": {n: str(table.schema.field(n).type) for n in table.column_names},
+        "finished_at": "2026-11-23T21:00:00+00:00", "wall_s": 0.1, "code_version": "test"})
+
+
+def _sentences(text: str) -> list[list[int]]:
+    """[start, end) of each run of up to 4 words: a stand-in sentence splitter for the contract."""
+    spans, words = [], [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+", text)]
+    for i in range(0, len(words), 4):
+        chunk = words[i:i + 4]
+        spans.append([chunk[0][0], chunk[-1][1]])
+    return spans
+
+
+def provenance_version(store: Store, prune) -> str:
+    """The prune version's rows, unchanged, plus the contract's provenance columns."""
+    rows = prune.read_table().to_pylist()
+    rows[0]["completion"] = rows[0]["pruned_completion"] = XSS_COMPLETION
+    for i, r in enumerate(rows):
+        spans = _sentences(r["pruned_completion"])
+        labels = [LABELS[(i + k) % 3] for k in range(len(spans))]
+        r.update(sentence_spans=spans, sentence_labels=labels,
+                 sentence_p_teacher=[0.5 + 0.01 * k for k in range(len(spans))],
+                 sentence_p_student=[0.25 + 0.01 * k for k in range(len(spans))],
+                 teacher_sentences=labels.count("teacher"),
+                 teacher_share=labels.count("teacher") / max(1, len(spans)),
+                 lp_teacher=-1.0 - 0.1 * i, lp_student=-2.0, provenance_score=0.1 * i - 0.3,
+                 provenance_truncated=False, selected=i % 2 == 0,
+                 select_reason="top_teacher_sentences" if i % 2 == 0 else "not_top_k")
+    _commit(store, "provenance", "prov0test", pa.Table.from_pylist(rows), {"prune": prune.version})
+    return "prov0test"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_cluster, tiny_model) -> dict:
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+    from stages import STAGES
+    from test_evaluate import _model_version
+
+    tmp = tmp_path_factory.mktemp("viewer")
+    data_root = str(tmp / "data")
+    problems = [{"problem": f"Compute {a} + {b}.", "answer": str(a + b)}
+                for a, b in ((2, 3), (4, 4), (7, 1), (9, 5), (6, 6), (3, 8), (5, 2))]
+    problems.append({"problem": XSS_PROBLEM, "answer": "2"})
+    prompts_file = tmp / "problems.jsonl"
+    prompts_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    recipe = load_recipe("configs/tiny.yaml", [
+        f"data_root={data_root}", f"teacher={tiny_model}", f"prompts.path={prompts_file}",
+        "generate.n=2", "generate.max_tokens=16", "generate.shard_size=4",
+        "evaluate.models=[teacher, sft]", "evaluate.synthetic_n=3", "evaluate.samples=2",
+        "evaluate.pass_k=1", "evaluate.max_tokens=12"], STAGES)
+    quiet = dict(log=lambda *_: None)
+    out = {name: run_stage(name, recipe, **quiet)
+           for name in ("prompts", "generate", "verify", "prune", "select")}
+    store = Store(data_root)
+    out["provenance"] = store.get("provenance", provenance_version(store, out["prune"]))
+    _model_version(data_root, "sft", tiny_model)
+    _model_version(data_root, "redi", tiny_model)
+    out["evaluate"] = run_stage("evaluate", recipe, **quiet)
+    # A running generate (a temp folder with two finished shards) and a half-written verify.
+    running = store.tmp_dir("generate", "run0test")
+    os.makedirs(running)
+    for part in out["generate"].parquet_files()[:2]:
+        shutil.copy(part, running)
+    os.makedirs(store.version_dir("verify", "half0test"))
+    return {"root": data_root, "store": store, **out}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    import uvicorn
+
+    from pipeline.viewer.server import Viewer, make_app
+    from stages import STAGES
+
+    port = _free_port()
+    app = make_app(Viewer(built["store"], list(STAGES)))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "the viewer did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+class Chromium:
+    """Headless Debian Chromium driven over the DevTools protocol (one page, JS evaluation)."""
+
+    def __init__(self, profile: str):
+        from websockets.sync.client import connect
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update",
+             "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = os.path.join(profile, "DevToolsActivePort")
+        deadline = time.time() + 60
+        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+            assert time.time() < deadline and self.proc.poll() is None, "chromium did not start"
+            time.sleep(0.1)
+        port = int(open(port_file).read().split()[0])
+        pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+                 if t["type"] == "page"]
+        self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.next_id = 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.next_id:
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    def js(self, expression: str):
+        res = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                        awaitPromise=True)
+        assert "exceptionDetails" not in res, res["exceptionDetails"]
+        return res["result"].get("value")
+
+    def wait(self, expression: str, timeout: float = 20):
+        deadline = time.time() + timeout
+        while True:
+            value = self.js(expression)
+            if value:
+                return value
+            assert time.time() < deadline, f"timed out waiting for: {expression}"
+            time.sleep(0.05)
+
+    def open(self, url: str, ready: str):
+        """Go to url, wait until `ready` (a JS expression) is true on the rendered page."""
+        self.js("document.body && delete document.body.dataset.ready")
+        self.call("Page.navigate", url=url)
+        self.wait("document.body && document.body.dataset.ready && " + ready)
+
+    def close(self):
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    b = Chromium(str(tmp_path_factory.mktemp("chromium-profile")))
+    yield b
+    b.close()
+
+
+ROWS_READY = ("document.querySelector('#rows-table, #rows p') && "
+              "!document.querySelector('#count').textContent.startsWith('counting')")
+
+
+def _count(browser) -> int:
+    return int(browser.js("document.querySelector('#count').textContent").split()[0])
+
+
+def _column(browser, name: str) -> list[str]:
+    return browser.js(f"""(() => {{
+        const t = document.querySelector('#rows-table'); if (!t) return [];
+        const heads = [...t.rows[0].cells].map(c => c.textContent.replace(/ [▲▼]$/, ''));
+        const i = heads.indexOf({json.dumps(name)});
+        return [...t.rows].slice(1).map(r => r.cells[i].textContent); }})()""")
+
+
+# ------------------------------------------------------------------------------ HTTP level
+
+def test_http_reads_only_plain_names_and_versions_that_exist(built, server):
+    c = httpx.Client(base_url=server)
+    gen = built["generate"].version
+    assert c.get(f"/api/rows/generate/{gen}").status_code == 200
+    # Traversal and absolute paths, as raw request targets (a client would normalise them).
+    for target in ("/api/rows/generate/..", "/api/rows/..%2F..%2Fetc/passwd",
+                   "/api/rows/%2Fetc/passwd", "/api/rows/generate/..%2F" + gen,
+                   "/api/sql/..?q=select%201", "/static/..%2F..%2Fstore.py",
+                   "/static/../server.py"):
+        status, body = _raw_get(server, target)
+        assert status in (400, 404), (target, status, body)
+        assert "root:" not in body and "import" not in body
+    assert c.get("/api/rows/generate/%2E%2E").status_code == 400
+    # Read only: no method but GET/HEAD.
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        assert c.request(method, "/api/runs").status_code == 405
+    # Missing, half-written and running versions: messages, never a 500.
+    r = c.get("/api/rows/verify/half0test")
+    assert r.status_code == 409 and "half-written" in r.json()["error"]
+    assert c.get("/api/rows/verify/nope0").status_code == 404
+    running = c.get("/api/rows/generate/run0test?limit=200").json()
+    assert len(running["rows"]) == sum(pq.read_metadata(p).num_rows
+                                       for p in built["generate"].parquet_files()[:2])
+    runs = {s["stage"]: s for s in c.get("/api/runs").json()["stages"]}
+    # 8 problems / 4 per shard = 2 shards, 2 written.
+    assert runs["generate"]["running"] == [{"version": "run0test", "shards": 2, "of": 2}]
+    assert runs["verify"]["incomplete"] == ["half0test"]
+
+
+def _raw_get(base: str, target: str) -> tuple[int, str]:
+    host, port = base.rsplit("//", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.decode("utf-8", "replace").partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_sql_box_is_one_select_over_this_version_only(built, server, tmp_path):
+    c = httpx.Client(base_url=server)
+    v = built["verify"]
+    url = f"/api/sql/verify/{v.version}"
+    ok = c.get(url, params={"q": "SELECT count(*) AS n, sum(correct::int) AS c FROM data"}).json()
+    table = v.read_table(columns=["correct"]).column("correct").to_pylist()
+    assert ok["rows"] == [[len(table), sum(bool(x) for x in table)]]
+    secret = tmp_path / "secret.parquet"
+    pq.write_table(pa.table({"s": ["leak"]}), secret)
+    refused = {
+        "read_parquet('/etc/passwd')": "SELECT * FROM read_parquet('/etc/passwd')",
+        "read_csv": "SELECT * FROM read_csv('/etc/passwd')",
+        "another parquet": f"SELECT * FROM read_parquet('{secret}')",
+        "a glob": "SELECT * FROM glob('/etc/*')",
+        "COPY": f"COPY (SELECT * FROM data) TO '{tmp_path / 'out.csv'}'",
+        "ATTACH": f"ATTACH '{tmp_path / 'x.db'}'",
+        "INSTALL": "INSTALL httpfs",
+        "LOAD": "LOAD httpfs",
+        "two statements": "SELECT 1; SELECT 2",
+        "CREATE": "CREATE TABLE t AS SELECT 1",
+        "SET": "SET enable_external_access=true",
+        "DELETE-ish": "DROP VIEW data",
+    }
+    for what, sql in refused.items():
+        r = c.get(url, params={"q": sql})
+        assert r.status_code == 400, (what, r.status_code, r.text)
+        assert "leak" not in r.text and "root:" not in r.text
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "x.db").exists()
+    # The view still works after the attempts (DROP VIEW refused), and a row limit applies.
+    big = c.get(url, params={"q": "SELECT * FROM range(5000)"}).json()
+    assert big["truncated"] and len(big["rows"]) == big["row_limit"] == 1000
+    assert c.get(url, params={"q": "SELECT count(*) FROM data"}).json()["rows"] == [[len(table)]]
+
+
+def test_sql_box_time_limit_interrupts(built):
+    from pipeline.viewer.server import Viewer, ViewError, ViewerLimits
+
+    viewer = Viewer(built["store"], [], ViewerLimits(sql_seconds=0.5))
+    src = viewer.source("verify", built["verify"].version, None)
+    started = time.time()
+    with pytest.raises(ViewError) as e:
+        viewer.sql(src, "SELECT count(*) FROM range(1000000000000) a, range(1000) b")
+    assert e.value.status == 408 and time.time() - started < 10
+
+
+def test_filters_search_sort_and_histograms_match_the_data(built, server):
+    c = httpx.Client(base_url=server)
+    v = built["verify"]
+    rows = v.read_table().to_pylist()
+    base = f"/api/count/verify/{v.version}"
+    for value in ("true", "false"):
+        want = sum(r["correct"] is (value == "true") for r in rows)
+        assert c.get(base, params={"f": f"correct:{value}"}).json()["total"] == want
+    level = rows[0]["difficulty"]
+    assert c.get(base, params=[("f", f"difficulty:{level}"), ("f", "correct:false")]).json()[
+        "total"] == sum(r["difficulty"] == level and r["correct"] is False for r in rows)
+    # Search is a case-insensitive substring of the problem or the completion; % is literal.
+    assert c.get(base, params={"q": "COMPUTE 7 + 1"}).json()["total"] == 2
+    assert c.get(base, params={"q": "%"}).json()["total"] == sum(
+        "%" in r["problem"] or "%" in r["completion"] for r in rows)
+    page = c.get(f"/api/rows/verify/{v.version}",
+                 params={"sort": "completion_tokens", "desc": "1", "limit": 5,
+                         "cols": "trace_id,completion_tokens"}).json()
+    assert [r[1] for r in page["rows"]] == sorted((r["completion_tokens"] for r in rows),
+                                                 reverse=True)[:5]
+    hist = c.get(f"/api/hist/verify/{v.version}/completion_tokens").json()["bins"]
+    assert sum(b["count"] for b in hist) == len(rows)
+    last = hist[-1]
+    assert c.get(base, params={"r": f"completion_tokens:{last['lo']}:{last['hi']}",
+                               "closed": "completion_tokens"}).json()["total"] == last["count"]
+    assert c.get(base, params={"f": "pass_rate:1"}).status_code == 400       # not a filter column
+
+
+# ------------------------------------------------------------------------------ the browser
+
+@needs_chromium
+def test_runs_page_lists_stages_versions_lineage_and_progress(built, server, browser):
+    browser.open(server + "/#/", "document.querySelector('#runs')")
+    stages = browser.js("[...document.querySelectorAll('#runs h2')].map(h => h.textContent)")
+    for name in ("prompts", "generate", "verify", "prune", "provenance", "select", "sft", "redi",
+                 "evaluate"):
+        assert name in stages
+    assert browser.js("document.querySelectorAll('#runs .latest').length") == 8  # one per stage
+    v = built["verify"]
+    cells = browser.js(f"[...document.querySelector('tr[data-version=\"{v.version}\"]').cells]"
+                       ".map(c => c.textContent)")
+    assert cells[3] == str(v.manifest["rows_in"]) and cells[4] == str(v.rows)
+    assert "running: 2 of 2 shards" in browser.js("document.body.textContent")
+    assert "half-written" in browser.js("document.body.textContent")
+    tree = browser.js("document.querySelector('#lineage').textContent")
+    assert f"evaluate@{built['evaluate'].version}" in tree and f"select@{built['select'].version}" in tree
+    assert f"prompts@{built['prompts'].version}" in tree
+
+
+@needs_chromium
+def test_filter_search_histogram_and_sql_box_in_the_browser(built, server, browser):
+    v = built["verify"]
+    rows = v.read_table().to_pylist()
+    browser.open(f"{server}/#/v/verify/{v.version}",
+                 ROWS_READY + " && document.querySelector('#filter-correct')")
+    assert _count(browser) == len(rows)
+    # A filter: pick correct = false in its menu.
+    browser.js("(() => { const s = document.querySelector('#filter-correct');"
+               " s.value = 'false'; s.dispatchEvent(new Event('change')); })()")
+    browser.wait("location.hash.includes('correct%3Afalse') && " + ROWS_READY)
+    assert _count(browser) == sum(r["correct"] is False for r in rows)
+    assert set(_column(browser, "correct")) <= {"false"}
+    # A search, typed and submitted.
+    browser.js("document.querySelector('#search').value = 'compute 9 + 5';"
+               "document.querySelector('#search-go').click()")
+    browser.wait("location.hash.includes('q=') && " + ROWS_READY)
+    want = sum(r["correct"] is False and "compute 9 + 5" in r["problem"].lower() for r in rows)
+    assert _count(browser) == want
+    # Clear, then click the first bar of the completion-token histogram.
+    browser.open(f"{server}/#/v/verify/{v.version}",
+                 ROWS_READY + " && document.querySelector('#hist-completion_tokens .bar')")
+    first = browser.js("+document.querySelector('#hist-completion_tokens .bar').dataset.count")
+    browser.js("document.querySelector('#hist-completion_tokens .bar').click()")
+    browser.wait("location.hash.includes('r=') && " + ROWS_READY)
+    assert _count(browser) == first > 0
+    # The SQL box.
+    browser.js("document.querySelector('#sql-input').value = "
+               "'SELECT difficulty, count(*) AS n FROM data GROUP BY difficulty ORDER BY difficulty';"
+               "document.querySelector('#sql-run').click()")
+    browser.wait("document.querySelector('#sql-table')")
+    got = browser.js("[...document.querySelector('#sql-table').rows].slice(1)"
+                     ".map(r => [r.cells[0].textContent, +r.cells[1].textContent])")
+    levels = sorted({r["difficulty"] for r in rows})
+    assert got == [[lv, sum(r["difficulty"] == lv for r in rows)] for lv in levels]
+    browser.js("document.querySelector('#sql-input').value = \"SELECT * FROM read_csv('/etc/passwd')\";"
+               "document.querySelector('#sql-run').click()")
+    assert "Permission" in browser.wait("document.querySelector('#sql-result .error')?.textContent")
+
+
+@needs_chromium
+def test_problem_page_samples_prune_and_provenance(built, server, browser):
+    prov = built["provenance"]
+    rows = prov.read_table().to_pylist()
+    pid = rows[1]["problem_id"]
+    mine = [r for r in rows if r["problem_id"] == pid]
+    browser.open(f"{server}/#/p/provenance/{prov.version}/{pid}",
+                 "document.querySelector('#samples')")
+    assert browser.js("document.querySelector('#problem-text').textContent") == mine[0]["problem"]
+    cards = browser.js("[...document.querySelectorAll('#samples .sample')].map(c => ["
+                       "c.dataset.trace, c.querySelector('.pred').textContent,"
+                       " c.querySelector('.verdict').textContent])")
+    assert len(cards) == len(mine) == 2
+    for card, r in zip(cards, sorted(mine, key=lambda r: r["sample_idx"])):
+        assert card[0] == r["trace_id"]
+        assert card[1] == (r["pred_answer"] if r["pred_answer"] is not None else "∅")
+        assert card[2] == {True: "correct", False: "wrong", None: "unverified"}[r["correct"]]
+    # Side by side: the cards sit on one row of the grid.
+    tops = browser.js("[...document.querySelectorAll('#samples .sample')]"
+                      ".map(c => Math.round(c.getBoundingClientRect().top))")
+    assert len(set(tops)) == 1
+    sentences = browser.js("[...document.querySelectorAll('.sample')[0]"
+                           ".querySelectorAll('.sentence[data-label]')].map(s => [s.dataset.label,"
+                           " s.textContent, s.title, getComputedStyle(s).backgroundColor])")
+    first = sorted(mine, key=lambda r: r["sample_idx"])[0]
+    assert [s[0] for s in sentences] == first["sentence_labels"]
+    assert [s[1] for s in sentences] == [first["pruned_completion"][a:b]
+                                         for a, b in first["sentence_spans"]]
+    assert sentences[0][2].startswith(f"{first['sentence_labels'][0]}: p_T=0.5")
+    colours = {s[0]: s[3] for s in sentences}
+    assert len(set(colours.values())) == len(colours) >= 2      # one colour per label
+    # The reasoning is collapsible; closed by default.
+    assert browser.js("document.querySelector('.sample details').open") is False
+    # select@LATEST made no REDI pair from random-model traces; the page says so.
+    assert "made no REDI pair" in browser.js("document.body.textContent")
+
+    # prune's page: before / after with token counts.
+    prune = built["prune"]
+    browser.open(f"{server}/#/p/prune/{prune.version}/{pid}", "document.querySelector('#samples')")
+    assert "prune: " in browser.js("document.querySelector('.sample .prune').textContent")
+
+
+@needs_chromium
+def test_evaluate_problem_shows_models_side_by_side(built, server, browser):
+    ev = built["evaluate"]
+    samples = ev.read_table("samples").to_pylist()
+    pid = samples[0]["problem_id"]
+    browser.open(f"{server}/#/p/evaluate/{ev.version}/{pid}?split=samples",
+                 "document.querySelector('#models')")
+    cols = browser.js("[...document.querySelectorAll('#models .model-col')].map(c => "
+                      "[c.dataset.model, c.querySelectorAll('.sample').length, "
+                      "Math.round(c.getBoundingClientRect().top)])")
+    assert [c[0] for c in cols] == ["sft", "teacher"] or [c[0] for c in cols] == ["teacher", "sft"]
+    assert all(c[1] == 2 for c in cols) and len({c[2] for c in cols}) == 1
+    # The samples split's filter menu offers the model column.
+    browser.open(f"{server}/#/v/evaluate/{ev.version}?split=samples",
+                 ROWS_READY + " && document.querySelector('#filter-model')")
+    browser.js("(() => { const s = document.querySelector('#filter-model');"
+               " s.value = 'sft'; s.dispatchEvent(new Event('change')); })()")
+    browser.wait("location.hash.includes('model%3Asft') && " + ROWS_READY)
+    assert _count(browser) == sum(r["model"] == "sft" for r in samples)
+
+
+@needs_chromium
+def test_trace_text_is_inert(built, server, browser):
+    prov = built["provenance"]
+    row = prov.read_table().to_pylist()[0]
+    browser.open(f"{server}/#/p/provenance/{prov.version}/{row['problem_id']}",
+                 "document.querySelector('#samples')")
+    assert browser.js("document.querySelector('#problem-text').textContent") == row["problem"]
+    text = browser.js("document.querySelector('#samples').textContent")
+    assert "<script>window.__xss=1</script>" in text and 'onerror="window.__xss=1"' in text
+    assert browser.js("document.querySelectorAll('main script, main img').length") == 0
+    # The table page too (the problem column carries the XSS problem).
+    browser.open(f"{server}/#/v/provenance/{prov.version}?q=script", ROWS_READY)
+    assert _count(browser) >= 2
+    assert browser.js("document.querySelectorAll('main script, main img').length") == 0
+    time.sleep(0.3)   # an onerror handler would have run by now
+    assert browser.js("typeof window.__xss") == "undefined"
+
+
+def test_cli_view_binds_loopback_and_warns_on_other_hosts(built):
+    """The real command, as a user runs it: prints its URL; 0.0.0.0 prints a warning."""
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "view", "--data-root",
+                             built["root"], "--port", str(port), "--host", "0.0.0.0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline and proc.poll() is None, proc.communicate()
+                time.sleep(0.1)
+        assert r.status_code == 200 and {s["stage"] for s in r.json()["stages"]} >= {"prune"}
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    assert f":{port}/" in out and "warning: serving on 0.0.0.0" in err
