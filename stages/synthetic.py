@@ -50,3 +50,111 @@ def make_problems(n: int, seed: int = 0, min_terms: int = 2, max_terms: int = 4,
             "difficulty": k - 1,
         })
     return out
+
+
+# --- worked traces with detours and systematic slips (the method demo's teacher data) -----------
+#
+# Real long-CoT traces vary in length (some direct, some re-checking, some with a wrong turn that
+# is caught) and their errors are systematic: a model slips where the step is hard, not at
+# random. In column arithmetic the hard steps are the carries and borrows, so a "slip" here is the
+# classic one children (and small models) make there:
+#   addition with a carry, units 8 + 5 >= 10: the carry is forgotten      18 + 5 = 13 (not 23)
+#   subtraction with a borrow, units 3 < 7: the smaller digit is taken
+#   from the larger and nothing is borrowed                               23 - 7 = 24 (not 16)
+# A problem's difficulty for the teacher is then its number of carry/borrow steps.
+
+TRACE_STYLES = ("concise", "checked", "detour")
+
+
+def parse_problem(problem: str) -> tuple[int, list[tuple[str, int]]]:
+    """"Compute 18 + 5 - 7." -> (18, [("+", 5), ("-", 7)])."""
+    tokens = problem.removeprefix("Compute ").removesuffix(".").split()
+    return int(tokens[0]), [(op, int(t)) for op, t in zip(tokens[1::2], tokens[2::2])]
+
+
+def apply(value: int, op: str, t: int) -> int:
+    return value + t if op == "+" else value - t
+
+
+def slipped(value: int, op: str, t: int) -> int | None:
+    """The systematic wrong result of one step, or None when the step has no carry/borrow."""
+    tens, units = divmod(value, 10)
+    t_tens, t_units = divmod(t, 10)
+    if op == "+" and units + t_units >= 10:
+        return (tens + t_tens) * 10 + (units + t_units - 10)        # the carry is forgotten
+    if op == "-" and units < t_units:
+        return (tens - t_tens) * 10 + (t_units - units)              # smaller from larger
+    return None
+
+
+def hard_steps(problem: str) -> int:
+    """Carry/borrow steps on the correct path: where the teacher can slip."""
+    value, steps = parse_problem(problem)
+    n = 0
+    for op, t in steps:
+        n += slipped(value, op, t) is not None
+        value = apply(value, op, t)
+    return n
+
+
+def worked_trace(problem: str, rng: random.Random, style: str, slip_rate: float) -> dict:
+    """One worked solution of `problem` in `style`, slipping at each carry/borrow step with
+    probability `slip_rate`.
+
+    concise: one line per step; a slip goes unnoticed and the answer is wrong.
+    checked: after each step the inverse step checks it ("check 13 - 5 = 8, not 18"); a slip is
+      caught and the step redone, so the answer is right and the trace long.
+    detour:  the problem restated first; a slip is noticed at once ("wait, 8 + 5 = 13, carry 1")
+      and corrected; like checked, right but longer than concise.
+    Returns {"solution", "answer" (what the trace concludes), "correct", "slips", "style"}.
+    """
+    if style not in TRACE_STYLES:
+        raise ValueError(f"style {style!r} is not one of {TRACE_STYLES}")
+    value, steps = parse_problem(problem)
+    expression = problem.removeprefix("Compute ").removesuffix(".")
+    lines = [f"We need {expression}."] if style == "detour" else []
+    slips = 0
+    for op, t in steps:
+        right, wrong = apply(value, op, t), slipped(value, op, t)
+        slip = wrong is not None and rng.random() < slip_rate
+        slips += slip
+        inverse = "-" if op == "+" else "+"
+        if not slip:
+            lines.append(f"{value} {op} {t} = {right}")
+            if style == "checked":
+                lines.append(f"check {right} {inverse} {t} = {value}")
+            value = right
+        elif style == "concise":
+            lines.append(f"{value} {op} {t} = {wrong}")
+            value = wrong                                  # carried on: the answer is wrong
+        elif style == "checked":
+            lines.append(f"{value} {op} {t} = {wrong}")
+            lines.append(f"check {wrong} {inverse} {t} = {apply(wrong, inverse, t)}, "
+                         f"not {value}")
+            lines.append(f"{value} {op} {t} = {right}")
+            lines.append(f"check {right} {inverse} {t} = {value}")
+            value = right
+        else:  # detour
+            word = "carry 1" if op == "+" else "borrow 1"
+            lines.append(f"{value} {op} {t} = {wrong}")
+            lines.append(f"wait, {word}: {value} {op} {t} = {right}")
+            value = right
+    solution = ("<think>\n" + "\n".join(lines) + "\n</think>\n"
+                f"The answer is \\boxed{{{value}}}.")
+    return {"solution": solution, "answer": str(value), "style": style, "slips": slips}
+
+
+def make_traces(problems: list[dict], seed: int, style_weights: dict[str, float],
+                slip_rate: float) -> list[dict]:
+    """One worked trace per problem: style drawn by `style_weights`, slips at `slip_rate`.
+
+    Each row: the problem's fields + solution, style, slips, correct (answer == the problem's).
+    """
+    rng = random.Random(seed)
+    styles, weights = list(style_weights), list(style_weights.values())
+    out = []
+    for p in problems:
+        trace = worked_trace(p["problem"], rng, rng.choices(styles, weights)[0], slip_rate)
+        out.append({**p, "solution": trace["solution"], "style": trace["style"],
+                    "slips": trace["slips"], "correct": trace["answer"] == p["answer"]})
+    return out

@@ -1,0 +1,59 @@
+"""The synthetic task's worked traces: length spread, systematic slips, level balance."""
+from __future__ import annotations
+
+import random
+import statistics
+
+from stages.synthetic import (TRACE_STYLES, hard_steps, make_problems, make_traces, parse_problem,
+                              slipped, worked_trace)
+from stages.verify import extract_answer
+
+TASK = dict(min_terms=3, max_terms=6, max_operand=9)
+
+
+def test_slips_are_the_carry_and_borrow_mistakes():
+    assert slipped(18, "+", 5) == 13          # carry forgotten
+    assert slipped(23, "-", 7) == 24          # smaller digit from the larger, no borrow
+    assert slipped(12, "+", 3) is None        # no carry: nothing to get wrong this way
+    assert slipped(27, "-", 3) is None
+    assert parse_problem("Compute 18 + 5 - 7.") == (18, [("+", 5), ("-", 7)])
+    assert hard_steps("Compute 18 + 5 - 7.") == 2   # 18 + 5 carries, 23 - 7 borrows
+
+
+def test_every_style_without_slips_is_correct_and_the_answer_is_extractable():
+    for p in make_problems(200, seed=3, **TASK):
+        for style in TRACE_STYLES:
+            t = worked_trace(p["problem"], random.Random(0), style, slip_rate=0.0)
+            assert t["answer"] == p["answer"] and t["slips"] == 0
+            assert extract_answer(t["solution"]) == p["answer"]
+
+
+def test_concise_slips_give_wrong_answers_and_the_long_styles_recover():
+    problems = [p for p in make_problems(400, seed=5, **TASK) if hard_steps(p["problem"]) > 0]
+    for style, expect_correct in (("concise", False), ("checked", True), ("detour", True)):
+        traces = [worked_trace(p["problem"], random.Random(i), style, slip_rate=1.0)
+                  for i, p in enumerate(problems)]
+        assert all(t["slips"] > 0 for t in traces)
+        # A concise slip is carried to the end, except when later steps undo it by chance.
+        right = sum(t["answer"] == p["answer"] for t, p in zip(traces, problems))
+        assert (right == len(problems)) if expect_correct else right < 0.1 * len(problems)
+
+
+def test_lengths_spread_like_long_cot_and_errors_grow_with_hard_steps():
+    problems = make_problems(3000, seed=11, **TASK)
+    rows = make_traces(problems, seed=0, style_weights={"concise": 0.4, "checked": 0.3,
+                                                        "detour": 0.3}, slip_rate=0.2)
+    length = {s: statistics.mean(len(r["solution"]) for r in rows if r["style"] == s)
+              for s in TRACE_STYLES}
+    # checked doubles the lines; detour adds a restatement: the concise trace is the shortest.
+    assert length["checked"] > 1.6 * length["concise"] and length["detour"] > length["concise"]
+    shares = {s: sum(r["style"] == s for r in rows) / len(rows) for s in TRACE_STYLES}
+    assert abs(shares["concise"] - 0.4) < 0.04
+    # Errors are systematic: none without a carry/borrow step, more the more there are.
+    by_hard: dict[int, list[bool]] = {}
+    for r in rows:
+        if r["style"] == "concise":
+            by_hard.setdefault(hard_steps(r["problem"]), []).append(r["correct"])
+    assert all(by_hard[0])
+    rates = [1 - sum(v) / len(v) for k, v in sorted(by_hard.items()) if len(v) >= 30]
+    assert rates == sorted(rates) and rates[-1] > 0.3
