@@ -49,7 +49,9 @@ HISTOGRAM_BINS = 20
 # Full-text search looks in these text columns, when present.
 SEARCH_COLUMNS = ("problem", "completion")
 # Columns shown first in the table when the user has not chosen (others via the column chooser).
-DEFAULT_COLUMNS = ("problem_id", "model", "sample_idx", "problem", "completion", "pred_answer",
+# No completion text by default: 50 rows spread over a 1M-row version touch most row groups,
+# and decoding their 2 KB completions costs ~1 s (bench/viewer.py); problems are ~200 chars.
+DEFAULT_COLUMNS = ("problem_id", "model", "sample_idx", "problem", "pred_answer",
                    "correct", "verify_status", "difficulty", "pass_rate", "completion_tokens",
                    "pruned_tokens", "prune_status", "provenance_score", "selected",
                    "finish_reason", "chosen_trace_id", "rejected_trace_id")
@@ -141,6 +143,7 @@ class Viewer:
         self.limits = limits or ViewerLimits()
         self._dbs: OrderedDict[tuple, tuple[duckdb.DuckDBPyConnection, dict]] = OrderedDict()
         self._lock = threading.Lock()
+        self._totals: OrderedDict[tuple, int | None] = OrderedDict()   # search -> rows matching
 
     # ---- the store -------------------------------------------------------------------------
     def stages(self) -> list[str]:
@@ -289,6 +292,9 @@ class Viewer:
                 con.execute("SET autoload_known_extensions=false")
                 con.execute(f"CREATE VIEW data AS SELECT * FROM read_parquet({files}, "
                             "union_by_name=true)")
+                # The same rows with their address (file, row number): the table's paging key.
+                con.execute(f"CREATE VIEW keyed AS SELECT * FROM read_parquet({files}, "
+                            "union_by_name=true, filename=true, file_row_number=true)")
                 con.execute("SET lock_configuration=true")
                 columns = {name: typ for name, typ, *_ in con.execute("DESCRIBE data").fetchall()}
             except duckdb.IOException as e:
@@ -367,10 +373,11 @@ class Viewer:
             where = [c for c in SEARCH_COLUMNS if c in cols]
             if not where:
                 raise ViewError(400, f"this version has none of the text columns {SEARCH_COLUMNS}")
-            # ILIKE with the user's %/_ escaped: a plain substring match, case-insensitive.
-            pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            clauses.append("(" + " OR ".join(f"{_quote(c)} ILIKE ? ESCAPE '\\'" for c in where) + ")")
-            args += [pattern] * len(where)
+            # A plain substring, case-insensitive: RE2 on the escaped text decodes and matches
+            # in one pass (measured 1.5x faster than ILIKE on 2 KB completions).
+            clauses.append("(" + " OR ".join(f"regexp_matches({_quote(c)}, '(?i)' || "
+                                             "regexp_escape(?))" for c in where) + ")")
+            args += [q] * len(where)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
     def page(self, src: Source, params) -> dict:
@@ -397,16 +404,53 @@ class Viewer:
             select.append(_quote(c) if numeric else f"left({expr}, {cut}) AS {_quote(c)}")
         if "problem_id" in cols and "problem_id" not in chosen:
             select.append('"problem_id"')
+        # Two steps (late materialisation): find the page's rows by reading only the filter and
+        # sort columns, then fetch the displayed columns of just those rows by (file, row
+        # number); DuckDB then skips every other file and row group. A sort over 1M rows with
+        # 2 KB completions otherwise decodes all 2 GB of text to keep 50 rows.
         order = ""
         if sort:
-            order = f" ORDER BY {_quote(sort)} {'DESC' if params.get('desc') == '1' else 'ASC'} NULLS LAST"
-        names, rows = self.query(src, f"SELECT {', '.join(select)} FROM data{where}{order} "
-                                 f"LIMIT {limit} OFFSET {offset}", args)
-        return {"columns": names, "rows": [list(r) for r in rows], "offset": offset,
-                "limit": limit, "cell_chars": cut}
+            order = (f" ORDER BY {_quote(sort)} {'DESC' if params.get('desc') == '1' else 'ASC'} "
+                     "NULLS LAST, filename, file_row_number")
+        searching = bool(params.get("q"))
+        # A search scans every text once: take the total in the same scan (a window over the
+        # matching keys only) and keep it for the count request that follows.
+        total = ", count(*) OVER ()" if searching else ""
+        _, keys = self.query(src, f"SELECT filename, file_row_number{total} FROM keyed{where}"
+                             f"{order} LIMIT {limit} OFFSET {offset}", args)
+        if searching:
+            self._remember_total(src, where, args, keys[0][2] if keys else None)
+        names, rows = [c.strip('"') for c in chosen], []
+        if "problem_id" in cols and "problem_id" not in chosen:
+            names.append("problem_id")
+        if keys:
+            by_file: dict[str, list[int]] = {}
+            for k in keys:
+                by_file.setdefault(k[0], []).append(int(k[1]))
+            fetch = " UNION ALL ".join(
+                f"SELECT filename, file_row_number, {', '.join(select)} FROM keyed "
+                f"WHERE filename = {_literal(f)} AND file_row_number IN ({', '.join(map(str, nums))})"
+                for f, nums in by_file.items())
+            _, found = self.query(src, fetch)
+            at = {(r[0], r[1]): r[2:] for r in found}
+            rows = [list(at[(k[0], k[1])]) for k in keys if (k[0], k[1]) in at]
+        return {"columns": names, "rows": rows, "offset": offset, "limit": limit,
+                "cell_chars": cut}
+
+    def _remember_total(self, src: Source, where: str, args: list, total: int | None) -> None:
+        with self._lock:
+            self._totals[(src.stage, src.version, src.split, tuple(src.files), where,
+                          tuple(map(str, args)))] = total
+            while len(self._totals) > 64:
+                self._totals.popitem(last=False)
 
     def count(self, src: Source, params) -> dict:
         where, args = self.where(src, params)
+        key = (src.stage, src.version, src.split, tuple(src.files), where, tuple(map(str, args)))
+        with self._lock:
+            known = self._totals.get(key, -1)
+        if known is not None and known >= 0:
+            return {"total": known}
         _, rows = self.query(src, f"SELECT count(*) FROM data{where}", args)
         return {"total": rows[0][0]}
 

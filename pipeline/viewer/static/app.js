@@ -28,7 +28,7 @@ function el(tag, props, ...children) {
 function show(value) {
   if (value === null || value === undefined) return "∅";
   if (typeof value === "object") return JSON.stringify(value, null, 1);
-  if (typeof value === "number" && !Number.isInteger(value)) return value.toFixed(4).replace(/0+$/, "0");
+  if (typeof value === "number" && !Number.isInteger(value)) return String(+value.toFixed(4));
   return String(value);
 }
 
@@ -185,7 +185,8 @@ async function versionPage(stage, version, params) {
   search.addEventListener("keydown", e => { if (e.key === "Enter") go(n => { if (search.value) n.set("q", search.value); else n.delete("q"); }); });
   toolbar.append(search, el("button", { id: "search-go", onclick: () => go(n => { if (search.value) n.set("q", search.value); else n.delete("q"); }) }, "search"));
   const sortSel = el("select", { id: "sort" }, el("option", { value: "" }, "sort: none"),
-    ...columns.map(c => el("option", { value: c, selected: state.get("sort") === c }, "sort: " + c)));
+    ...columns.filter(c => !/[\[\]]|STRUCT|MAP/.test(info.columns[c]))
+      .map(c => el("option", { value: c, selected: state.get("sort") === c }, "sort: " + c)));
   sortSel.addEventListener("change", () => go(n => { if (sortSel.value) n.set("sort", sortSel.value); else n.delete("sort"); }));
   const desc = el("input", { type: "checkbox", id: "desc", checked: state.get("desc") === "1" });
   desc.addEventListener("change", () => go(n => { if (desc.checked) n.set("desc", "1"); else n.delete("desc"); }));
@@ -284,9 +285,11 @@ async function versionPage(stage, version, params) {
     }
     tableBox.replaceChildren(res.rows.length ? table : el("p", {}, "No row matches."));
     document.getElementById("next").disabled = res.rows.length < limit;
-  }).catch(e => tableBox.replaceChildren(errorBox(e)));
-  api("/api/count/" + enc(stage, version), apiState).then(c => { count.textContent = `${c.total} rows match`; })
-    .catch(e => count.replaceChildren(errorBox(e)));
+  }).catch(e => tableBox.replaceChildren(errorBox(e)))
+    // After the page: a search's total comes from the page's own scan (the server keeps it).
+    .finally(() => api("/api/count/" + enc(stage, version), apiState)
+      .then(c => { count.textContent = `${c.total} rows match`; })
+      .catch(e => count.replaceChildren(errorBox(e))));
 
   // The SQL box: one read-only SELECT over the table `data` (this version / split).
   const sqlInput = el("textarea", { id: "sql-input", spellcheck: false },
