@@ -7,8 +7,9 @@ Incorrect traces are kept (REDI learns from them); nothing is dropped here.
 
 Why a child process: math-verify bounds its own calls with SIGALRM, which only works in a main
 thread and cannot interrupt C code — `verify(1, 10^{10^{10^{10}}})` sits inside CPython's bigint
-power for hours with the GIL held. So each Ray worker sends its (answer, reference) pairs to a
-child process (`Checker`) and SIGKILLs it when a call overruns `timeout_s`; the next call gets a
+power for hours with the GIL held. So each Ray worker sends its (trace text, reference) rows to a
+child process (`Checker`), which extracts the answer and checks it, and SIGKILLs it when a row
+overruns `timeout_s`; the next call gets a
 fresh child forked from a helper that has math-verify imported and warmed up already (~15 ms,
 not a 1 s import). Children run under an address-space cap (`memory_mib`), so a huge power fails
 ("error" or "timeout") instead of eating the machine's memory.
@@ -58,34 +59,85 @@ class VerifyConfig:
 
 
 # --------------------------------------------------------------------------- answer extraction
+# Linear in the text: one regex pass finds every \boxed/\fbox, one pass over the braces matches
+# them all (a stack), and "the answer is" reads each line once. The older scan matched braces
+# again from every unclosed \boxed to the end of the text: "\boxed{(" * 20000 (160k chars, a
+# teacher looping until max_tokens) cost 20000 scans * 80k chars = 1.6e9 steps, 89 s. Extraction
+# also runs inside the Checker's child, under the same per-row timeout as math-verify (bounded,
+# not only fast). Same answers as before on 600k random strings of these pieces.
 
-_ANSWER_IS = re.compile(r"answer is[:\s]*\$?\s*([^\n$]*?)\s*\$?\s*\.?\s*(?:\n|$)", re.IGNORECASE)
+_BOX = re.compile(r"\\(boxed|fbox)( *)")
+_BRACE = re.compile(r"[{}]")
+_BARE = re.compile(r"[^\s$]+")  # "\boxed 5": up to the next space or '$'
+_ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
+_SKIP = re.compile(r"[:\s]*")
+_SPACE = re.compile(r"\s*")
+_TAIL = re.compile(r"\s*\.?\s*")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 
 
+def _matching_braces(text: str) -> dict[int, int]:
+    """{index of '{': index of its '}'} for every closed brace (escaped ones count too)."""
+    closes, stack = {}, []
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            closes[stack.pop()] = m.start()
+    return closes
+
+
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if absent/unclosed."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    while start != -1:
-        i = start + (6 if text.startswith("\\boxed", start) else 5)
-        while i < len(text) and text[i] == " ":
-            i += 1
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if absent. An
+    unclosed last one falls back to the one before it (a truncated last line)."""
+    boxes = list(_BOX.finditer(text))
+    if not boxes:
+        return None
+    closes = _matching_braces(text)
+    for m in reversed(boxes):
+        i = m.end()
         if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1:j].strip()
-        elif i > start + 5 and i < len(text):  # "\boxed 5": up to the next space or '$'
-            m = re.match(r"[^\s$]+", text[i:])
-            if m:
-                return m.group(0).rstrip(".")
-        # Unclosed or empty: try the \boxed before this one (a truncated last line).
-        start = max(text.rfind("\\boxed", 0, start), text.rfind("\\fbox", 0, start))
+            if i in closes:
+                return text[i + 1:closes[i]].strip()
+        elif i < len(text) and (m.group(1) == "boxed" or m.group(2)):  # "\fbox5" is no box
+            bare = _BARE.match(text, i)
+            if bare:
+                return bare.group().rstrip(".")
     return None
+
+
+def _answer_is(text: str) -> str | None:
+    """The last non-empty X of "the answer is[:] [$]X[$][.]" at the end of a line."""
+    found, pos = None, 0
+    # The current line's end, the next '$' and whether what follows that '$' may close the line,
+    # cached: k only grows, so each is searched for once per line / per '$' (linear, not
+    # "every hit rescans its line").
+    end = dollar = tail_of = -1
+    tail_ok = False
+    for m in _ANSWER_IS.finditer(text):
+        if m.start() < pos:  # inside the line of the previous hit
+            continue
+        k = _SKIP.match(text, m.end()).end()
+        if text.startswith("$", k):
+            k = _SPACE.match(text, k + 1).end()
+        if end < k:
+            end = text.find("\n", k)
+            end = len(text) if end == -1 else end
+        if dollar < k:
+            dollar = text.find("$", k)
+            dollar = len(text) if dollar == -1 else dollar
+        if dollar < end:  # "$X$." closes the math: only spaces and one '.' may follow
+            if tail_of != dollar:
+                tail_of, tail_ok = dollar, _TAIL.match(text, dollar + 1, end).end() == end
+            if not tail_ok:
+                continue
+            answer = text[k:dollar].strip()
+        else:
+            answer = text[k:end].rstrip()
+            answer = (answer[:-1] if answer.endswith(".") else answer).strip()
+        if answer:
+            found, pos = answer, end
+    return found
 
 
 def extract_answer(text: str, fallbacks=("answer_is",)) -> str | None:
@@ -97,18 +149,21 @@ def extract_answer(text: str, fallbacks=("answer_is",)) -> str | None:
         return found
     for name in fallbacks:
         if name == "answer_is":
-            hits = [m.group(1).strip() for m in _ANSWER_IS.finditer(text) if m.group(1).strip()]
+            hit = _answer_is(text)
         else:  # last_number
-            hits = [m.group(0).replace(",", "") for m in _NUMBER.finditer(text)]
-        if hits:
-            return hits[-1]
+            hits = [m.group(0) for m in _NUMBER.finditer(text)]
+            hit = hits[-1].replace(",", "") if hits else None
+        if hit:
+            return hit
     return None
 
 
 # --------------------------------------------------------------------------- bounded checking
 
 def _serve(conn, memory_mib: int) -> None:
-    """The checking child: (pred, ref) -> ("ok", bool) | ("error", message) until EOF."""
+    """The checking child, until EOF. A message in is (fallbacks, [(text, ref), ...]); per row out:
+    ("pred", answer) — extracted with `fallbacks`, or the text itself when fallbacks is None —
+    then, when both answer and ref are present, ("ok", bool) | ("error", message)."""
     import logging
     import resource
 
@@ -119,22 +174,33 @@ def _serve(conn, memory_mib: int) -> None:
     from math_verify import parse, verify
 
     golds: dict = {}
+    verdicts: dict = {}  # (pred, ref) -> bool: n samples of a problem mostly agree
     conn.send(("pid", os.getpid()))
     while True:
         try:
-            pairs = conn.recv()  # a list: one message in, one answer out per pair, in order
+            fallbacks, rows = conn.recv()
         except EOFError:
             os._exit(0)
-        for pred, ref in pairs:
+        for text, ref in rows:
             try:
-                gold = golds.get(ref)
-                if gold is None:
-                    # Wrapping in \boxed{} makes math-verify read the bare string as LaTeX
-                    # ("0.5", "\frac{1}{2}", "x+1" alike). A reference it cannot parse at all
-                    # is compared as a string.
-                    gold = golds[ref] = parse("\\boxed{" + ref + "}", parsing_timeout=None) or [ref]
-                target = parse("\\boxed{" + pred + "}", parsing_timeout=None) or [pred]
-                conn.send(("ok", bool(verify(gold, target, timeout_seconds=None))))
+                pred = text if fallbacks is None else extract_answer(text or "", fallbacks)
+            except (Exception, MemoryError, RecursionError) as e:  # e.g. out of memory_mib
+                conn.send(("error", f"extract: {type(e).__name__}: {e}"[:200]))
+                continue
+            conn.send(("pred", pred))
+            if pred is None or ref is None:
+                continue
+            try:
+                if (pred, ref) not in verdicts:
+                    gold = golds.get(ref)
+                    if gold is None:
+                        # Wrapping in \boxed{} makes math-verify read the bare string as LaTeX
+                        # ("0.5", "\frac{1}{2}", "x+1" alike). A reference it cannot parse at
+                        # all is compared as a string.
+                        gold = golds[ref] = parse("\\boxed{" + ref + "}", parsing_timeout=None) or [ref]
+                    target = parse("\\boxed{" + pred + "}", parsing_timeout=None) or [pred]
+                    verdicts[pred, ref] = bool(verify(gold, target, timeout_seconds=None))
+                conn.send(("ok", verdicts[pred, ref]))
             except (Exception, MemoryError, RecursionError) as e:
                 conn.send(("error", f"{type(e).__name__}: {e}"[:200]))
 
@@ -231,32 +297,60 @@ class Checker:
         return self.check_many([(pred, ref)])[0]
 
     def check_many(self, pairs: list[tuple[str, str]]) -> list[tuple[bool | None, str]]:
-        """check() for each (pred, ref), sent to the child as one message: two process wake-ups
-        per batch instead of two per pair. Each answer must arrive within timeout_s of the one
-        before it; on a timeout the child is killed and the rest resent to the next one."""
-        import signal
+        """check() for each (answer, reference) pair: no extraction, the answers are given."""
+        return [(correct, status) for _, correct, status in self._run(None, pairs)]
 
+    def check_texts(self, texts: list, refs: list, fallbacks) -> list[tuple]:
+        """(pred_answer, correct, status) per trace text: extract_answer(text, fallbacks), then
+        math-verify against ref — both in the child, inside one timeout_s per row. Status:
+        ok | no_answer (nothing extracted) | no_reference (ref is None: extracted, not checked) |
+        timeout | error."""
+        return self._run(list(fallbacks), list(zip(texts, refs)))
+
+    def _run(self, fallbacks, rows: list[tuple]) -> list[tuple]:
+        """Rows sent to the child as one message (two process wake-ups per batch, not per row).
+        Each row's messages must all arrive within timeout_s of that row's start; past it the
+        child is killed and the rest are resent to the next one."""
         results: list = []
-        while len(results) < len(pairs):
+        while len(results) < len(rows):
             if self.helper is None or self.helper.poll() is not None:  # none yet, or it died
                 self._start()
-            todo = pairs[len(results):]
-            self.conn.send(todo)
-            for _ in todo:
-                if not self.conn.poll(self.timeout_s):
-                    os.kill(self.pid, signal.SIGKILL)
-                    self.restarts += 1
-                    self._await_child()
-                    results.append((None, "timeout"))
+            todo = rows[len(results):]
+            self.conn.send((fallbacks, todo))
+            for _, ref in todo:
+                pred, verdict, restarted = self._one_row(ref)
+                results.append((pred, *verdict))
+                if restarted:  # the child was replaced: resend the rows not answered yet
                     break
-                kind, value = self.conn.recv()
-                if kind == "pid":  # the child died mid-call (e.g. killed by the kernel)
-                    self.pid = value
-                    self.restarts += 1
-                    results.append((None, "error"))
-                    break
-                results.append((value, "ok") if kind == "ok" else (None, "error"))
         return results
+
+    def _one_row(self, ref) -> tuple:
+        """(pred, (correct, status), child restarted?) for the next row the child answers."""
+        import signal
+        import time
+
+        deadline = time.monotonic() + self.timeout_s
+        pred = None
+        while True:
+            if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+                os.kill(self.pid, signal.SIGKILL)
+                self.restarts += 1
+                self._await_child()
+                return pred, (None, "timeout"), True
+            kind, value = self.conn.recv()
+            if kind == "pid":  # the child died mid-row (e.g. killed by the kernel)
+                self.pid = value
+                self.restarts += 1
+                return pred, (None, "error"), True
+            if kind == "error":
+                return pred, (None, "error"), False
+            if kind == "ok":
+                return pred, (value, "ok"), False
+            pred = value  # "pred": a verdict follows only when there is something to check
+            if pred is None:
+                return None, ((None, "no_reference") if ref is None else (False, "no_answer")), False
+            if ref is None:
+                return pred, (None, "no_reference"), False
 
     def close(self) -> None:
         if self.helper is not None:
@@ -283,26 +377,17 @@ def _checker(timeout_s: float, memory_mib: int) -> Checker:
 def verify_rows(texts, refs, cfg: VerifyConfig, checker: Checker | None = None,
                 sources=None) -> dict:
     """Columns pred_answer / correct / verify_status for parallel lists of texts and references
-    (and sources, checked against cfg.skip_sources).
-
-    Identical (answer, reference) pairs are checked once: n samples of a problem mostly agree.
+    (and sources, checked against cfg.skip_sources). Extraction and checking both run in the
+    Checker's child, so each row, however degenerate its text, is answered within timeout_s.
     """
     checker = checker or _checker(cfg.timeout_s, cfg.memory_mib)
-    preds, keys = [], []
-    for i, (text, ref) in enumerate(zip(texts, refs)):
-        pred = extract_answer(text or "", cfg.fallbacks)
-        preds.append(pred)
-        if ref is None or not str(ref).strip() or (sources and sources[i] in cfg.skip_sources):
-            keys.append("no_reference")
-        elif pred is None:
-            keys.append("no_answer")
-        else:
-            keys.append((pred, str(ref).strip()))
-    todo = list(dict.fromkeys(k for k in keys if isinstance(k, tuple)))
-    memo = dict(zip(todo, checker.check_many(todo)))
-    memo.update({"no_reference": (None, "no_reference"), "no_answer": (False, "no_answer")})
-    return {"pred_answer": preds, "correct": [memo[k][0] for k in keys],
-            "verify_status": [memo[k][1] for k in keys]}
+    checked_refs = []
+    for i, ref in enumerate(refs):
+        skip = ref is None or not str(ref).strip() or (sources and sources[i] in cfg.skip_sources)
+        checked_refs.append(None if skip else str(ref).strip())
+    got = checker.check_texts(list(texts), checked_refs, cfg.fallbacks)
+    return {"pred_answer": [g[0] for g in got], "correct": [g[1] for g in got],
+            "verify_status": [g[2] for g in got]}
 
 
 def difficulty_of(pass_rate: float | None, cfg: VerifyConfig) -> str | None:
