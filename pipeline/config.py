@@ -18,6 +18,7 @@ import yaml
 
 from cluster.resources import StageResources
 from pipeline.errors import UserError
+from pipeline.textfile import read_text
 
 TOP_LEVEL = ("data_root", "teacher", "student", "stages", "resources")
 
@@ -109,11 +110,9 @@ def absolute_if_local(model: str) -> str:
 def load_recipe(path: str, overrides: list[str], stages: dict) -> Recipe:
     """The recipe at `path` with `overrides`, for the pipeline `stages` (the CLI passes
     stages.STAGES; the core itself imports no stage)."""
+    text = read_text(path, "recipe")  # a UTF-8 BOM / CRLF (a Windows editor) is fine
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise UserError(f"recipe {path}: file not found") from None
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

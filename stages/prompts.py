@@ -1,6 +1,7 @@
 """Stage `prompts` — ingest problems into `problem_id, problem, answer, source`.
 
-Reads JSONL, JSON, CSV, Parquet or a `datasets.save_to_disk` folder, or makes synthetic problems.
+Reads JSONL, JSON, CSV, TSV, Parquet or a `datasets.save_to_disk` folder, or makes synthetic
+problems. Text formats may carry a UTF-8 (or UTF-16) byte-order mark and CRLF line ends.
 Column mapping (`problem_field`, `answer_field`) lets OpenR1-Math / NuminaMath / GSM8K files load
 unedited. Exact dedup on normalized text; optional n-gram decontamination against an eval file.
 
@@ -12,19 +13,23 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from pipeline.textfile import read_text
 
 
 @dataclass
 class PromptsConfig:
     """Knobs of the ingest stage.
 
-    path: a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` folder, or "synthetic".
+    path: a .jsonl/.json/.csv/.tsv/.parquet file, a `datasets.save_to_disk` folder, or
+      "synthetic". Text files: UTF-8 (a byte-order mark and CRLF line ends are fine) or UTF-16
+      with a byte-order mark.
     problem_field / answer_field: the input columns holding the problem text and the reference
       answer ("" = the input has no answers; verify then marks rows `no_reference`). A GSM8K-style
       answer "...#### 42" keeps only what follows "####".
@@ -62,16 +67,6 @@ def problem_id(text: str) -> str:
     return hashlib.sha256(normalize(text).encode()).hexdigest()[:16]
 
 
-def _decode_lines(path: str):
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}: line {lineno}: not UTF-8 text "
-                                f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-
-
 def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
     """[(where, record)] with `where` like "file.jsonl:line 3" for error messages."""
     if not os.path.exists(path):
@@ -90,26 +85,36 @@ def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
             ds = ds[split]
         return [(f"{path}: row {i}", r) for i, r in enumerate(ds.to_list())]
     ext = os.path.splitext(path)[1].lower()
+    if ext in (".jsonl", ".json", ".csv", ".tsv"):
+        # A UTF-8 (or UTF-16) byte-order mark and CRLF line ends are accepted (pipeline/textfile.py).
+        text = read_text(path)
     if ext == ".jsonl":
         out = []
-        for lineno, line in _decode_lines(path):
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path}: line {lineno}: JSON nested too deeply") from None
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise UserError(f"{path}: line {lineno}: {e}") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{path}: line {lineno}: expected a JSON object, "
                                 f"got {type(rec).__name__}")
             out.append((f"{path}: line {lineno}", rec))
         return out
     if ext == ".json":
-        text = "".join(line for _, line in _decode_lines(path))
         try:
             data = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}: JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise UserError(f"{path}: {e}") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -118,11 +123,26 @@ def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
             if not isinstance(rec, dict):
                 raise UserError(f"{path}: item {i}: expected a JSON object, got {type(rec).__name__}")
         return [(f"{path}: item {i}", r) for i, r in enumerate(data)]
-    if ext == ".csv":
-        text = "".join(line for _, line in _decode_lines(path))
-        reader = csv.DictReader(io.StringIO(text))
-        # Line numbers: the header is line 1, so data row i is line i + 2.
-        return [(f"{path}: line {i + 2}", r) for i, r in enumerate(reader)]
+    if ext in (".csv", ".tsv"):
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if ext == ".csv" else "\t")
+        try:
+            header = next(reader, None)
+            if header is None:
+                return []
+            if len(set(header)) != len(header):
+                twice = sorted({h for h in header if header.count(h) > 1})
+                raise UserError(f"{path}: line 1: the header names {twice} more than once")
+            out = []
+            for row in reader:
+                if not row:  # a blank line
+                    continue
+                if len(row) != len(header):
+                    raise UserError(f"{path}: line {reader.line_num}: {len(row)} fields, the "
+                                    f"header has {len(header)} ({header})")
+                out.append((f"{path}: line {reader.line_num}", dict(zip(header, row))))
+        except csv.Error as e:
+            raise UserError(f"{path}: line {reader.line_num}: not valid {ext[1:].upper()} ({e})") from None
+        return out
     if ext == ".parquet":
         import pyarrow.parquet as pq
 
@@ -131,7 +151,7 @@ def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
         except Exception as e:
             raise UserError(f"{path}: not a readable Parquet file ({e})") from None
         return [(f"{path}: row {i}", r) for i, r in enumerate(table.to_pylist())]
-    raise UserError(f"{path}: unknown format '{ext}' (use .jsonl, .json, .csv, .parquet, "
+    raise UserError(f"{path}: unknown format '{ext}' (use .jsonl, .json, .csv, .tsv, .parquet, "
                     "a datasets.save_to_disk folder, or 'synthetic')")
 
 
@@ -141,6 +161,8 @@ def _answer_text(value, where: str, field: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise UserError(f"{where}: field '{field}': expected text or a number, "
                         f"got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: field '{field}': {value} is not an answer")
     text = str(value)
     if "####" in text:  # GSM8K: the reference answer follows "####"
         text = text.rsplit("####", 1)[1]

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
+from pipeline.textfile import read_text
 from pipeline.stage import Stage
 
 LEVELS = ("easy", "medium", "hard")             # verify's pass-rate levels
@@ -175,8 +176,7 @@ def load_prompts(folder: str) -> dict:
         if not os.path.exists(path):
             raise UserError(f"prune.prompts_dir: {path} not found (need judge.txt, simple.txt, "
                             "moderate.txt, complex.txt)")
-        with open(path, encoding="utf-8") as f:
-            prompts[name] = f.read().strip()
+        prompts[name] = read_text(path, "prune.prompts_dir").strip()  # BOM / CRLF are fine
     for slot in ("{problem}", "{trace}") + tuple("{%s}" % lvl for lvl in JUDGED):
         if slot not in prompts["judge"]:
             raise UserError(f"prune: {folder}/judge.txt has no {slot} placeholder")
