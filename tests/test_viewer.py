@@ -1,16 +1,17 @@
 """`distillery view` on a real store, driven in headless Chromium over the DevTools protocol.
 
 The store is built by the real stages on the tiny model (prompts from a file that carries an XSS
-problem -> generate on vLLM -> verify -> prune -> select -> evaluate on vLLM). sft and redi are
-the tiny model committed as model versions, as tests/test_evaluate.py does (training is tested
-in its own modules). The provenance stage has not landed yet: its version is built here with the
-Store API from the real prune version plus the contract's columns (/tmp/briefs/contract.md);
-switch to `run_stage("provenance", ...)` once stages/provenance.py exists.
+problem -> generate on vLLM -> verify -> prune -> provenance (tiny teacher and student) -> select
+-> evaluate on vLLM). sft and redi are the tiny model committed as model versions, as
+tests/test_evaluate.py does (training is tested in its own modules). A random model cannot write
+markup into a completion, so one extra version, provenance@xss0test, is the real provenance
+version with one row's completion replaced by script/img markup (LATEST stays on the real one).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,7 +31,6 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not in
 XSS_PROBLEM = 'Compute 1 + 1. <script>window.__xss=1</script><img src=x onerror="window.__xss=1">'
 XSS_COMPLETION = ('<think>\nFirst <script>window.__xss=1</script>. Then '
                   '<img src=x onerror="window.__xss=1">.\n</think>\nSo \\boxed{2}')
-LABELS = ("teacher", "student", "common")
 
 
 def _commit(store: Store, stage: str, version: str, table: pa.Table, inputs: dict) -> None:
@@ -43,32 +43,17 @@ def _commit(store: Store, stage: str, version: str, table: pa.Table, inputs: dic
         "finished_at": "2026-11-23T21:00:00+00:00", "wall_s": 0.1, "code_version": "test"})
 
 
-def _sentences(text: str) -> list[list[int]]:
-    """[start, end) of each run of up to 4 words: a stand-in sentence splitter for the contract."""
-    spans, words = [], [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+", text)]
-    for i in range(0, len(words), 4):
-        chunk = words[i:i + 4]
-        spans.append([chunk[0][0], chunk[-1][1]])
-    return spans
-
-
-def provenance_version(store: Store, prune) -> str:
-    """The prune version's rows, unchanged, plus the contract's provenance columns."""
-    rows = prune.read_table().to_pylist()
-    rows[0]["completion"] = rows[0]["pruned_completion"] = XSS_COMPLETION
-    for i, r in enumerate(rows):
-        spans = _sentences(r["pruned_completion"])
-        labels = [LABELS[(i + k) % 3] for k in range(len(spans))]
-        r.update(sentence_spans=spans, sentence_labels=labels,
-                 sentence_p_teacher=[0.5 + 0.01 * k for k in range(len(spans))],
-                 sentence_p_student=[0.25 + 0.01 * k for k in range(len(spans))],
-                 teacher_sentences=labels.count("teacher"),
-                 teacher_share=labels.count("teacher") / max(1, len(spans)),
-                 lp_teacher=-1.0 - 0.1 * i, lp_student=-2.0, provenance_score=0.1 * i - 0.3,
-                 provenance_truncated=False, selected=i % 2 == 0,
-                 select_reason="top_teacher_sentences" if i % 2 == 0 else "not_top_k")
-    _commit(store, "provenance", "prov0test", pa.Table.from_pylist(rows), {"prune": prune.version})
-    return "prov0test"
+def xss_version(store: Store, prov) -> str:
+    """provenance@xss0test: the real provenance rows, the first one's text replaced by markup."""
+    rows = prov.read_table().to_pylist()
+    cut = XSS_COMPLETION.index(". Then") + 1
+    rows[0].update(completion=XSS_COMPLETION, pruned_completion=XSS_COMPLETION,
+                   sentence_spans=[[0, cut], [cut + 1, len(XSS_COMPLETION)]],
+                   sentence_labels=["teacher", "student"], sentence_p_teacher=[0.9, 0.2],
+                   sentence_p_student=[0.1, 0.7])
+    _commit(store, "provenance", "xss0test", pa.Table.from_pylist(rows), {"prune": prov.manifest["inputs"]["prune"]})
+    store.set_latest("provenance", prov.version)
+    return "xss0test"
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +72,14 @@ def built(tmp_path_factory, ray_cluster, tiny_model) -> dict:
     prompts_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
     recipe = load_recipe("configs/tiny.yaml", [
         f"data_root={data_root}", f"teacher={tiny_model}", f"prompts.path={prompts_file}",
-        "generate.n=2", "generate.max_tokens=16", "generate.shard_size=4",
+        f"student={tiny_model}", "generate.n=2", "generate.max_tokens=16", "generate.shard_size=4",
         "evaluate.models=[teacher, sft]", "evaluate.synthetic_n=3", "evaluate.samples=2",
         "evaluate.pass_k=1", "evaluate.max_tokens=12"], STAGES)
     quiet = dict(log=lambda *_: None)
     out = {name: run_stage(name, recipe, **quiet)
-           for name in ("prompts", "generate", "verify", "prune", "select")}
+           for name in ("prompts", "generate", "verify", "prune", "provenance", "select")}
     store = Store(data_root)
-    out["provenance"] = store.get("provenance", provenance_version(store, out["prune"]))
+    out["xss"] = store.get("provenance", xss_version(store, out["provenance"]))
     _model_version(data_root, "sft", tiny_model)
     _model_version(data_root, "redi", tiny_model)
     out["evaluate"] = run_stage("evaluate", recipe, **quiet)
@@ -174,7 +159,7 @@ class Chromium:
     def wait(self, expression: str, timeout: float = 20):
         deadline = time.time() + timeout
         while True:
-            value = self.js(expression)
+            value = self.js(f"(() => {{ const v = ({expression}); return v instanceof Node ? true : v; }})()")
             if value:
                 return value
             assert time.time() < deadline, f"timed out waiting for: {expression}"
@@ -185,6 +170,13 @@ class Chromium:
         self.js("document.body && delete document.body.dataset.ready")
         self.call("Page.navigate", url=url)
         self.wait("document.body && document.body.dataset.ready && " + ready)
+
+    def act(self, action: str, ready: str):
+        """Run `action` (JS that changes the route), wait for the NEW page's render and `ready`."""
+        before = self.js("document.body.dataset.ready || ''")
+        self.js(action)
+        self.wait(f"document.body.dataset.ready && document.body.dataset.ready !== '{before}' && "
+                  + ready)
 
     def close(self):
         self.ws.close()
@@ -339,7 +331,7 @@ def test_runs_page_lists_stages_versions_lineage_and_progress(built, server, bro
     for name in ("prompts", "generate", "verify", "prune", "provenance", "select", "sft", "redi",
                  "evaluate"):
         assert name in stages
-    assert browser.js("document.querySelectorAll('#runs .latest').length") == 8  # one per stage
+    assert browser.js("document.querySelectorAll('#runs .latest').length") == 9  # one per stage
     v = built["verify"]
     cells = browser.js(f"[...document.querySelector('tr[data-version=\"{v.version}\"]').cells]"
                        ".map(c => c.textContent)")
@@ -359,23 +351,23 @@ def test_filter_search_histogram_and_sql_box_in_the_browser(built, server, brows
                  ROWS_READY + " && document.querySelector('#filter-correct')")
     assert _count(browser) == len(rows)
     # A filter: pick correct = false in its menu.
-    browser.js("(() => { const s = document.querySelector('#filter-correct');"
-               " s.value = 'false'; s.dispatchEvent(new Event('change')); })()")
-    browser.wait("location.hash.includes('correct%3Afalse') && " + ROWS_READY)
+    browser.act("(() => { const s = document.querySelector('#filter-correct');"
+                " s.value = 'false'; s.dispatchEvent(new Event('change')); })()", ROWS_READY)
+    assert "correct%3Afalse" in browser.js("location.hash")
     assert _count(browser) == sum(r["correct"] is False for r in rows)
     assert set(_column(browser, "correct")) <= {"false"}
     # A search, typed and submitted.
-    browser.js("document.querySelector('#search').value = 'compute 9 + 5';"
-               "document.querySelector('#search-go').click()")
-    browser.wait("location.hash.includes('q=') && " + ROWS_READY)
+    browser.act("document.querySelector('#search').value = 'compute 9 + 5';"
+                "document.querySelector('#search-go').click()", ROWS_READY)
+    assert "q=compute" in browser.js("location.hash")
     want = sum(r["correct"] is False and "compute 9 + 5" in r["problem"].lower() for r in rows)
     assert _count(browser) == want
     # Clear, then click the first bar of the completion-token histogram.
     browser.open(f"{server}/#/v/verify/{v.version}",
                  ROWS_READY + " && document.querySelector('#hist-completion_tokens .bar')")
     first = browser.js("+document.querySelector('#hist-completion_tokens .bar').dataset.count")
-    browser.js("document.querySelector('#hist-completion_tokens .bar').click()")
-    browser.wait("location.hash.includes('r=') && " + ROWS_READY)
+    browser.act("document.querySelector('#hist-completion_tokens .bar').click()", ROWS_READY)
+    assert "r=completion_tokens" in browser.js("location.hash")
     assert _count(browser) == first > 0
     # The SQL box.
     browser.js("document.querySelector('#sql-input').value = "
@@ -412,16 +404,19 @@ def test_problem_page_samples_prune_and_provenance(built, server, browser):
     tops = browser.js("[...document.querySelectorAll('#samples .sample')]"
                       ".map(c => Math.round(c.getBoundingClientRect().top))")
     assert len(set(tops)) == 1
-    sentences = browser.js("[...document.querySelectorAll('.sample')[0]"
-                           ".querySelectorAll('.sentence[data-label]')].map(s => [s.dataset.label,"
-                           " s.textContent, s.title, getComputedStyle(s).backgroundColor])")
     first = sorted(mine, key=lambda r: r["sample_idx"])[0]
-    assert [s[0] for s in sentences] == first["sentence_labels"]
+    sentences = _sentences_of(browser, 0)
+    assert [s[0] for s in sentences] == [
+        lb if lb in ("teacher", "student", "common", "shared", "boosted", "unscored") else "common"
+        for lb in first["sentence_labels"]]
     assert [s[1] for s in sentences] == [first["pruned_completion"][a:b]
                                          for a, b in first["sentence_spans"]]
-    assert sentences[0][2].startswith(f"{first['sentence_labels'][0]}: p_T=0.5")
-    colours = {s[0]: s[3] for s in sentences}
-    assert len(set(colours.values())) == len(colours) >= 2      # one colour per label
+    for (label, _, title, _), p_t, p_s in zip(sentences, first["sentence_p_teacher"],
+                                              first["sentence_p_student"]):
+        shown = re.fullmatch(r"(\w+): p_T=(\S+) p_S=(\S+)", title)
+        assert shown and shown[1] in first["sentence_labels"]
+        for text, want in ((shown[2], p_t), (shown[3], p_s)):
+            assert (text == "∅" if want is None else float(text) == pytest.approx(want, abs=1e-4))
     # The reasoning is collapsible; closed by default.
     assert browser.js("document.querySelector('.sample details').open") is False
     # select@LATEST made no REDI pair from random-model traces; the page says so.
@@ -431,6 +426,12 @@ def test_problem_page_samples_prune_and_provenance(built, server, browser):
     prune = built["prune"]
     browser.open(f"{server}/#/p/prune/{prune.version}/{pid}", "document.querySelector('#samples')")
     assert "prune: " in browser.js("document.querySelector('.sample .prune').textContent")
+
+
+def _sentences_of(browser, card: int) -> list:
+    return browser.js(f"[...document.querySelectorAll('.sample')[{card}]"
+                      ".querySelectorAll('.sentence[data-label]')].map(s => [s.dataset.label,"
+                      " s.textContent, s.title, getComputedStyle(s).backgroundColor])")
 
 
 @needs_chromium
@@ -448,25 +449,35 @@ def test_evaluate_problem_shows_models_side_by_side(built, server, browser):
     # The samples split's filter menu offers the model column.
     browser.open(f"{server}/#/v/evaluate/{ev.version}?split=samples",
                  ROWS_READY + " && document.querySelector('#filter-model')")
-    browser.js("(() => { const s = document.querySelector('#filter-model');"
-               " s.value = 'sft'; s.dispatchEvent(new Event('change')); })()")
-    browser.wait("location.hash.includes('model%3Asft') && " + ROWS_READY)
+    browser.act("(() => { const s = document.querySelector('#filter-model');"
+                " s.value = 'sft'; s.dispatchEvent(new Event('change')); })()", ROWS_READY)
+    assert "model%3Asft" in browser.js("location.hash")
     assert _count(browser) == sum(r["model"] == "sft" for r in samples)
 
 
 @needs_chromium
 def test_trace_text_is_inert(built, server, browser):
-    prov = built["provenance"]
-    row = prov.read_table().to_pylist()[0]
-    browser.open(f"{server}/#/p/provenance/{prov.version}/{row['problem_id']}",
+    xss = built["xss"]
+    rows = xss.read_table().to_pylist()
+    row = rows[0]
+    mine = sorted((r for r in rows if r["problem_id"] == row["problem_id"]),
+                  key=lambda r: r["sample_idx"])
+    browser.open(f"{server}/#/p/provenance/{xss.version}/{row['problem_id']}",
                  "document.querySelector('#samples')")
     assert browser.js("document.querySelector('#problem-text').textContent") == row["problem"]
     text = browser.js("document.querySelector('#samples').textContent")
     assert "<script>window.__xss=1</script>" in text and 'onerror="window.__xss=1"' in text
     assert browser.js("document.querySelectorAll('main script, main img').length") == 0
-    # The table page too (the problem column carries the XSS problem).
-    browser.open(f"{server}/#/v/provenance/{prov.version}?q=script", ROWS_READY)
-    assert _count(browser) >= 2
+    # Its two sentences, coloured by label: teacher and student differ.
+    sentences = _sentences_of(browser, mine.index(row))
+    assert [s[0] for s in sentences] == ["teacher", "student"]
+    assert sentences[0][1] == XSS_COMPLETION[:XSS_COMPLETION.index(". Then") + 1]
+    assert sentences[0][2] == "teacher: p_T=0.9 p_S=0.1"
+    assert sentences[0][3] != sentences[1][3]
+    # The table page too: the XSS problem (from the prompts file, through every real stage).
+    browser.open(f"{server}/#/v/provenance/{built['provenance'].version}?q=script", ROWS_READY)
+    assert _count(browser) == 2
+    assert "<script>" in browser.js("document.querySelector('#rows-table').textContent")
     assert browser.js("document.querySelectorAll('main script, main img').length") == 0
     time.sleep(0.3)   # an onerror handler would have run by now
     assert browser.js("typeof window.__xss") == "undefined"

@@ -5,7 +5,7 @@
 const main = document.getElementById("main");
 const crumbs = document.getElementById("crumbs");
 const statusLine = document.getElementById("status");
-const LABELS = ["teacher", "student", "common", "shared", "boosted"];
+const LABELS = ["teacher", "student", "common", "shared", "boosted", "unscored"];
 const TEXT_TYPES = new Set(["VARCHAR"]);
 
 function el(tag, props, ...children) {
