@@ -129,6 +129,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_view(args) -> int:
+    from pipeline.store import Store
+    from pipeline.viewer.server import serve
+    from stages import STAGES
+
+    store = Store(args.data_root) if args.data_root else _store(args, args.items)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: anyone who can reach this host:{args.port} can "
+              "read every trace under the data root (no authentication)", file=sys.stderr)
+    serve(store, list(STAGES), host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distillery", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_recipe(rp)
     rp.add_argument("items", nargs="*", metavar="data_root=...")
     rp.set_defaults(func=cmd_report)
+
+    vw = sub.add_parser("view", help="a local, read-only web viewer of every version's traces",
+                        description="Serve a read-only trace viewer over the data root "
+                        "(docs/viewer.md). Binds 127.0.0.1 unless --host says otherwise.")
+    vw.add_argument("--data-root", default="", help="data root (default: data_root=..., "
+                    "$DISTILLERY_DATA_ROOT, else the recipe's)")
+    vw.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    vw.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; "
+                    "0.0.0.0 exposes every trace to the network)")
+    with_recipe(vw)
+    vw.add_argument("items", nargs="*", metavar="data_root=...")
+    vw.set_defaults(func=cmd_view)
     return p
 
 
