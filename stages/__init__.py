@@ -1,7 +1,7 @@
 """The pipeline's stages, in order. An explicit dict: no registry, no discovery."""
 from stages import prompts
 from stages import generate
-from stages import verify, prune, select
+from stages import verify, prune, provenance, select
 from stages import sft
 from stages import redi
 from stages import evaluate
@@ -11,6 +11,7 @@ STAGES = {
     "generate": generate.STAGE,
     "verify": verify.STAGE,
     "prune": prune.STAGE,
+    "provenance": provenance.STAGE,
     "select": select.STAGE,
     "sft": sft.STAGE,
     "redi": redi.STAGE,

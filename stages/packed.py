@@ -23,22 +23,23 @@ ATTENTION = "distillery_varlen"  # our attention function's name in transformers
 
 # --- inputs: student check, chat rendering, tokenization ----------------------------------------
 
-def check_student(path: str, stage: str) -> str:
-    """The student must be something AutoModelForCausalLM loads; say so clearly when it is not."""
+def check_student(path: str, stage: str, role: str = "student") -> str:
+    """The student (or any `role` model: provenance's teacher) must be something
+    AutoModelForCausalLM loads; say so clearly, naming `{stage}.{role}`, when it is not."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if not path:
-        raise UserError(f"{stage}.student is empty: set `student:` in the recipe "
-                        f"or pass {stage}.student=PATH")
+        raise UserError(f"{stage}.{role} is empty: set `{role}:` in the recipe "
+                        f"or pass {stage}.{role}=PATH")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"{stage}.student {path!r}: not a model folder or hub id that transformers "
+        raise UserError(f"{stage}.{role} {path!r}: not a model folder or hub id that transformers "
                         f"can load ({str(e).splitlines()[0]})") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{stage}.student {path!r}: model type '{config.model_type}' is not a "
-                        "causal language model (AutoModelForCausalLM cannot train it)")
+        raise UserError(f"{stage}.{role} {path!r}: model type '{config.model_type}' is not a "
+                        "causal language model (AutoModelForCausalLM cannot load it)")
     return path
 
 
@@ -61,21 +62,27 @@ def upstream_drops(version, data_root: str) -> str:
     return "; ".join(parts)
 
 
-def encode(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of the chat-rendered prompt (with the generation prompt) and of the completion.
+def encode(tokenizer, prompt: list[dict], completion: list[dict], chat_template: str = "",
+           prompt_format: str = "chat") -> tuple[list[int], list[int]]:
+    """Token ids of the rendered prompt (with the generation prompt) and of the completion.
 
-    Rendered with the student's own chat template, so training sees exactly what vLLM sees at
-    inference: the prompt as the template renders it, then the tokens the model must generate.
+    Rendered as the model is prompted at inference (stages/chat.py: the student's own chat
+    template, a `chat_template` override, or `prompt_format` "raw": prompt text + completion
+    text + EOS), so training sees exactly what vLLM sees: the prompt, then the tokens the model
+    must generate.
     """
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                tokenize=False)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    from stages.chat import render_conversation, render_prompt
+
+    prompt_text = render_prompt(tokenizer, prompt, chat_template, prompt_format)
+    full_text = render_conversation(tokenizer, prompt, completion, chat_template, prompt_format)
     if not full_text.startswith(prompt_text):
         raise UserError("the student's chat template renders the conversation so that the prompt "
-                        "is not a prefix of prompt + answer; completion-only loss needs it to be")
+                        "is not a prefix of prompt + answer; completion-only loss needs it to be "
+                        "(set chat_template to one that does, or prompt_format=raw)")
     # ChatML ends the turn with "<|im_end|>\n": the model stops at <|im_end|> (vLLM's stop
     # token), so the separator newline is not something it should learn to produce.
     completion_text = full_text[len(prompt_text):].rstrip("\n")
+    # Raw prompts carry their BOS as text already (render_prompt): no special tokens added.
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     return prompt_ids, completion_ids
@@ -203,6 +210,76 @@ def completion_logps(model, batch):
     return -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
 
 
+def completion_logps_chunked(model, batch, chunk: int = 1024):
+    """completion_logps for scoring (no gradient): the same [K] log-probs, but the LM head runs
+    on `chunk` positions at a time, so the full-vocabulary logits never exist for all K at once.
+
+    The model body runs once over the packed row; then per chunk: lm_head -> fp32 logits
+    [chunk, vocab] -> target logit - logsumexp. Peak logits memory: 1,024 x 152k vocab x 4 B
+    = 0.6 GB per chunk, where all K = 32k positions of a packed row at once would be 19.9 GB.
+    (A model whose head does more than one linear layer — final-logit soft-capping, logit
+    scaling — is not covered; Qwen2/Llama/Mistral-style heads are.)
+    """
+    import torch
+
+    body = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                            max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
+                            use_cache=False)
+    hidden = body.last_hidden_state[0].index_select(0, batch["keep"])      # [K, hidden]
+    head = model.get_output_embeddings()
+    targets = batch["targets"]
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for a in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[a:a + chunk]).float()                           # [chunk, vocab]
+        picked = logits.gather(1, targets[a:a + chunk, None])[:, 0]
+        out[a:a + chunk] = picked - torch.logsumexp(logits, dim=-1)
+    return out
+
+
+def score_completions(model, tokenizer, prompt_texts: list[str], completions: list[str],
+                      max_length: int, tokens_per_row: int, chunk: int = 1024) -> list[dict]:
+    """Per completion, the log-prob of each of its tokens after its (rendered) prompt.
+
+    Returns [{"offsets": [(start, end)] characters of each scored token in the completion text,
+    "logps": [float], "truncated": bool}]. Prompt and completion are tokenized apart (as
+    `encode` does for training), the completion with the tokenizer's offset mapping; a pair longer
+    than max_length is scored on the completion's first max_length - len(prompt) tokens
+    (truncated, nothing at all when the prompt alone fills max_length). The pairs are packed
+    best-fit into rows of tokens_per_row tokens (no padding) and each row runs through
+    completion_logps_chunked.
+    """
+    import torch
+
+    prompts = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
+    comps = tokenizer(completions, add_special_tokens=False, return_offsets_mapping=True)
+    out, seqs = [], []
+    for p_ids, c_ids, offsets in zip(prompts, comps["input_ids"], comps["offset_mapping"]):
+        room = max(0, max_length - len(p_ids))
+        truncated = len(c_ids) > room
+        c_ids, offsets = c_ids[:room], [tuple(o) for o in offsets[:room]]
+        out.append({"offsets": offsets, "logps": [], "truncated": truncated})
+        if c_ids:
+            seqs.append((len(out) - 1, p_ids + c_ids, len(p_ids)))
+    capacity = max(tokens_per_row, max_length)
+    device = next(model.parameters()).device
+    for b in pack([len(ids) for _, ids, _ in seqs], capacity):
+        row = packed_row([(seqs[i][1], seqs[i][2]) for i in b])
+        batch = {k: torch.as_tensor(row[k], device=device)
+                 for k in ("cu_seqlens", "keep", "targets")}
+        batch["input_ids"] = torch.as_tensor(row["input_ids"], device=device)[None]
+        batch["position_ids"] = torch.as_tensor(row["position_ids"], device=device)[None]
+        batch["max_seqlen"] = row["max_seqlen"]
+        logps = completion_logps_chunked(model, batch, chunk).tolist()
+        at = 0
+        for i in b:
+            k, ids, n_prompt = seqs[i]
+            n = len(ids) - n_prompt
+            out[k]["logps"] = logps[at:at + n]
+            at += n
+    return out
+
+
 def global_sum(value: float):
     """Sum of a number over all workers (a no-op on one)."""
     import torch
@@ -275,7 +352,7 @@ def train_packed(config: dict, loss_fn) -> None:
     `loss_fn(model, batch) -> (loss, {metric: float})` (see packed_trainer_class).
     """
     from cluster.train import (deepspeed_for_worker, finish, last_checkpoint, peak_memory_mb,
-                               worker_env)
+                               progress_callback, worker_env)
 
     worker_env(config)
     import ray
@@ -318,7 +395,7 @@ def train_packed(config: dict, loss_fn) -> None:
 
     PackedTrainer = packed_trainer_class(loss_fn)
     trainer = PackedTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
-                            processing_class=tokenizer)
+                            processing_class=tokenizer, callbacks=[progress_callback(config["stage"])])
     resume = last_checkpoint(checkpoint_dir)
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - (PackedTrainer.started or time.perf_counter())

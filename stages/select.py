@@ -8,9 +8,13 @@
 are TRL's conversational preference format, so TRL's DPO trainer (and our REDI trainer) read the
 split unchanged.
 
-Per problem, its traces are put in a seeded shuffle (sorted by trace_id first, so the order does
-not depend on how rows arrived): SFT takes the first `sft_per_problem` correct traces; a pair is
-the first correct with the first incorrect trace (METHODS.md, REDI), both within the length caps.
+Reads `provenance` (every prune row + the `selected` column; with `provenance.method: none`
+selected = correct, and select behaves as it did on prune). Per problem, its traces are put in a
+seeded shuffle (sorted by trace_id first, so the order does not depend on how rows arrived): SFT
+takes the first `sft_per_problem` SELECTED correct traces; a pair is the first correct with the
+first incorrect trace (METHODS.md, REDI), both within the length caps, where the chosen trace is
+the first selected correct one when the problem has one within the cap (else the first correct:
+provenance chooses what SFT imitates; REDI's contrast needs a correct trace either way).
 Problems that give no pair are counted by reason.
 
     distillery run select --recipe configs/tiny.yaml select.seed=1
@@ -63,7 +67,7 @@ def shuffled(traces: list[dict], seed: int, problem_id: str) -> list[dict]:
 def plan(rows: list[dict], cfg: SelectConfig) -> tuple[list[dict], list[tuple[dict, dict]], dict]:
     """(sft rows, [(chosen, rejected)], problems without a pair by reason).
 
-    rows: dicts with problem_id, trace_id, correct, prompt_tokens, pruned_tokens.
+    rows: dicts with problem_id, trace_id, correct, selected, prompt_tokens, pruned_tokens.
     """
     by_problem: dict = {}
     for r in rows:
@@ -73,7 +77,7 @@ def plan(rows: list[dict], cfg: SelectConfig) -> tuple[list[dict], list[tuple[di
     for pid in sorted(by_problem):
         order = shuffled(by_problem[pid], cfg.seed, pid)
         correct = [r for r in order if r["correct"] is True]
-        fits = [r for r in correct
+        fits = [r for r in correct if r["selected"]
                 if not cfg.sft_max_tokens
                 or r["prompt_tokens"] + r["pruned_tokens"] <= cfg.sft_max_tokens]
         sft.extend(fits[:cfg.sft_per_problem] if cfg.sft_per_problem else fits)
@@ -90,6 +94,8 @@ def plan(rows: list[dict], cfg: SelectConfig) -> tuple[list[dict], list[tuple[di
             continue
         cap = cfg.pair_max_response_tokens
         chosen = [r for r in correct if r["pruned_tokens"] <= cap]
+        # Selected traces first (stable: the seeded order stays within each group).
+        chosen.sort(key=lambda r: not r["selected"])
         rejected = [r for r in incorrect if r["pruned_tokens"] <= cap]
         if not chosen or not rejected:
             no_pair["response_too_long"] += 1
@@ -104,10 +110,10 @@ def run(cfg: SelectConfig, inputs, ctx):
     if cfg.sft_per_problem < 0:
         raise UserError(f"select.sft_per_problem: must be >= 0, got {cfg.sft_per_problem}")
     # Driver-side: a problem's traces must meet in one place, and the selection is a few list
-    # walks. Rows carry the texts, so this holds the prune version in memory (fine up to a few
+    # walks. Rows carry the texts, so this holds the provenance version in memory (fine up to a few
     # GB; beyond that, a Ray groupby per problem).
-    rows = inputs["prune"].read_table(columns=[
-        "problem_id", "trace_id", "correct", "prompt_tokens", "pruned_tokens", "pruned_completion",
+    rows = inputs["provenance"].read_table(columns=[
+        "problem_id", "trace_id", "correct", "selected", "prompt_tokens", "pruned_tokens", "pruned_completion",
         "prompt_messages", "difficulty", "source"]).to_pylist()
     sft, pairs, no_pair = plan(rows, cfg)
 
@@ -139,6 +145,8 @@ def run(cfg: SelectConfig, inputs, ctx):
         "problems": problems,
         "sft_rows": sft_table.num_rows,
         "sft_problems": len({r["problem_id"] for r in sft}),
+        "selected_correct": sum(1 for r in rows if r["correct"] is True and r["selected"]),
+        "pairs_chosen_selected": sum(1 for c, _ in pairs if c["selected"]),
         "pairs": pairs_table.num_rows,
         "problems_without_pair": no_pair,
         "mean_sft_tokens": round(sum(r["pruned_tokens"] for r in sft) / len(sft), 1) if sft else None,
@@ -149,8 +157,8 @@ def run(cfg: SelectConfig, inputs, ctx):
 STAGE = Stage(
     name="select",
     config=SelectConfig,
-    reads=("prune",),
-    requires=("problem_id", "trace_id", "correct", "prompt_tokens", "pruned_tokens",
+    reads=("provenance",),
+    requires=("problem_id", "trace_id", "correct", "selected", "prompt_tokens", "pruned_tokens",
               "pruned_completion", "prompt_messages", "difficulty", "source"),
     adds=("problem_id", "trace_id", "messages", "prompt", "chosen", "rejected",
           "chosen_trace_id", "rejected_trace_id"),

@@ -16,7 +16,7 @@ import pytest
 from pipeline.config import load_recipe
 from pipeline.runner import run_stage
 from pipeline.stage import Stage
-from stages import prune, select, verify
+from stages import provenance, prune, select, verify
 from stages.verify import Checker, VerifyConfig, extract_answer, verify_rows
 
 
@@ -47,7 +47,7 @@ def _write_rows(cfg, inputs, ctx):
 HAND_WRITTEN = Stage(name="generate", config=HandWrittenConfig, reads=(), requires=(),
                      adds=("trace_id", "completion", "final"), run=_write_rows)
 TEST_STAGES = {"generate": HAND_WRITTEN, "verify": verify.STAGE, "prune": prune.STAGE,
-               "select": select.STAGE}
+               "provenance": provenance.STAGE, "select": select.STAGE}
 
 
 def trace(problem: str, answer, completion: str, idx: int, tokens: int | None = None,

@@ -1,0 +1,75 @@
+"""The scoring runner: transformers models held by a Ray Data actor pool, GPU or CPU.
+
+"How it runs", not "what it computes" (DESIGN.md): the stage hands over a Ray Dataset, the models
+to load by name, and its per-batch function `score_fn(models, batch) -> batch`, where `models`
+is {name: (model, tokenizer)}; it gets the scored rows back. Beside cluster/inference.py's
+sampling runner (vLLM) — scoring is one teacher-forcing forward per text, not generation, so a
+plain transformers model running the stage's packed forward is the tool.
+
+`resources.<stage>` decides the pool: `replicas` actors, each with `gpus_per_replica` GPUs
+(0 = CPU, fp32) and `cpus_per_replica` CPUs; every actor loads all the named models once
+(teacher + student: 7B + 1.5B in bf16 = 17 GB on one 80 GB GPU).
+
+    from cluster.scoring import score_batches
+    out = score_batches(ds, models={"teacher": t, "student": s}, score_fn=fn,
+                        resources=ctx.resources, ctx=ctx, batch_size=256)
+"""
+from __future__ import annotations
+
+import os
+
+
+class _Scorer:
+    """One pool actor: loads the models once, then calls the stage's function on each batch."""
+
+    def __init__(self, models: dict, score_fn, prepare, attn_implementation: str,
+                 use_gpu: bool, threads: int, trust_remote_code: bool):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if prepare is not None:
+            prepare()  # e.g. register the stage's attention function in this process
+        if not use_gpu:
+            torch.set_num_threads(threads)
+        device = "cuda" if use_gpu else "cpu"
+        self.models = {}
+        for name, path in models.items():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.bfloat16 if use_gpu else torch.float32,
+                attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.models[name] = (model.to(device).eval(), tokenizer)
+        self.score_fn = score_fn
+
+    def __call__(self, batch):
+        import torch
+
+        with torch.inference_mode():
+            return self.score_fn(self.models, batch)
+
+
+def score_batches(ds, *, models: dict, score_fn, resources, ctx, batch_size: int,
+                  prepare=None, attn_implementation: str = "sdpa",
+                  trust_remote_code: bool = False):
+    """`score_fn(models, batch)` over every batch of `ds` (pyarrow batches of `batch_size` rows)
+    on `resources.replicas` actors. Returns the lazy Ray Dataset of what score_fn returned.
+
+    models: {name: model path or hub id}, all loaded by every actor.
+    prepare: a no-argument function run in each actor before loading (module-level, picklable).
+    """
+    import ray.data
+
+    ctx.ensure_ray()
+    r = resources
+    use_gpu = r.gpus_per_replica > 0
+    # CPU: the replicas of one node share its cores (2 cores, 1 replica: 2 torch threads); Ray
+    # exports OMP_NUM_THREADS = num_cpus (1) to actors, so set it to the same count.
+    threads = max(1, (os.cpu_count() or 1) // r.replicas)
+    env = {} if use_gpu else {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+    return ds.map_batches(
+        _Scorer, batch_size=batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=r.replicas),
+        num_cpus=r.cpus_per_replica, num_gpus=r.gpus_per_replica or None, runtime_env=env,
+        fn_constructor_kwargs=dict(models=models, score_fn=score_fn, prepare=prepare,
+                                   attn_implementation=attn_implementation, use_gpu=use_gpu,
+                                   threads=threads, trust_remote_code=trust_remote_code))

@@ -1,0 +1,395 @@
+"""Stage `provenance` — which sentences of each trace come from the teacher, and which traces select
+should train on (METHODS.md, "Provenance tracing"; arXiv 2512.20908).
+
+    distillery run provenance --recipe configs/tiny.yaml provenance.rule=paper
+
+Every prune row's `pruned_completion` is scored as the assistant turn after its prompt
+(`prompt_messages`, rendered with each model's own chat template) under the teacher and the
+original student: one packed forward per model (stages/packed.py's score_completions) on a Ray
+Data actor pool (cluster/scoring.py; `resources.provenance` decides replicas and GPUs). The text is
+split into sentences (stages/sentences.py); per sentence p = exp(mean token log-prob) over the
+tokens overlapping its character span, each model with its own tokenizer; label teacher / student
+/ common with margin beta. Per trace: teacher_sentences, teacher_share, lp_teacher, lp_student and
+provenance_score = lp_teacher - lp_student (docs/provenance.md says how tokens are weighted).
+
+Selection (`selected`, `select_reason`; nothing is dropped, the manifest counts the reasons):
+  rule paper — per problem, the keep_per_problem correct traces with the most teacher sentences
+    (ties: higher provenance_score, then trace_id);
+  rule score — correct traces with provenance_score >= min_score, or (min_score unset) the top
+    top_fraction of all correct traces by score;
+  rule all   — every correct trace.
+Incorrect and unverified traces are scored too (REDI pairs keep them) but never selected.
+method: none — a pass-through: no model is loaded, the score columns are null, selected = correct.
+
+Resume: rows sorted by (problem_id, trace_id), cut into shards of shard_size; each scored shard is
+written atomically into the version's temp folder (.scored/part-XXXXX.parquet, a hidden folder no
+reader lists); a rerun scores only the missing shards. Selection needs every row, so it runs
+once all shards are scored and writes the final part-XXXXX.parquet files.
+"""
+from __future__ import annotations
+
+import math
+import posixpath
+import time
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+from pipeline.stage import Stage
+from stages.sentences import geometric_p, label_two, sentence_means, split_sentences
+
+METHODS = ("score", "none")
+RULES = ("paper", "score", "all")
+LABELS = ("teacher", "student", "common", "unscored")
+
+
+@dataclass
+class ProvenanceConfig:
+    """Knobs of the provenance stage (replicas and GPUs: `resources.provenance`).
+
+    method: "score" (teacher and student score every trace) or "none" (pass-through, no models;
+      score columns null, selected = correct).
+    teacher / student: the models (filled from the recipe's top-level teacher / student; the
+      student is the ORIGINAL student, before sft).
+    rule: selection rule, "paper" | "score" | "all" (module docstring).
+    beta: label margin on p_T - p_S (the paper's best: 0.1; 0.05 and 0.15 were worse).
+    keep_per_problem: rule paper: correct traces kept per problem (the paper keeps 1).
+    top_fraction: rule score without min_score: the share of correct traces kept, best first.
+    min_score: rule score: keep correct traces with provenance_score >= this (null = use
+      top_fraction).
+    max_length: prompt + completion tokens one model scores; longer traces are scored on their
+      first max_length tokens and counted (`truncated`).
+    tokens_per_row: capacity of one packed forward (>= max_length): 16,384 tokens x vocab never
+      meet, the LM head runs `chunk` positions at a time.
+    chunk: positions per LM-head chunk (1,024 x 152k vocab x 4 B = 0.6 GB of fp32 logits).
+    shard_size: traces per shard, the unit of resume and of one actor call.
+    trust_remote_code: let transformers run code shipped with the models (off by default).
+    """
+
+    method: str = "score"
+    teacher: str = ""
+    student: str = ""
+    rule: str = "paper"
+    beta: float = 0.1
+    keep_per_problem: int = 1
+    top_fraction: float = 0.5
+    min_score: float | None = None
+    max_length: int = 4096
+    tokens_per_row: int = 16384
+    chunk: int = 1024
+    shard_size: int = 256
+    trust_remote_code: bool = False
+
+
+def check_config(cfg: ProvenanceConfig) -> None:
+    if cfg.method not in METHODS:
+        raise UserError(f"provenance.method: '{cfg.method}' is not one of {list(METHODS)}")
+    if cfg.rule not in RULES:
+        raise UserError(f"provenance.rule: '{cfg.rule}' is not one of {list(RULES)}")
+    if cfg.beta < 0:
+        raise UserError(f"provenance.beta: must be >= 0, got {cfg.beta}")
+    if cfg.keep_per_problem < 1:
+        raise UserError(f"provenance.keep_per_problem: must be >= 1, got {cfg.keep_per_problem}")
+    if not 0 < cfg.top_fraction <= 1:
+        raise UserError(f"provenance.top_fraction: must be in (0, 1], got {cfg.top_fraction}")
+    if cfg.max_length < 2 or cfg.shard_size < 1 or cfg.chunk < 1:
+        raise UserError("provenance.max_length (>= 2), shard_size and chunk (>= 1) must be positive")
+    if cfg.method == "score":
+        from stages.packed import check_student
+
+        check_student(cfg.teacher, "provenance", "teacher")
+        check_student(cfg.student, "provenance", "student")
+
+
+# --- scoring: one batch of rows in a pool actor --------------------------------------------------
+
+def score_columns():
+    import pyarrow as pa
+
+    return [("sentence_spans", pa.list_(pa.list_(pa.int64()))),
+            ("sentence_labels", pa.list_(pa.string())),
+            ("sentence_p_teacher", pa.list_(pa.float64())),
+            ("sentence_p_student", pa.list_(pa.float64())),
+            ("teacher_sentences", pa.int64()), ("teacher_share", pa.float64()),
+            ("lp_teacher", pa.float64()), ("lp_student", pa.float64()),
+            ("provenance_score", pa.float64()), ("provenance_truncated", pa.bool_()),
+            ("scored_tokens_teacher", pa.int64()), ("scored_tokens_student", pa.int64())]
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The prompt as the model's own chat template renders it, up to the assistant turn."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def completion_means(scored: dict, text_len: int, common_end: int) -> float | None:
+    """Mean log-prob of a model's completion tokens that end within the first common_end
+    characters (the prefix every model scored: truncation cuts tokenizers at different chars)."""
+    logps = [lp for (a, b), lp in zip(scored["offsets"], scored["logps"]) if b <= common_end]
+    return sum(logps) / len(logps) if logps else None
+
+
+def scored_end(scored: dict, text_len: int) -> int:
+    """Characters of the completion a model scored: all, or up to its last scored token."""
+    if not scored["truncated"]:
+        return text_len
+    return scored["offsets"][len(scored["logps"]) - 1][1] if scored["logps"] else 0
+
+
+def trace_columns(text: str, teacher: dict, student: dict, beta: float) -> dict:
+    """The per-row provenance columns from the two models' scored tokens of one completion."""
+    spans = split_sentences(text)
+    p_t = [geometric_p(m) for m in sentence_means(spans, teacher["offsets"], teacher["logps"])]
+    p_s = [geometric_p(m) for m in sentence_means(spans, student["offsets"], student["logps"])]
+    labels = [label_two(a, b, beta) for a, b in zip(p_t, p_s)]
+    common = min(scored_end(teacher, len(text)), scored_end(student, len(text)))
+    lp_t = completion_means(teacher, len(text), common)
+    lp_s = completion_means(student, len(text), common)
+    n_teacher = labels.count("teacher")
+    return {
+        "sentence_spans": [list(s) for s in spans], "sentence_labels": labels,
+        "sentence_p_teacher": p_t, "sentence_p_student": p_s,
+        "teacher_sentences": n_teacher,
+        "teacher_share": n_teacher / len(spans) if spans else None,
+        "lp_teacher": lp_t, "lp_student": lp_s,
+        "provenance_score": lp_t - lp_s if lp_t is not None and lp_s is not None else None,
+        "provenance_truncated": teacher["truncated"] or student["truncated"],
+        "scored_tokens_teacher": len(teacher["logps"]),
+        "scored_tokens_student": len(student["logps"]),
+    }
+
+
+def score_batch(models: dict, batch, cfg: ProvenanceConfig):
+    """Pool actor's call: the batch (pyarrow) + the score columns (see score_columns)."""
+    import pyarrow as pa
+
+    from stages.packed import score_completions
+
+    texts = [t or "" for t in batch.column("pruned_completion").to_pylist()]
+    messages = batch.column("prompt_messages").to_pylist()
+    scored = {}
+    for name in ("teacher", "student"):
+        model, tokenizer = models[name]
+        prompts = [render_prompt(tokenizer, m) for m in messages]
+        scored[name] = score_completions(model, tokenizer, prompts, texts, cfg.max_length,
+                                         cfg.tokens_per_row, cfg.chunk)
+    rows = [trace_columns(text, t, s, cfg.beta)
+            for text, t, s in zip(texts, scored["teacher"], scored["student"])]
+    for name, typ in score_columns():
+        batch = batch.append_column(pa.field(name, typ), pa.array([r[name] for r in rows], typ))
+    return batch
+
+
+def null_columns(table):
+    """method none: the same columns, null (lists empty)."""
+    import pyarrow as pa
+
+    n = table.num_rows
+    for name, typ in score_columns():
+        value = pa.array([[]] * n, typ) if pa.types.is_list(typ) else pa.nulls(n, typ)
+        table = table.append_column(pa.field(name, typ), value)
+    return table
+
+
+# --- selection: on the whole version -----------------------------------------------------------
+
+def select_plan(rows: list[dict], cfg: ProvenanceConfig) -> dict:
+    """{trace_id: (selected, reason)} for dicts with trace_id, problem_id, correct,
+    teacher_sentences, provenance_score."""
+    out, candidates = {}, []
+    for r in rows:
+        if r["correct"] is not True:
+            out[r["trace_id"]] = (False, "incorrect" if r["correct"] is False else "unverified")
+        elif cfg.method == "none":
+            out[r["trace_id"]] = (True, "no_provenance")
+        elif cfg.rule == "all":
+            out[r["trace_id"]] = (True, "all")
+        else:
+            candidates.append(r)
+    if cfg.rule == "paper":
+        by_problem: dict = {}
+        for r in candidates:
+            by_problem.setdefault(r["problem_id"], []).append(r)
+        for traces in by_problem.values():
+            # Most teacher sentences first; then the higher score; trace_id settles the rest.
+            traces.sort(key=lambda r: (-(r["teacher_sentences"] or 0),
+                                       -_score_or_floor(r["provenance_score"]), r["trace_id"]))
+            for k, r in enumerate(traces):
+                out[r["trace_id"]] = ((True, "top_teacher_sentences")
+                                      if k < cfg.keep_per_problem else (False, "not_top_k"))
+    elif cfg.rule == "score" and cfg.min_score is not None:
+        for r in candidates:
+            ok = r["provenance_score"] is not None and r["provenance_score"] >= cfg.min_score
+            out[r["trace_id"]] = (True, "above_min_score") if ok else (False, "below_min_score")
+    elif cfg.rule == "score":
+        ranked = sorted(candidates, key=lambda r: (-_score_or_floor(r["provenance_score"]),
+                                                    r["trace_id"]))
+        keep = math.ceil(cfg.top_fraction * len(ranked))  # 0.5 of 7 traces keeps 4
+        for k, r in enumerate(ranked):
+            out[r["trace_id"]] = ((True, "top_fraction") if k < keep
+                                  else (False, "not_top_fraction"))
+    return out
+
+
+def _score_or_floor(score: float | None) -> float:
+    return -math.inf if score is None else score
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+def run(cfg: ProvenanceConfig, inputs, ctx):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.store import Store
+
+    check_config(cfg)
+    table = inputs["prune"].read_table().sort_by([("problem_id", "ascending"),
+                                                  ("trace_id", "ascending")])
+    shards = [table.slice(start, cfg.shard_size)
+              for start in range(0, table.num_rows, cfg.shard_size)]
+    store = Store(ctx.data_root)
+    fs = store.fs
+    scored_dir = posixpath.join(ctx.out_dir, ".scored")
+
+    def scored_path(k: int) -> str:
+        return posixpath.join(scored_dir, f"part-{k:05d}.parquet")
+
+    def write(t, path: str) -> None:
+        # Atomic: a hidden temp file, then rename; a kill leaves no partial part-*.
+        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(t, f)
+        fs.mv(tmp, path)
+
+    started = time.time()
+    todo, new_tokens = [], 0
+    if cfg.method == "score":
+        fs.makedirs(scored_dir, exist_ok=True)
+        todo = [k for k in range(len(shards)) if not fs.exists(scored_path(k))]
+        print(f"provenance: {table.num_rows} traces in {len(shards)} shards of {cfg.shard_size}; "
+              f"{len(shards) - len(todo)} already scored, {len(todo)} to score", flush=True)
+    if todo:
+        import functools
+
+        import ray.data
+
+        from cluster.scoring import score_batches
+        from stages.packed import ATTENTION, register_attention
+
+        blocks = [shards[k].append_column("_shard", pa.array([k] * shards[k].num_rows, pa.int32()))
+                  for k in todo]
+        ctx.ensure_ray()
+        # One block per shard, batch_size = shard_size: each actor call is one shard (the last
+        # shard, the only short one, comes last), as in generate.
+        out = score_batches(ray.data.from_arrow(blocks),
+                            models={"teacher": cfg.teacher, "student": cfg.student},
+                            score_fn=functools.partial(score_batch, cfg=cfg),
+                            resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
+                            prepare=register_attention, attn_implementation=ATTENTION,
+                            trust_remote_code=cfg.trust_remote_code)
+        pending: dict[int, list] = {}
+        # prefetch_batches=0: a finished shard is written as soon as it arrives (generate.py).
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow",
+                                      prefetch_batches=0):
+            for k in set(batch.column("_shard").to_pylist()):
+                pending.setdefault(k, []).append(batch.filter(pc.equal(batch.column("_shard"), k)))
+                if sum(t.num_rows for t in pending[k]) < shards[k].num_rows:
+                    continue
+                done = pa.concat_tables(pending.pop(k)).drop(["_shard"])
+                write(done.sort_by([("problem_id", "ascending"), ("trace_id", "ascending")]),
+                      scored_path(k))
+                new_tokens += (sum(done.column("scored_tokens_teacher").to_pylist())
+                               + sum(done.column("scored_tokens_student").to_pylist()))
+                print(f"provenance: shard {k} scored ({done.num_rows} traces)", flush=True)
+        if pending:
+            raise RuntimeError(f"provenance: shards {sorted(pending)} came back incomplete")
+    score_s = time.time() - started
+
+    if cfg.method == "score":
+        parts = [pq.read_table(scored_path(k), filesystem=store.arrow_fs())
+                 for k in range(len(shards))]
+    else:
+        parts = [null_columns(s) for s in shards]
+    light = pa.concat_tables([p.select(["trace_id", "problem_id", "correct", "teacher_sentences",
+                                        "provenance_score"]) for p in parts]) if parts else None
+    plan = select_plan(light.to_pylist() if light is not None else [], cfg)
+    for k, part in enumerate(parts):
+        ids = part.column("trace_id").to_pylist()
+        part = part.append_column("selected", pa.array([plan[t][0] for t in ids], pa.bool_()))
+        part = part.append_column("select_reason", pa.array([plan[t][1] for t in ids],
+                                                            pa.string()))
+        write(part, posixpath.join(ctx.out_dir, f"part-{k:05d}.parquet"))
+    if fs.exists(scored_dir):
+        fs.rm(scored_dir, recursive=True)
+    if not parts:  # no rows: readers still need the schema
+        empty = null_columns(table.slice(0, 0))
+        empty = empty.append_column("selected", pa.array([], pa.bool_()))
+        empty = empty.append_column("select_reason", pa.array([], pa.string()))
+        write(empty, posixpath.join(ctx.out_dir, "part-00000.parquet"))
+    ctx.stats.update(_stats(parts, plan, cfg, todo, new_tokens, score_s))
+    return None
+
+
+def _stats(parts, plan: dict, cfg: ProvenanceConfig, todo: list, new_tokens: int,
+           score_s: float) -> dict:
+    import pyarrow as pa
+
+    reasons: dict = {}
+    for selected, reason in plan.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    stats = {"method": cfg.method, "rule": cfg.rule, "beta": cfg.beta,
+             "traces": len(plan), "selected": sum(s for s, _ in plan.values()),
+             "not_selected": sum(not s for s, _ in plan.values()),
+             "select_reasons": dict(sorted(reasons.items())),
+             "shards": len(parts), "shards_scored_this_run": len(todo)}
+    if cfg.method == "none" or not parts:
+        return stats
+    t = pa.concat_tables([p.select(["sentence_labels", "provenance_score", "provenance_truncated",
+                                    "scored_tokens_teacher", "scored_tokens_student",
+                                    "teacher_share", "correct"]) for p in parts]).to_pylist()
+    labels = {label: 0 for label in LABELS}
+    for r in t:
+        for label in r["sentence_labels"]:
+            labels[label] += 1
+    sentences = sum(labels.values())
+    scores = sorted(r["provenance_score"] for r in t if r["provenance_score"] is not None)
+    tokens = sum(r["scored_tokens_teacher"] + r["scored_tokens_student"] for r in t)
+
+    def share(rows):
+        vals = [r["teacher_share"] for r in rows if r["teacher_share"] is not None]
+        return round(sum(vals) / len(vals), 4) if vals else None
+
+    stats.update({
+        "truncated": sum(r["provenance_truncated"] for r in t),
+        "sentences": sentences,
+        "sentence_labels": labels,
+        "sentence_label_shares": {k: round(n / sentences, 4) if sentences else None
+                                  for k, n in labels.items()},
+        "teacher_share_mean": share(t),
+        "teacher_share_mean_correct": share([r for r in t if r["correct"] is True]),
+        "teacher_share_mean_incorrect": share([r for r in t if r["correct"] is False]),
+        "provenance_score_mean": round(sum(scores) / len(scores), 5) if scores else None,
+        "provenance_score_p10": round(scores[len(scores) // 10], 5) if scores else None,
+        "provenance_score_p50": round(scores[len(scores) // 2], 5) if scores else None,
+        "provenance_score_p90": round(scores[min(len(scores) - 1, 9 * len(scores) // 10)], 5)
+        if scores else None,
+        "scored_tokens": tokens,
+        "scored_tokens_this_run": new_tokens,
+        # Both models' tokens scored by this run over its wall time (actor start and model
+        # loading included); None on a rerun that scored nothing.
+        "scored_tok_per_s": round(new_tokens / score_s, 1) if todo and score_s > 0 else None,
+    })
+    return stats
+
+
+STAGE = Stage(
+    name="provenance",
+    config=ProvenanceConfig,
+    reads=("prune",),
+    requires=("problem_id", "trace_id", "correct", "pruned_completion", "prompt_messages"),
+    adds=("sentence_spans", "sentence_labels", "sentence_p_teacher", "sentence_p_student",
+          "teacher_sentences", "teacher_share", "lp_teacher", "lp_student", "provenance_score",
+          "provenance_truncated", "selected", "select_reason"),
+    run=run,
+    resumable=True,
+)
