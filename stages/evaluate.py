@@ -59,6 +59,9 @@ class EvaluateConfig:
     temperature / top_p / top_k / max_tokens / seed: sampling (METHODS.md: T 0.6, top-p 0.95).
     system_prompt / problem_template: how a problem becomes the chat sent to the model; keep
       them equal to generate's, so the models are asked as the teacher was.
+    chat_template / prompt_format: how that chat becomes the prompt text, for every model in
+      `models` ("" / "chat" = each model's own template; "raw" = the problem template alone, for
+      base models; see generate and stages/chat.py).
     verify_answer_field / verify_fallbacks / verify_timeout_s: as verify's answer_field,
       fallbacks and timeout_s ("final" = the text after </think>).
     """
@@ -87,6 +90,8 @@ class EvaluateConfig:
     seed: int = 0
     system_prompt: str = ""
     problem_template: str = PROBLEM_TEMPLATE
+    chat_template: str = ""
+    prompt_format: str = "chat"
     verify_answer_field: str = "final"
     verify_fallbacks: list = field(default_factory=lambda: ["answer_is"])
     verify_timeout_s: float = 5.0
@@ -215,11 +220,13 @@ def resolve_models(cfg: EvaluateConfig, inputs) -> dict[str, str]:
 
 
 def run(cfg: EvaluateConfig, inputs, ctx):
+    import functools
+
     import pyarrow as pa
     import ray.data
 
     from cluster.inference import Sampling, check_model, complete_chats
-    from stages.chat import prompt_messages, split_think
+    from stages.chat import check_chat_format, prompt_messages, render_prompt, split_think
     from stages.prompts import normalize, problem_id
     from stages.verify import VerifyConfig, verify_rows
 
@@ -229,8 +236,13 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     if "{problem}" not in cfg.problem_template:
         raise UserError("evaluate.problem_template must contain {problem}")
     models = resolve_models(cfg, inputs)
-    for path in models.values():
+    template = ""
+    for name, path in models.items():  # before Ray starts: stages/chat.py
         check_model(path)
+        template = check_chat_format(path, cfg.chat_template, cfg.prompt_format, "evaluate",
+                                     role=f"models[{name}]")
+    render = functools.partial(render_prompt, chat_template=template,
+                               prompt_format=cfg.prompt_format)
 
     problems = load_eval_problems(cfg)
     ctx.rows_in = len(problems)
@@ -270,7 +282,8 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     for name, path in models.items():
         # One engine pool per model, torn down (engine shut down) when the dataset is consumed.
         out = complete_chats(ray.data.from_arrow(table), model=path, sampling=sampling,
-                             n=cfg.samples, resources=ctx.resources, ctx=ctx, batch_size=None)
+                             n=cfg.samples, resources=ctx.resources, ctx=ctx, batch_size=None,
+                             render=render)
         t = pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
         t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
         completions = t.column("completion").to_pylist()

@@ -26,6 +26,7 @@ Reproducibility (what is the same on a rerun with the same seed and config):
 """
 from __future__ import annotations
 
+import functools
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from cluster.inference import Endpoint, Sampling, check_model, complete_chats
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.chat import PROBLEM_TEMPLATE, messages_type, prompt_messages, split_think, trace_id
+from stages.chat import (PROBLEM_TEMPLATE, check_chat_format, messages_type, prompt_messages,
+                         render_prompt, split_think, trace_id)
 
 
 @dataclass
@@ -48,6 +50,10 @@ class GenerateConfig:
     system_prompt: optional system message ("" = none).
     problem_template: the user turn; "{problem}" is replaced by the problem text (plain text
       replacement: other braces, as in \\boxed{}, need no escaping).
+    chat_template: "" = the teacher's own; else Jinja text or a path to a .jinja file (a base
+      model has none). vllm backend only.
+    prompt_format: "chat" (rendered with the chat template) or "raw" (the problem template is the
+      whole prompt: base models, R1-style raw prompts). stages/chat.py, "rendering a prompt".
     shard_size: problems per shard: the unit of resume and of one engine batch
       (256 problems * n=8 = 2048 sequences in flight keeps an engine's continuous batching full).
     max_model_len: the engine's context length (0 = the model's); a prompt longer than it is not
@@ -68,6 +74,8 @@ class GenerateConfig:
     stop: list = field(default_factory=list)
     system_prompt: str = ""
     problem_template: str = PROBLEM_TEMPLATE
+    chat_template: str = ""
+    prompt_format: str = "chat"
     shard_size: int = 256
     max_model_len: int = 0
     trust_remote_code: bool = False
@@ -98,8 +106,19 @@ def run(cfg: GenerateConfig, inputs, ctx):
         raise UserError("generate.n and generate.shard_size must be at least 1")
     if "{problem}" not in cfg.problem_template:
         raise UserError("generate.problem_template must contain {problem}")
+    render = None
     if cfg.backend == "vllm":
         check_model(cfg.teacher)  # before Ray starts: a wrong path is the user's, and instant
+        # ... and so is a teacher without a chat template (a base model), a config that is not a
+        # causal LM, truncated weights: answered here, not as a traceback from an engine actor.
+        template = check_chat_format(cfg.teacher, cfg.chat_template, cfg.prompt_format,
+                                     "generate")
+        render = functools.partial(render_prompt, chat_template=template,
+                                   prompt_format=cfg.prompt_format)
+    elif cfg.chat_template or cfg.prompt_format != "chat":
+        raise UserError("generate.chat_template / generate.prompt_format: the openai backend "
+                        "sends chats and the server renders them (start it with its own "
+                        "--chat-template); use backend=vllm for a raw prompt or an override")
     endpoint = None
     if cfg.backend == "openai":
         endpoint = Endpoint(base_url=cfg.base_url, api_key_env=cfg.api_key_env,
@@ -148,7 +167,7 @@ def run(cfg: GenerateConfig, inputs, ctx):
                              sampling=sampling, n=cfg.n, endpoint=endpoint,
                              resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
                              max_model_len=cfg.max_model_len,
-                             trust_remote_code=cfg.trust_remote_code)
+                             trust_remote_code=cfg.trust_remote_code, render=render)
         pending: dict[int, list] = {}
         # prefetch_batches=0: with prefetching, a finished shard reaches this loop only when the
         # next one is done too (measured: one shard late), and a kill then loses both.

@@ -50,6 +50,8 @@ class PruneConfig:
     rewrite_max_tokens: generation length of the rewrite call.
     max_model_len: the engine's context length (0 = the model's); the prompt holds the trace.
     temperature / seed: sampling of the rewrite call (0 = greedy).
+    chat_template / prompt_format: rewrite mode, vllm backend: how the judge prompt is rendered
+      for the teacher ("" / "chat" = its own chat template; see generate and stages/chat.py).
     on_reject: rewrite mode: a rewrite that fails re-verification keeps the original trace
       ("keep") or drops the row ("drop").
     """
@@ -67,6 +69,8 @@ class PruneConfig:
     max_model_len: int = 0
     temperature: float = 0.0
     seed: int = 0
+    chat_template: str = ""
+    prompt_format: str = "chat"
     on_reject: str = "keep"
 
 
@@ -259,6 +263,7 @@ def _token_counter(name: str):
 
 def run_rewrite(cfg: PruneConfig, inputs, ctx):
     import collections
+    import functools
 
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -266,6 +271,8 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
 
     from pipeline.config import build_config
     from cluster.inference import Endpoint, Sampling, complete_chats
+    from stages.chat import check_chat_format
+    from stages.chat import render_prompt as render_chat  # render_prompt here fills judge.txt
     from stages.verify import VerifyConfig
 
     # Re-verify with exactly the settings the verify version used.
@@ -273,6 +280,14 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
                         f"{inputs['verify'].ref()} manifest config")
     prompts = load_prompts(cfg.prompts_dir or PROMPTS_DIR)
     tokenizer = cfg.tokenizer or cfg.teacher
+    render = None
+    if cfg.backend == "vllm":  # before Ray starts (a base-model teacher: stages/chat.py)
+        template = check_chat_format(cfg.teacher, cfg.chat_template, cfg.prompt_format, "prune")
+        render = functools.partial(render_chat, chat_template=template,
+                                   prompt_format=cfg.prompt_format)
+    elif cfg.chat_template or cfg.prompt_format != "chat":
+        raise UserError("prune.chat_template / prune.prompt_format: the openai backend's "
+                        "server renders chats itself; use backend=vllm for these")
     ctx.ensure_ray()
     src = inputs["verify"].read_ray()
     message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -297,7 +312,7 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
             sampling=Sampling(temperature=cfg.temperature, max_tokens=cfg.rewrite_max_tokens,
                               seed=cfg.seed),
             resources=ctx.resources, ctx=ctx, messages_column="rewrite_messages",
-            endpoint=endpoint, max_model_len=cfg.max_model_len)
+            endpoint=endpoint, max_model_len=cfg.max_model_len, render=render)
         got = [t for t in ray.get(answers.select_columns(
             ["trace_id", "completion", "finish_reason"]).to_arrow_refs()) if t.num_rows]
     outputs = {}

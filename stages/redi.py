@@ -47,6 +47,7 @@ class REDIConfig:
     collapse_margin: warn when the mean length-normalized log-probs of chosen AND rejected have
       both fallen more than this many nats/token below their first logged values.
     seed / save_steps / logging_steps / report_to: as in sft.
+    chat_template / prompt_format: as in sft (use the values sft used).
     """
 
     loss: str = "redi"
@@ -65,6 +66,8 @@ class REDIConfig:
     pairs_per_step: int = 32
     collapse_margin: float = 0.05
     seed: int = 0
+    chat_template: str = ""
+    prompt_format: str = "chat"
     save_steps: int = 50
     logging_steps: int = 1
     report_to: str = "tensorboard"
@@ -229,6 +232,7 @@ def run(cfg: REDIConfig, inputs, ctx):
     from transformers import AutoTokenizer
 
     from cluster.train import fit
+    from stages.chat import check_chat_format
     from stages.packed import encode, fit_length, packed_row, read_stats, upstream_drops, worker_config
 
     if cfg.loss not in ("redi", "dpo", "simpo"):
@@ -243,6 +247,7 @@ def run(cfg: REDIConfig, inputs, ctx):
         raise UserError(f"redi.pairs_per_step={cfg.pairs_per_step} is fewer than the "
                         f"{workers} workers: each worker needs at least one pair per step")
     start = inputs["sft"].path  # the SFT checkpoint folder is the student REDI starts from
+    template = check_chat_format(start, cfg.chat_template, cfg.prompt_format, "redi", "student")
     tokenizer = AutoTokenizer.from_pretrained(start)
     source = inputs["select"]
     table = source.read_table("pairs", columns=["prompt", "chosen", "rejected"])
@@ -258,7 +263,8 @@ def run(cfg: REDIConfig, inputs, ctx):
             if not row[side] or row[side][-1]["role"] != "assistant":
                 raise UserError(f"redi: {source.ref()} split 'pairs' row {i}: '{side}' must end "
                                 "with an assistant message")
-            ids, n_prompt, outcome = fit_length(*encode(tokenizer, row["prompt"], row[side]),
+            ids, n_prompt, outcome = fit_length(*encode(tokenizer, row["prompt"], row[side], template,
+                                                       cfg.prompt_format),
                                                 cfg.max_length, cfg.overlong)
             sides.append((ids, n_prompt, outcome))
         dropped = [o for ids, _, o in sides if ids is None]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.chat import check_chat_format
 from stages.packed import (check_student, completion_logps, encode, fit_length, global_sum, pack,
                            packed_row, read_stats, train_packed, upstream_drops, worker_config)
 
@@ -45,6 +46,9 @@ class SFTConfig:
       interrupted run restarts from the newest one when run again with the same config.
     logging_steps: log loss / LR every N steps (TensorBoard under <version>/logs, manifest lists).
     report_to: "tensorboard", "none", or any transformers `report_to` value (wandb, mlflow …).
+    chat_template / prompt_format: how a conversation becomes the training text: "" / "chat" =
+      the student's own chat template; "raw" = prompt text + answer text + EOS (a base model
+      without a template). Use the same values in evaluate. stages/chat.py.
     """
 
     student: str = ""
@@ -59,6 +63,8 @@ class SFTConfig:
     overlong: str = "truncate"
     tokens_per_step: int = 16384
     seed: int = 0
+    chat_template: str = ""
+    prompt_format: str = "chat"
     save_steps: int = 50
     logging_steps: int = 1
     report_to: str = "tensorboard"
@@ -99,6 +105,7 @@ def run(cfg: SFTConfig, inputs, ctx):
                         f"{capacity}-token rows, shorter than sft.max_length={cfg.max_length}: "
                         f"raise tokens_per_step to at least {cfg.max_length * workers}")
     student = check_student(cfg.student, "sft")
+    template = check_chat_format(student, cfg.chat_template, cfg.prompt_format, "sft", "student")
     tokenizer = AutoTokenizer.from_pretrained(student)
     source = inputs["select"]
     messages = source.read_table("sft", columns=["messages"]).column("messages").to_pylist()
@@ -111,7 +118,8 @@ def run(cfg: SFTConfig, inputs, ctx):
         if not conversation or conversation[-1]["role"] != "assistant":
             raise UserError(f"sft: {source.ref()} split 'sft' row {i}: the last message must be "
                             "the assistant's answer")
-        ids, n_prompt, outcome = fit_length(*encode(tokenizer, conversation[:-1], conversation[-1:]),
+        ids, n_prompt, outcome = fit_length(*encode(tokenizer, conversation[:-1], conversation[-1:],
+                                                   template, cfg.prompt_format),
                                             cfg.max_length, cfg.overlong)
         if ids is None:
             ctx.drops[outcome] += 1
