@@ -27,9 +27,10 @@ def _rows():
 def test_select_sft_and_pairs(tmp_path, ray_cluster):
     recipe = write_generate(tmp_path, _rows(), [
         "prune.budgets={easy: 100000, medium: 100000, hard: 100000}",
-        "select.sft_per_problem=2", "select.seed=7"])
+        "provenance.method=none", "select.sft_per_problem=2", "select.seed=7"])
     run("verify", recipe)
-    pruned = run("prune", recipe)
+    run("prune", recipe)
+    pruned = run("provenance", recipe)    # method none: every prune row, selected = correct
     s = run("select", recipe)
     assert s.splits == ["sft", "pairs"]
     sft = s.read_table("sft").to_pylist()
@@ -37,6 +38,7 @@ def test_select_sft_and_pairs(tmp_path, ray_cluster):
 
     # What the plan says, from the prune version's rows, is exactly what was written.
     rows = pruned.read_table().to_pylist()
+    assert all(r["selected"] == (r["correct"] is True) for r in rows)
     want_sft, want_pairs, no_pair = plan(rows, SelectConfig(seed=7, sft_per_problem=2))
     assert [r["trace_id"] for r in sft] == [r["trace_id"] for r in want_sft]
     assert [(p["chosen_trace_id"], p["rejected_trace_id"]) for p in pairs] == \
@@ -71,7 +73,7 @@ def test_select_sft_and_pairs(tmp_path, ray_cluster):
 
 def _plan_rows(n=8):
     return [{"problem_id": "p", "trace_id": f"t{i:02d}", "correct": i % 2 == 0,
-             "prompt_tokens": 10, "pruned_tokens": 10} for i in range(n)]
+             "selected": i % 2 == 0, "prompt_tokens": 10, "pruned_tokens": 10} for i in range(n)]
 
 
 def test_pairs_deterministic_under_the_seed():
@@ -87,9 +89,10 @@ def test_pairs_deterministic_under_the_seed():
 def test_sft_rows_render_with_assistant_only_mask(tmp_path, ray_cluster, tiny_model):
     from transformers import AutoTokenizer
 
-    recipe = write_generate(tmp_path, _rows()[:6])
+    recipe = write_generate(tmp_path, _rows()[:6], ["provenance.method=none"])
     run("verify", recipe)
     run("prune", recipe)
+    run("provenance", recipe)
     s = run("select", recipe)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = s.read_table("sft").to_pylist()
@@ -111,19 +114,22 @@ def test_sft_rows_render_with_assistant_only_mask(tmp_path, ray_cluster, tiny_mo
 
 
 def test_verify_prune_select_on_real_generated_traces(tmp_path, ray_cluster, tiny_model):
-    """prompts -> generate (vLLM, the tiny model) -> verify -> prune -> select, real stages."""
+    """prompts -> generate (vLLM, the tiny model) -> verify -> prune -> provenance (the tiny model
+    as teacher and student) -> select, real stages."""
     from pipeline.config import load_recipe
     from pipeline.runner import run_stage
     from stages.verify import extract_answer
 
     recipe = load_recipe("configs/tiny.yaml", [
-        f"data_root={tmp_path / 'data'}", f"teacher={tiny_model}", "prompts.synthetic_n=6",
+        f"data_root={tmp_path / 'data'}", f"teacher={tiny_model}", f"student={tiny_model}",
+        "prompts.synthetic_n=6",
         "generate.n=4", "generate.max_tokens=24", "generate.shard_size=6"], STAGES)
     quiet = dict(log=lambda *_: None)
     run_stage("prompts", recipe, **quiet)
     gen = run_stage("generate", recipe, **quiet)
     v = run_stage("verify", recipe, **quiet)
     p = run_stage("prune", recipe, **quiet)
+    prov = run_stage("provenance", recipe, **quiet)
     s = run_stage("select", recipe, **quiet)
 
     traces = gen.read_table().to_pylist()
@@ -148,3 +154,11 @@ def test_verify_prune_select_on_real_generated_traces(tmp_path, ray_cluster, tin
     assert st["problems"] == 6
     assert st["pairs"] + sum(st["problems_without_pair"].values()) == 6
     assert st["sft_rows"] == s.rows["sft"] and st["pairs"] == s.rows["pairs"]
+    # provenance scored every prune row (teacher = student here: every sentence "common",
+    # score 0) and select's SFT rows are exactly the selected traces within its cap.
+    scored = prov.read_table().to_pylist()
+    assert len(scored) == len(pruned)
+    assert all(set(r["sentence_labels"]) <= {"common"} and abs(r["provenance_score"]) < 1e-5
+               for r in scored if r["sentence_labels"])
+    sft_ids = {r["trace_id"] for r in s.read_table("sft").to_pylist()}
+    assert sft_ids <= {r["trace_id"] for r in scored if r["selected"]}
