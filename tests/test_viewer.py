@@ -238,6 +238,24 @@ def test_http_reads_only_plain_names_and_versions_that_exist(built, server):
     assert runs["verify"]["incomplete"] == ["half0test"]
 
 
+def test_a_version_that_vanishes_is_an_answer_not_a_500(built, server):
+    c = httpx.Client(base_url=server)
+    store, verify = built["store"], built["verify"]
+    for name in ("gone0test", "parts0test"):
+        _commit(store, "verify", name, verify.read_table(), {"generate": built["generate"].version})
+    store.set_latest("verify", verify.version)
+    for name in ("gone0test", "parts0test"):      # opened (and cached) while complete
+        assert c.get(f"/api/rows/verify/{name}").status_code == 200
+    shutil.rmtree(store.version_dir("verify", "gone0test"))
+    for part in store.get("verify", "parts0test").parquet_files():
+        os.remove(part)
+    r = c.get("/api/rows/verify/gone0test")
+    assert r.status_code == 404 and "no such version" in r.json()["error"]
+    r = c.get("/api/count/verify/parts0test")
+    assert r.status_code == 410 and "Parquet parts are gone" in r.json()["error"]
+    shutil.rmtree(store.version_dir("verify", "parts0test"))
+
+
 def _raw_get(base: str, target: str) -> tuple[int, str]:
     host, port = base.rsplit("//", 1)[1].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:

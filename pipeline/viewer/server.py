@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from pipeline.errors import UserError
 from pipeline.store import Store, Version
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
@@ -138,6 +139,11 @@ class Viewer:
     """The store, the open DuckDB databases (one per version/split), and the queries."""
 
     def __init__(self, store: Store, stage_order: list[str], limits: ViewerLimits | None = None):
+        protocols = store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
+        if "file" not in protocols:
+            # DuckDB would need httpfs (an extension download) and credentials for object stores.
+            raise UserError(f"distillery view reads local data roots only, not {store.url} "
+                            "(copy or mount the versions you want to look at)")
         self.store = store
         self.stage_order = list(stage_order)
         self.limits = limits or ViewerLimits()
@@ -308,8 +314,11 @@ class Viewer:
             return con, columns
 
     def query(self, src: Source, sql: str, params: list | None = None, seconds: float | None = None,
-              max_rows: int | None = None) -> tuple[list[str], list[tuple]]:
-        """Run one query on its own cursor; a timer interrupts it after `seconds`."""
+              max_rows: int | None = None, user_sql: bool = False) -> tuple[list[str], list[tuple]]:
+        """Run one query on its own cursor; a timer interrupts it after `seconds`.
+
+        user_sql: the SQL box's text: its errors (a typo, a refused file) are the user's, 400.
+        """
         con, _ = self._db(src)
         cur = con.cursor()
         seconds = self.limits.query_seconds if seconds is None else seconds
@@ -323,11 +332,22 @@ class Viewer:
         except duckdb.InterruptException:
             raise ViewError(408, f"query stopped after its time limit of {seconds:g} s") from None
         except duckdb.IOException as e:
+            if user_sql:
+                raise ViewError(400, f"IOException: {str(e).splitlines()[0]}") from None
             raise ViewError(410, f"{src.stage}@{src.version}: its files changed or vanished "
                             f"({str(e).splitlines()[0]}); reload the runs page") from None
+        except duckdb.Error as e:
+            raise ViewError(400 if user_sql else 500, f"{type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}") from None
         finally:
             timer.cancel()
             cur.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for con, _ in self._dbs.values():
+                con.close()
+            self._dbs.clear()
 
     def columns(self, src: Source) -> dict:
         return self._db(src)[1]
@@ -522,11 +542,8 @@ class Viewer:
             raise ViewError(400, f"only SELECT is allowed here, not {statements[0].type.name}")
         body = statements[0].query.strip().rstrip(";").strip()
         limit = self.limits.sql_rows
-        try:
-            names, rows = self.query(src, f"SELECT * FROM ({body}) AS q LIMIT {limit + 1}",
-                                     seconds=self.limits.sql_seconds)
-        except duckdb.Error as e:
-            raise ViewError(400, f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+        names, rows = self.query(src, f"SELECT * FROM ({body}) AS q LIMIT {limit + 1}",
+                                 seconds=self.limits.sql_seconds, user_sql=True)
         return {"columns": names, "rows": [list(r) for r in rows[:limit]],
                 "truncated": len(rows) > limit, "row_limit": limit}
 
@@ -633,7 +650,11 @@ def serve(store: Store, stage_order: list[str], host: str = "127.0.0.1", port: i
           limits: ViewerLimits | None = None) -> None:
     import uvicorn
 
-    app = make_app(Viewer(store, stage_order, limits))
+    viewer = Viewer(store, stage_order, limits)
+    app = make_app(viewer)
     print(f"distillery view: http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}/ "
           f"(data root {store.url}; Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        viewer.close()

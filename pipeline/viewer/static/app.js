@@ -41,6 +41,11 @@ async function api(path, params) {
   return body;
 }
 
+function cellClass(v) {
+  if (typeof v === "number") return "num";
+  return (typeof v === "string" && v.length > 40) || (v !== null && typeof v === "object") ? "text" : "";
+}
+
 function errorBox(err) { return el("div", { class: "error" }, String(err.message || err)); }
 
 function link(text, hash) { return el("a", { href: hash, text }); }
@@ -274,7 +279,7 @@ async function versionPage(stage, version, params) {
           const p = new URLSearchParams(); if (split) p.set("split", split);
           tr.append(el("td", {}, link(v, "#/p/" + enc(stage, version, v) + (String(p) ? "?" + p : ""))));
         } else {
-          tr.append(el("td", { class: typeof v === "number" ? "num" : "text" }, show(v) + cut));
+          tr.append(el("td", { class: cellClass(v) }, show(v) + cut));
         }
       });
       if (pidIndex >= 0 && !shown.includes("problem_id")) {
@@ -302,7 +307,7 @@ async function versionPage(stage, version, params) {
     try {
       const res = await api("/api/sql/" + enc(stage, version), p);
       const t = el("table", { id: "sql-table" }, el("tr", {}, ...res.columns.map(c => el("th", {}, c))),
-        ...res.rows.map(r => el("tr", {}, ...r.map(v => el("td", { class: typeof v === "number" ? "num" : "text" }, show(v))))));
+        ...res.rows.map(r => el("tr", {}, ...r.map(v => el("td", { class: cellClass(v) }, show(v))))));
       sqlOut.replaceChildren(t, res.truncated ? el("p", { class: "muted" }, `first ${res.row_limit} rows shown`) : "");
     } catch (e) { sqlOut.replaceChildren(errorBox(e)); }
   };
@@ -358,7 +363,8 @@ function sampleCard(row) {
   if ("reasoning" in row) {
     card.append(textBlock("reasoning", row.reasoning, false), el("div", {}, "final:"), el("pre", { class: "text final" }, show(row.final)));
   } else if ("completion" in row) {
-    card.append(textBlock("completion", row.completion, true));
+    // Open unless the provenance view below shows the same text, coloured.
+    card.append(textBlock("completion", row.completion, !(row.sentence_spans)));
   }
   if ("pruned_completion" in row && !("sentence_spans" in row)) {
     const same = row.pruned_completion === row.completion;
