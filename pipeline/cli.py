@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from pipeline.errors import UserError
@@ -229,14 +230,52 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-model":
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items = list(args.items) + extra
+    return run_guarded(args.func, args)
+
+
+def run_guarded(func, args) -> int:
+    """func(args) with the exit codes of the module docstring: a UserError — raised here or
+    inside a Ray task, actor, Ray Data UDF or Ray Train worker — is one line and exit 2."""
     try:
-        return args.func(args)
+        return func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = user_error_inside(e)
+        if message is None:
+            raise  # a bug: exit 1 with its traceback
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+_USER_ERROR_LINE = re.compile(r"^(?:pipeline\.errors\.)?UserError: (.+)$", re.MULTILINE)
+
+
+def user_error_inside(error: BaseException) -> str | None:
+    """The message of a UserError that a Ray wrapper carries, or None.
+
+    Ray wraps a worker's exception: RayTaskError (`.cause`, and it subclasses the cause's type
+    with the remote traceback in its text), Ray Data's UserCodeException (`__cause__`), Ray
+    Train's TrainingFailedError (`worker_failures`), and ActorDiedError for a failed actor
+    constructor, which keeps only the remote traceback as text — hence the last resort of
+    reading "UserError: <message>" from the text.
+    """
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is UserError:
+            return str(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+    found = _USER_ERROR_LINE.findall(str(error))
+    return found[-1].strip() if found else None
 
 
 if __name__ == "__main__":

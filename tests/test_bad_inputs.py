@@ -135,3 +135,72 @@ def test_windows_jsonl_through_the_console_script(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert completes(str(tmp_path / "data"), "prompts")
+
+
+# --------------------------------------------------------------------- item 5: errors inside Ray
+
+def _guarded(job, capsys) -> tuple[int, str]:
+    from pipeline.cli import run_guarded
+
+    code = run_guarded(lambda args: job(), None)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["data task", "actor constructor", "data actor pool"])
+def test_user_errors_raised_inside_ray_reach_the_cli_as_exit_2(where, ray_cluster, capsys):
+    """Before: Ray's RayTaskError / ActorDiedError traceback and exit 1."""
+    import ray
+    import ray.data
+
+    from pipeline.errors import UserError
+
+    # Defined here, not at module level: Ray's workers cannot import a test module, and
+    # cloudpickle sends local functions and classes by value.
+    class FailingActor:
+        def __init__(self):
+            raise UserError("teacher /models/base: the model has no chat template (from an actor)")
+
+        def ping(self):
+            return 1
+
+    class FailingUDF:  # a Ray Data actor-pool UDF whose constructor fails, like a vLLM engine
+        def __init__(self):
+            raise UserError("teacher /models/bad: its tokenizer does not load (from a pool actor)")
+
+        def __call__(self, batch):
+            return batch
+
+    def failing_batch(batch):
+        raise UserError("rows.jsonl: line 3: field 'problem': expected text (from a Ray Data task)")
+
+    def job():
+        if where == "data task":
+            ray.data.range(8).map_batches(failing_batch).materialize()
+        elif where == "actor constructor":
+            actor = ray.remote(FailingActor).remote()
+            ray.get(actor.ping.remote())
+        else:
+            ray.data.range(8).map_batches(
+                FailingUDF, compute=ray.data.ActorPoolStrategy(size=1)).materialize()
+
+    code, err = _guarded(job, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    want = {"data task": "rows.jsonl: line 3: field 'problem': expected text (from a Ray Data task)",
+            "actor constructor": "teacher /models/base: the model has no chat template (from an actor)",
+            "data actor pool": "teacher /models/bad: its tokenizer does not load (from a pool actor)"}
+    assert lines[0] == f"error: {want[where]}"
+    assert "Traceback" not in err.split(lines[0])[-1]
+
+
+def test_other_errors_inside_ray_stay_exit_1_with_their_traceback(ray_cluster, capsys):
+    import ray.data
+
+    def boom(batch):
+        raise ZeroDivisionError("a bug, not the user's input")
+
+    from pipeline.cli import run_guarded
+
+    with pytest.raises(Exception, match="a bug"):
+        run_guarded(lambda args: ray.data.range(4).map_batches(boom).materialize(), None)
