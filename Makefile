@@ -1,6 +1,7 @@
 # Distillery — two commands set everything up on a fresh machine:
 #   make pipeline                          # the built-in demo (no TEACHER) or TEACHER=… STUDENT=…
 #   make test                              # the test suite (fast tier + CPU integration tests)
+#   make submit RECIPE=… ADDRESS=http://head:8265 [STAGE=all] [ARGS=…]   # a Ray job (docs/cluster.md)
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -13,8 +14,10 @@ RECIPE ?= configs/tiny.yaml
 TEACHER ?=
 STUDENT ?=
 ARGS ?=
+STAGE ?= all
+ADDRESS ?= $(RAY_ADDRESS)
 
-.PHONY: install pipeline test bench clean-data
+.PHONY: install pipeline test bench submit clean-data
 
 install: $(VENV)/.installed-$(EXTRA)
 
@@ -38,6 +41,10 @@ endif
 
 test: install
 	$(VENV)/bin/python -m pytest $(ARGS)
+
+# The same `distillery run STAGE` as a Ray job on the cluster at ADDRESS; logs stream back.
+submit: install
+	$(VENV)/bin/distillery submit $(STAGE) --recipe $(RECIPE) $(if $(ADDRESS),--address $(ADDRESS)) $(ARGS)
 
 bench: install
 	for b in bench/*.py; do $(VENV)/bin/python $$b || exit 1; done

@@ -42,6 +42,8 @@ def cmd_run(args) -> int:
     from stages import STAGES
 
     pins, overrides = _split_refs(args.items)
+    if args.shared_fs:  # read by pipeline.stage.check_storage on a multi-node cluster
+        os.environ["DISTILLERY_SHARED_FS"] = "1"
     recipe = _recipe(args, overrides)
     if args.stage == "all":
         names = recipe.stages
@@ -121,6 +123,19 @@ def cmd_demo(args) -> int:
     return demo_main(args)
 
 
+def cmd_submit(args) -> int:
+    from cluster.jobs import submit
+
+    _split_refs(args.items)  # a bad item is the user's error here, not the job's
+    return submit(args.address, args.stage, args.recipe, args.items, args.no_wait, args.shared_fs)
+
+
+def cmd_jobs(args) -> int:
+    from cluster.jobs import jobs
+
+    return jobs(args.address, args.action, args.job_id, args.follow)
+
+
 def cmd_report(args) -> int:
     from pipeline.report import write_report
 
@@ -159,7 +174,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("stage", help="stage name or `all`")
     with_recipe(r)
     r.add_argument("items", nargs="*", metavar="key=value|stage@version")
+    shared_fs_help = ("the local data_root is a shared filesystem (NFS) mounted at the same "
+                      "path on every node of the cluster (else a multi-node cluster refuses it)")
+    r.add_argument("--shared-fs", action="store_true", help=shared_fs_help)
     r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("submit", help="run STAGE (or `all`) on a Ray cluster as a Ray job",
+                       description="Submit `distillery run STAGE ...` as a Ray job (Ray's Job "
+                       "SDK; the repository is shipped per cluster/runtime_env.yaml) and stream "
+                       "its logs; the exit code is the job's. Token auth: as `ray job submit`.")
+    s.add_argument("stage", help="stage name or `all`")
+    with_recipe(s)
+    s.add_argument("--address", default="",
+                   help="the cluster's job server, http://HEAD:8265 (default $RAY_ADDRESS)")
+    s.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    s.add_argument("--shared-fs", action="store_true", help=shared_fs_help)
+    s.add_argument("items", nargs="*", metavar="key=value|stage@version")
+    s.set_defaults(func=cmd_submit)
+
+    j = sub.add_parser("jobs", help="list the cluster's jobs; status, logs or stop one")
+    j.add_argument("action", nargs="?", default="list", choices=("list", "status", "logs", "stop"))
+    j.add_argument("job_id", nargs="?", metavar="ID")
+    j.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    j.add_argument("--address", default="",
+                   help="the cluster's job server, http://HEAD:8265 (default $RAY_ADDRESS)")
+    j.set_defaults(func=cmd_jobs)
 
     i = sub.add_parser("inspect", help="manifest, schema, stats and sample rows of a version")
     i.add_argument("ref", metavar="STAGE[@VERSION]")
@@ -227,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
-        if args.command == "tiny-model":
+        if args.command in ("tiny-model", "jobs"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items = list(args.items) + extra
     return run_guarded(args.func, args)

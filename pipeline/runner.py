@@ -13,7 +13,7 @@ import time
 
 from pipeline.config import Recipe
 from pipeline.errors import UserError
-from pipeline.stage import Context, Stage
+from pipeline.stage import Context, Stage, check_storage
 from pipeline.store import Store, Version
 
 CODE_VERSION = "0.1.0"
@@ -135,6 +135,7 @@ def run_stage(name: str, recipe: Recipe, pins: dict[str, str] | None = None,
             f"({existing.path})")
         return existing
 
+    check_storage(recipe.data_root)  # a multi-node cluster must see data_root: refuse before work
     out_dir = store.begin(name, version, clear=not stage.resumable)
     first = inputs[stage.reads[0]] if stage.reads else None
     ctx = Context(stage=name, version=version, out_dir=out_dir, data_root=recipe.data_root,

@@ -73,5 +73,34 @@ def ensure_ray() -> None:
     ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=True)
 
 
+def check_storage(data_root: str) -> None:
+    """Refuse a local data_root on a Ray cluster of more than one node, before any work.
+
+    Every node reads the inputs and writes shards/checkpoints under data_root: a folder on the
+    driver's disk is invisible to the others (a worker on node 2 would write into its own,
+    unseen copy). Fine: an fsspec URL (s3://, gs://), a single-node Ray (a laptop, one big box),
+    or a shared filesystem mounted at the same path everywhere (`--shared-fs`, which sets
+    DISTILLERY_SHARED_FS=1). Only a run joining a cluster (RAY_ADDRESS, as inside a Ray job)
+    is checked: a local Ray started on demand is one node.
+    """
+    from pipeline.errors import UserError
+
+    if "://" in data_root and not data_root.startswith("file://"):
+        return
+    if os.environ.get("DISTILLERY_SHARED_FS") == "1" or not os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    ensure_ray()
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) > 1:
+        raise UserError(
+            f"data_root {data_root} is a local folder, but this Ray cluster has {len(nodes)} "
+            "nodes and the others cannot see it. Use storage every node sees: an object store "
+            "URL via fsspec (data_root=s3://bucket/run or gs://bucket/run; install s3fs or "
+            "gcsfs), or a shared filesystem (NFS) mounted at the same path on every node, "
+            "declared with --shared-fs (or DISTILLERY_SHARED_FS=1).")
+
+
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
