@@ -114,7 +114,10 @@ def load_recipe(path: str, overrides: list[str], stages: dict) -> Recipe:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"recipe {path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)  # syntax errors carry one; others do not
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        why = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise UserError(f"recipe {path}: {where}not valid YAML ({why})") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path}: expected a mapping at the top level")
     valid = set(TOP_LEVEL) | set(stages)

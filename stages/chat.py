@@ -126,6 +126,12 @@ def check_model_files(model: str, where: str) -> None:
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(f"{where} {model}: model type '{config.model_type}' is not a causal "
                         "language model (AutoModelForCausalLM cannot load it)")
+    # BERT has a causal-LM head class too, but a checkpoint saved as BertForMaskedLM is an
+    # encoder: vLLM and our trainer go by the saved architecture.
+    generative = [a for a in config.architectures or [] if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if config.architectures and not generative:
+        raise UserError(f"{where} {model}: architectures {config.architectures} in config.json: "
+                        "not a causal language model (expected e.g. Qwen2ForCausalLM)")
     for weights in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         size = os.path.getsize(weights)
         with open(weights, "rb") as f:

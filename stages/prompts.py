@@ -229,6 +229,9 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict]:
         seen.add(norm)
         rows.append({"problem_id": problem_id(norm), "problem": norm, "answer": answer,
                      "source": source})
+    if not rows:  # every row dropped: a version of zero problems would only fail downstream
+        raise UserError(f"{cfg.path}: no problems left of {len(records)} rows "
+                        f"(dropped: {drops}); field '{problem_field}'")
     if cfg.limit:
         if len(rows) > cfg.limit:
             drops["over_limit"] = len(rows) - cfg.limit

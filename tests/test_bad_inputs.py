@@ -204,3 +204,236 @@ def test_other_errors_inside_ray_stay_exit_1_with_their_traceback(ray_cluster, c
 
     with pytest.raises(Exception, match="a bug"):
         run_guarded(lambda args: ray.data.range(4).map_batches(boom).materialize(), None)
+
+
+# --------------------------------------------------------------------- the ingest corpus
+
+# (file in tests/bad_inputs/, what the one-line message must name). Every message names the file;
+# row/line and field where there is one.
+INGEST_CASES = [
+    ("broken.jsonl", ["broken.jsonl", "line 3", "not valid JSON"]),
+    ("not_object.jsonl", ["not_object.jsonl", "line 2", "expected a JSON object"]),
+    ("problem_number.jsonl", ["problem_number.jsonl", "line 2", "field 'problem'", "expected text"]),
+    ("answer_list.jsonl", ["answer_list.jsonl", "line 2", "field 'answer'", "list"]),
+    ("answer_nan.jsonl", ["answer_nan.jsonl", "line 2", "field 'answer'"]),
+    ("missing_field.jsonl", ["missing_field.jsonl", "line 2", "no field 'problem'", "question"]),
+    ("latin1.jsonl", ["latin1.jsonl", "line 2", "not UTF-8", "column 17"]),
+    ("empty.jsonl", ["empty.jsonl", "no rows"]),
+    ("blank_lines.jsonl", ["blank_lines.jsonl", "no rows"]),
+    ("only_empty_problems.jsonl", ["only_empty_problems.jsonl", "no problems left",
+                                   "empty_problem", "field 'problem'"]),
+    ("truncated.json", ["truncated.json", "line 2", "not valid JSON"]),
+    ("not_list.json", ["not_list.json", "expected a JSON list"]),
+    ("bad_item.json", ["bad_item.json", "item 1", "expected a JSON object"]),
+    ("wrong_count.csv", ["wrong_count.csv", "line 3", "3 fields", "header has 2"]),
+    ("dup_header.csv", ["dup_header.csv", "line 1", "problem"]),
+    ("header_only.csv", ["header_only.csv", "no rows"]),
+    ("missing_column.csv", ["missing_column.csv", "line 2", "no field 'problem'"]),
+    ("notes.txt", ["notes.txt", "unknown format"]),
+    ("does-not-exist.jsonl", ["does-not-exist.jsonl", "no such file"]),
+]
+
+
+@pytest.mark.parametrize("name,needles", INGEST_CASES, ids=[c[0] for c in INGEST_CASES])
+def test_ingest_corpus(name, needles, tmp_path, capsys):
+    code, err, _ = ingest(tmp_path, os.path.join(CORPUS, name), capsys)
+    assert_user_error(code, err, str(tmp_path / "data"), "prompts", *needles)
+
+
+def _generated_cases(tmp_path) -> dict[str, tuple[str, list[str]]]:
+    """Mis-encoded, odd-typed and broken binary inputs, made here (binary or big)."""
+    import pyarrow as pa
+
+    cases = {}
+    path = tmp_path / "utf16_no_bom.jsonl"
+    path.write_bytes(_jsonl(PROBLEMS).encode("utf-16-le"))
+    cases["utf-16 without BOM"] = (str(path), ["utf16_no_bom.jsonl", "line 1", "NUL bytes"])
+    path = tmp_path / "utf16.csv"  # UTF-16 with a BOM but a latin-1 byte inside: undecodable
+    path.write_bytes(codecs.BOM_UTF16_LE + "problem,answer\n".encode("utf-16-le") + b"\x00\xd8")
+    cases["broken utf-16"] = (str(path), ["utf16.csv", "line", "not UTF-16"])
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"problem": "x", "answer": ' + "[" * 100_000 + "\n")
+    cases["deep nesting"] = (str(path), ["deep.jsonl", "line 1"])
+    path = tmp_path / "huge_int.jsonl"
+    path.write_text('{"problem": "x", "answer": ' + "9" * 100_000 + "}\n")
+    cases["100k-digit integer"] = (str(path), ["huge_int.jsonl", "line 1"])
+    path = tmp_path / "truncated.parquet"
+    pq.write_table(pa.table({"problem": ["a", "b"], "answer": ["1", "2"]}), path)
+    path.write_bytes(path.read_bytes()[:-20])
+    cases["truncated parquet"] = (str(path), ["truncated.parquet", "not a readable Parquet"])
+    path = tmp_path / "int_problem.parquet"
+    pq.write_table(pa.table({"problem": [1, 2], "answer": ["1", "2"]}), path)
+    cases["int problem column"] = (str(path), ["int_problem.parquet", "row 0",
+                                                "field 'problem'", "expected text"])
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"problem": pa.array([], pa.string())}), path)
+    cases["empty parquet"] = (str(path), ["empty.parquet", "no rows"])
+    path = tmp_path / "struct_answer.parquet"
+    pq.write_table(pa.table({"problem": ["a"], "answer": [{"value": 1}]}), path)
+    cases["struct answer"] = (str(path), ["struct_answer.parquet", "row 0", "field 'answer'"])
+    folder = tmp_path / "not_a_dataset"
+    folder.mkdir()
+    (folder / "x.txt").write_text("hello")
+    cases["folder that is not a dataset"] = (str(folder), ["not_a_dataset",
+                                                           "not a datasets.save_to_disk"])
+    return cases
+
+
+def test_generated_ingest_corpus(tmp_path, capsys):
+    for label, (path, needles) in _generated_cases(tmp_path).items():
+        code, err, _ = ingest(tmp_path / label.replace(" ", "_"), path, capsys)
+        assert_user_error(code, err, str(tmp_path / label.replace(" ", "_") / "data"),
+                          "prompts", *needles)
+
+
+def test_huge_inputs_ingest_as_correct_rows(tmp_path, capsys):
+    """200k rows of JSONL and one 20 MB problem: correct rows, quickly."""
+    import time
+
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": 2 * i}) + "\n"
+                            for i in range(200_000)))
+    start = time.time()
+    code, err, rows = ingest(tmp_path / "many", str(path), capsys)
+    assert code == 0, err
+    assert len(rows) == 200_000 and rows[0]["answer"] == str(2 * int(rows[0]["problem"].split()[2]))
+    assert time.time() - start < 60
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"problem": "x " * 10_000_000 + "?", "answer": 1}) + "\n")
+    code, err, rows = ingest(tmp_path / "long", str(path), capsys)
+    assert code == 0, err
+    assert len(rows) == 1 and len(rows[0]["problem"]) == 20_000_001
+
+
+def test_odd_but_valid_values_ingest(tmp_path, capsys):
+    """Numbers as answers, GSM8K answers, a missing answer, unicode, duplicates: correct rows."""
+    path = tmp_path / "odd.jsonl"
+    records = [{"problem": "1+1?", "answer": 2}, {"problem": "half?", "answer": 0.5},
+               {"problem": "gsm?", "answer": "3 apples\n#### 42"},
+               {"problem": "none?", "answer": None}, {"problem": "1+1?", "answer": 2},
+               {"problem": "π ≈ ?\u2028", "answer": "3.14"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
+    code, err, rows = ingest(tmp_path, str(path), capsys)
+    assert code == 0, err
+    assert [r["answer"] for r in rows] == ["2", "0.5", "42", None, "3.14"]
+
+
+# --------------------------------------------------------------------- recipes and overrides
+
+RECIPE_CASES = [
+    (["--recipe", "{corpus}/recipe_not_yaml.yaml"], ["recipe_not_yaml.yaml", "not valid YAML", "line 3"]),
+    (["--recipe", "{corpus}/recipe_list.yaml"], ["recipe_list.yaml", "mapping"]),
+    (["--recipe", "{corpus}/recipe_unknown_section.yaml"], ["recipe_unknown_section.yaml",
+                                                             "genrate", "generate"]),
+    (["--recipe", "{corpus}/recipe_unknown_field.yaml"], ["recipe_unknown_field.yaml",
+                                                           "temprature", "temperature"]),
+    (["--recipe", "{corpus}/recipe_latin1.yaml"], ["recipe_latin1.yaml", "line 3", "not UTF-8"]),
+    (["--recipe", "{corpus}/missing.yaml"], ["missing.yaml", "not found"]),
+    (["--recipe", "{corpus}"], ["bad_inputs", "folder"]),
+    (["--recipe", "configs/tiny.yaml", "generate.temprature=0.5"], ["temprature", "temperature"]),
+    (["--recipe", "configs/tiny.yaml", "prompts.synthetic_n=many"], ["synthetic_n", "many"]),
+    (["--recipe", "configs/tiny.yaml", "nonsense"], ["nonsense"]),
+    (["--recipe", "configs/tiny.yaml", "prompts.dedup=maybe"], ["dedup", "maybe"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", RECIPE_CASES, ids=[" ".join(c[0])[-40:] for c in RECIPE_CASES])
+def test_recipe_and_override_mistakes(args, needles, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = ["run", "prompts"] + [a.format(corpus=CORPUS) for a in args] + \
+        [f"data_root={tmp_path / 'data'}"]
+    code, out, err = run_cli(argv, capsys)
+    assert_user_error(code, err, str(tmp_path / "data"), "prompts", *needles)
+
+
+# --------------------------------------------------------------------- models users bring
+
+@pytest.fixture(scope="module")
+def prompts_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("models") / "data")
+    assert main(["run", "prompts", "--recipe", os.path.join(REPO, "configs/tiny.yaml"),
+                 f"data_root={root}", "prompts.synthetic_n=4"]) == 0
+    return root
+
+
+def _broken_models(tiny_model, folder) -> dict[str, tuple[str, list[str]]]:
+    import shutil
+
+    cases = {}
+    bert = folder / "bert"
+    bert.mkdir()
+    shutil.copy(os.path.join(CORPUS, "bert_config.json"), bert / "config.json")
+    cases["not a causal LM"] = (str(bert), ["generate.teacher", "bert", "not a causal"])
+    truncated = folder / "truncated"
+    shutil.copytree(tiny_model, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cases["truncated weights"] = (str(truncated), ["model.safetensors", "truncated"])
+    no_config = folder / "no_config"
+    no_config.mkdir()
+    cases["no config.json"] = (str(no_config), ["no_config", "no config.json"])
+    bad_config = folder / "bad_config"
+    shutil.copytree(tiny_model, bad_config)
+    (bad_config / "config.json").write_text('{"model_type": ')
+    cases["config.json not JSON"] = (str(bad_config), ["bad_config", "config.json"])
+    bad_tok = folder / "bad_tokenizer"
+    shutil.copytree(tiny_model, bad_tok)
+    (bad_tok / "tokenizer.json").write_text("{not json")
+    cases["tokenizer does not load"] = (str(bad_tok), ["bad_tokenizer", "tokenizer"])
+    from test_chat_format import strip_template  # tests/ is on sys.path under pytest
+
+    base = strip_template(tiny_model, str(folder / "base"))
+    cases["no chat template"] = (base, ["generate.teacher", "no chat template",
+                                        "generate.chat_template", "generate.prompt_format=raw"])
+    return cases
+
+
+def test_models_that_cannot_be_teachers_fail_before_ray(tiny_model, prompts_root, tmp_path, capsys):
+    import ray
+
+    for label, (model, needles) in _broken_models(tiny_model, tmp_path).items():
+        code, out, err = run_cli(["run", "generate", "--recipe",
+                                  os.path.join(REPO, "configs/tiny.yaml"),
+                                  f"data_root={prompts_root}", f"teacher={model}"], capsys)
+        assert_user_error(code, err, prompts_root, "generate", *needles)
+        assert not ray.is_initialized(), label
+
+
+# --------------------------------------------------------------------- verifier bombs, end to end
+
+def test_verifier_bombs_through_the_cli(tmp_path, capsys, ray_cluster):
+    """A generate version whose completions are bombs: verify answers every row (timeout /
+    error / ok), within timeout_s each, and the ordinary rows beside them are right."""
+    import time
+
+    import pyarrow as pa
+
+    from pipeline.store import Store
+    from stages.prompts import problem_id
+
+    bombs = ["\\boxed{(" * 20000, "\\boxed{10^{10^{10^{10}}}}", "\\boxed{" + "9" * 100_000 + "}",
+             "The answer is" + " " * 100_000 + "x", "\\boxed{" + "{" * 30_000]
+    rows = []
+    for i, text in enumerate(bombs + ["\\boxed{4}"] * len(bombs)):
+        rows.append({"problem_id": problem_id(f"p{i}"), "problem": f"p{i}", "answer": "4",
+                     "source": "bombs", "trace_id": f"t{i}", "teacher": "x", "sample_idx": 0,
+                     "completion": text, "reasoning": "", "final": text,
+                     "completion_tokens": 1, "finish_reason": "length"})
+    root = str(tmp_path / "data")
+    store = Store(root)
+    folder = store.begin("generate", "bombs0000000", clear=True)
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, "part-00000.parquet"))
+    store.commit("generate", "bombs0000000", {"stage": "generate", "rows_out": len(rows),
+                                              "schema": {k: "string" for k in rows[0]}})
+    start = time.time()
+    code, out, err = run_cli(["run", "verify", "--recipe", os.path.join(REPO, "configs/tiny.yaml"),
+                              f"data_root={root}", "verify.timeout_s=1"], capsys)
+    assert code == 0, err
+    assert time.time() - start < 60 + len(bombs) * 2
+    (version,) = completes(root, "verify")
+    got = {r["trace_id"]: r for r in pq.read_table(os.path.join(root, "verify", version)).to_pylist()}
+    assert len(got) == len(rows)
+    for i in range(len(bombs)):
+        assert got[f"t{i}"]["verify_status"] in ("ok", "timeout", "error", "no_answer")
+        assert got[f"t{i + len(bombs)}"]["correct"] is True
