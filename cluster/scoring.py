@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 
+from cluster.resources import placement
+
 
 class _Scorer:
     """One pool actor: loads the models once, then calls the stage's function on each batch."""
@@ -72,4 +74,6 @@ def score_batches(ds, *, models: dict, score_fn, resources, ctx, batch_size: int
         num_cpus=r.cpus_per_replica, num_gpus=r.gpus_per_replica or None, runtime_env=env,
         fn_constructor_kwargs=dict(models=models, score_fn=score_fn, prepare=prepare,
                                    attn_implementation=attn_implementation, use_gpu=use_gpu,
-                                   threads=threads, trust_remote_code=trust_remote_code))
+                                   threads=threads, trust_remote_code=trust_remote_code),
+        # Restarts and retries on a lost node: Ray Data's actor-pool defaults (resources.py).
+        **placement(r))

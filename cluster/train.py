@@ -44,8 +44,15 @@ def deepspeed_config(zero_stage: int, offload: bool) -> dict:
 
 
 def fit(loop, config: dict, resources, ctx) -> None:
-    """Run `loop(config)` on `resources.num_workers` Ray Train workers; raise if any worker fails."""
-    from ray.train import RunConfig, ScalingConfig
+    """Run `loop(config)` on `resources.num_workers` Ray Train workers.
+
+    A worker or node lost mid-run: Ray Train (FailureConfig) tears the worker group down and
+    starts `loop` again on a new one, up to `resources.max_failures` times; the loop resumes
+    from the newest complete `checkpoint-N` under out_dir (save_steps), so finished steps are
+    not redone and the logged history continues from the checkpoint's. Only when the failures
+    run out does fit raise.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ctx.ensure_ray()
@@ -59,15 +66,18 @@ def fit(loop, config: dict, resources, ctx) -> None:
     config["deepspeed"] = deepspeed_config(resources.zero_stage, resources.offload)
     config["use_gpu"] = resources.use_gpu
     config["cpus_per_worker"] = resources.cpus_per_worker
+    config["stage"] = ctx.stage  # names the progress lines
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=resources.num_workers,
                                      use_gpu=resources.use_gpu,
-                                     resources_per_worker=per_worker),
+                                     resources_per_worker=per_worker,
+                                     label_selector=dict(resources.label_selector) or None),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         run_config=RunConfig(name=f"{ctx.stage}-{ctx.version}",
-                             storage_path=ctx.scratch_dir("ray-train")),
+                             storage_path=ctx.scratch_dir("ray-train"),
+                             failure_config=FailureConfig(max_failures=resources.max_failures)),
     )
     trainer.fit()
 
@@ -95,6 +105,38 @@ def deepspeed_for_worker(config: dict) -> dict:
 
         deepspeed.init_distributed(dist_backend="nccl" if config["use_gpu"] else "gloo")
     return ds
+
+
+def progress_callback(stage: str):
+    """A transformers TrainerCallback: live progress of the optimizer steps on rank 0 (a bar on a
+    terminal, plain lines in a Ray job's logs; pipeline/progress.py). A resumed run starts at
+    the checkpoint's step."""
+    from transformers import TrainerCallback
+
+    from pipeline.progress import Progress
+
+    class StepProgress(TrainerCallback):
+        progress = None
+        tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.progress = Progress(stage, total=state.max_steps, unit="steps",
+                                         done=state.global_step, errors=False,
+                                         tokens_label="train tok/s")
+                self.tokens = state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                # num_input_tokens_seen is gathered over every worker: the whole group's rate.
+                self.progress.update(1, tokens=state.num_input_tokens_seen - self.tokens)
+                self.tokens = state.num_input_tokens_seen
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.close()
+
+    return StepProgress()
 
 
 def last_checkpoint(checkpoint_dir: str) -> str | None:

@@ -225,7 +225,7 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     import pyarrow as pa
     import ray.data
 
-    from cluster.inference import Sampling, check_model, complete_chats
+    from cluster.inference import Sampling, check_model, complete_chats, iter_samples
     from stages.chat import check_chat_format, prompt_messages, render_prompt, split_think
     from stages.prompts import normalize, problem_id
     from stages.verify import VerifyConfig, verify_rows
@@ -284,7 +284,8 @@ def run(cfg: EvaluateConfig, inputs, ctx):
         out = complete_chats(ray.data.from_arrow(table), model=path, sampling=sampling,
                              n=cfg.samples, resources=ctx.resources, ctx=ctx, batch_size=None,
                              render=render)
-        t = pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
+        t = pa.concat_tables(list(iter_samples(out, f"evaluate {name}",
+                                               table.num_rows * cfg.samples)))
         t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
         completions = t.column("completion").to_pylist()
         texts = ([split_think(c)[1] for c in completions]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from cluster.inference import Endpoint, Sampling, check_model, complete_chats
 from pipeline.errors import UserError
+from pipeline.progress import Progress
 from pipeline.stage import Stage
 from stages.chat import (PROBLEM_TEMPLATE, check_chat_format, messages_type, prompt_messages,
                          render_prompt, split_think, trace_id)
@@ -143,8 +144,11 @@ def run(cfg: GenerateConfig, inputs, ctx):
           f"{len(shards) - len(todo)} already done, {len(todo)} to generate", flush=True)
 
     started = time.time()
-    new_rows = new_tokens = 0
+    new_tokens = 0
     first, last = None, 0.0  # (seconds, tokens) at the first shard written; seconds at the last
+    progress = Progress("generate", total=table.num_rows * cfg.n, unit="samples",
+                        done=sum(shards[k].num_rows for k in range(len(shards))
+                                 if k not in todo) * cfg.n)
     if todo:
         import ray.data
 
@@ -185,17 +189,17 @@ def run(cfg: GenerateConfig, inputs, ctx):
                 with fs.open(tmp, "wb") as f:
                     pq.write_table(done, f)
                 fs.mv(tmp, shard_path(k))
-                new_rows += done.num_rows
-                new_tokens += sum(done.column("completion_tokens").to_pylist())
+                shard_tokens = sum(done.column("completion_tokens").to_pylist())
+                new_tokens += shard_tokens
                 elapsed = time.time() - started
                 if first is None:  # engine start-up and the first shard lie before this point
                     first = (elapsed, new_tokens)
                 last = elapsed
-                print(f"generate: shard {k} written ({done.num_rows} rows); this run "
-                      f"{new_rows} rows, {new_rows / elapsed:.1f} rows/s, "
-                      f"{new_tokens / elapsed:.0f} output tok/s", flush=True)
+                progress.update(done.num_rows, tokens=shard_tokens,
+                                errors=done.column("finish_reason").to_pylist().count("error"))
         if pending:
             raise RuntimeError(f"generate: shards {sorted(pending)} came back incomplete")
+    progress.close()
     wall = time.time() - started
 
     # Statistics over the whole version (shards from earlier, interrupted runs included).

@@ -274,6 +274,7 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
         import ray.data
 
         from cluster.scoring import score_batches
+        from pipeline.progress import Progress
         from stages.packed import ATTENTION, register_attention
 
         blocks = [shards[k].append_column("_shard", pa.array([k] * shards[k].num_rows, pa.int32()))
@@ -287,6 +288,9 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
                             resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
                             prepare=register_attention, attn_implementation=ATTENTION,
                             trust_remote_code=cfg.trust_remote_code)
+        progress = Progress("provenance", total=table.num_rows, unit="traces", errors=False,
+                            tokens_label="scored tok/s",
+                            done=table.num_rows - sum(shards[k].num_rows for k in todo))
         pending: dict[int, list] = {}
         # prefetch_batches=0: a finished shard is written as soon as it arrives (generate.py).
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow",
@@ -298,11 +302,13 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
                 done = pa.concat_tables(pending.pop(k)).drop(["_shard"])
                 write(done.sort_by([("problem_id", "ascending"), ("trace_id", "ascending")]),
                       scored_path(k))
-                new_tokens += (sum(done.column("scored_tokens_teacher").to_pylist())
-                               + sum(done.column("scored_tokens_student").to_pylist()))
-                print(f"provenance: shard {k} scored ({done.num_rows} traces)", flush=True)
+                shard_tokens = (sum(done.column("scored_tokens_teacher").to_pylist())
+                                + sum(done.column("scored_tokens_student").to_pylist()))
+                new_tokens += shard_tokens
+                progress.update(done.num_rows, tokens=shard_tokens)
         if pending:
             raise RuntimeError(f"provenance: shards {sorted(pending)} came back incomplete")
+        progress.close()
     score_s = time.time() - started
 
     if cfg.method == "score":

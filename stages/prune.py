@@ -270,7 +270,7 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
     import ray
 
     from pipeline.config import build_config
-    from cluster.inference import Endpoint, Sampling, complete_chats
+    from cluster.inference import Endpoint, Sampling, complete_chats, iter_samples
     from stages.chat import check_chat_format
     from stages.chat import render_prompt as render_chat  # render_prompt here fills judge.txt
     from stages.verify import VerifyConfig
@@ -306,15 +306,17 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
                 if cfg.backend == "openai" else None)
     got = []
     correct = inputs["verify"].read_table(columns=["correct"]).column("correct")
-    if pc.sum(pc.fill_null(correct, False).cast(pa.int64())).as_py():  # else: no engine start
+    n_correct = pc.sum(pc.fill_null(correct, False).cast(pa.int64())).as_py()
+    if n_correct:  # else: no engine start
         answers = complete_chats(
             src.map_batches(ask, batch_format="pyarrow"), model=cfg.teacher, n=1,
             sampling=Sampling(temperature=cfg.temperature, max_tokens=cfg.rewrite_max_tokens,
                               seed=cfg.seed),
             resources=ctx.resources, ctx=ctx, messages_column="rewrite_messages",
             endpoint=endpoint, max_model_len=cfg.max_model_len, render=render)
-        got = [t for t in ray.get(answers.select_columns(
-            ["trace_id", "completion", "finish_reason"]).to_arrow_refs()) if t.num_rows]
+        got = [t for t in iter_samples(answers.select_columns(
+            ["trace_id", "completion", "completion_tokens", "finish_reason"]),
+            "prune rewrite", n_correct) if t.num_rows]
     outputs = {}
     for t in got:
         for tid, text, finish in zip(t.column("trace_id").to_pylist(),

@@ -421,6 +421,9 @@ def run(cfg: VerifyConfig, inputs, ctx):
     import pyarrow.compute as pc
     import ray
 
+    from cluster.resources import placement
+    from pipeline.progress import Progress
+
     _check_config(cfg)
     if ctx.rows_in == 0:
         raise UserError(f"verify: {inputs['generate'].ref()} has no traces to verify "
@@ -442,9 +445,17 @@ def run(cfg: VerifyConfig, inputs, ctx):
     # (e.g. 256 traces / 64 = 4 blocks on 2 CPUs).
     cpus = int(ray.cluster_resources().get("CPU", 1))
     blocks = max(1, min((ctx.rows_in or 0) // 64, 4 * cpus))
-    ds = ds.repartition(blocks).map_batches(check_batch, batch_format="pyarrow",
-                                            batch_size=cfg.batch_size,
-                                            num_cpus=ctx.resources.num_cpus).materialize()
+    # Ray Data retries tasks (max_retries=-1, cluster/resources.py: placement): a node lost
+    # mid-stage costs its blocks a rerun elsewhere, never a lost or doubled row.
+    checked = ds.repartition(blocks).map_batches(
+        check_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
+        num_cpus=ctx.resources.num_cpus, **placement(ctx.resources))
+    progress, refs = Progress("verify", total=ctx.rows_in, unit="traces", errors=False), []
+    for bundle in checked.iter_internal_ref_bundles():  # = materialize(), counting as it goes
+        refs.extend(bundle.block_refs)
+        progress.update(bundle.num_rows())
+    progress.close()
+    ds = ray.data.from_arrow_refs(refs)
 
     # Per problem pass rates from three small columns, then joined back onto every row.
     light = pa.concat_tables(ray.get(
