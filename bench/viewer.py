@@ -218,6 +218,7 @@ def run_bench(root, stage, version, facts, files, args, httpx, psutil) -> int:
         t_score, _ = median_of(args.repeats, page_and_count({"sort": "provenance_score"}))
         t_text, _ = median_of(args.repeats, page_and_count(
             {"sort": "completion_tokens", "cols": "problem_id,completion,completion_tokens"}))
+        t_facets, _ = timed(lambda: c.get(f"/api/facets/{v}"))      # first open: computed
         t_hist, _ = median_of(args.repeats, lambda i: c.get(f"/api/hist/{v}/completion_tokens",
                                                            params={"f": "correct:false"}))
         t_search, r = median_of(3, page_and_count({"q": NEEDLE.upper()}))
@@ -264,6 +265,7 @@ def run_bench(root, stage, version, facts, files, args, httpx, psutil) -> int:
         ("sort tokens + filter, median", t_sort, 0.5, None, None),
         ("sort provenance_score, median", t_score, 0.5, None, None),
         ("sort, completion column shown", t_text, 0.5, None, None),
+        ("filter menus, first open", t_facets, 2.0, None, None),
         ("histogram (filtered), median", t_hist, 0.5, None, None),
         ("full-text search, median of 3", t_search, 2.0, d_search, p_search),
         ("problem page, median", t_problem, 0.2, d_problem, None),

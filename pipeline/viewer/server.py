@@ -150,6 +150,7 @@ class Viewer:
         self._dbs: OrderedDict[tuple, tuple[duckdb.DuckDBPyConnection, dict]] = OrderedDict()
         self._lock = threading.Lock()
         self._totals: OrderedDict[tuple, int | None] = OrderedDict()   # search -> rows matching
+        self._facets: OrderedDict[tuple, dict] = OrderedDict()         # file list -> filter menus
 
     # ---- the store -------------------------------------------------------------------------
     def stages(self) -> list[str]:
@@ -497,7 +498,15 @@ class Viewer:
         return {"column": column, "bins": bins}
 
     def facets(self, src: Source) -> dict:
-        """Values (with counts) of the filter columns this version has: the filter menus."""
+        """Values (with counts) of the filter columns this version has: the filter menus.
+
+        Computed once per file list (a complete version never changes; a running one gets a
+        new list with each shard) and kept with the version's database.
+        """
+        key = (src.stage, src.version, src.split, tuple(src.files))
+        with self._lock:
+            if key in self._facets:
+                return self._facets[key]
         cols = self.columns(src)
         out = {}
         for c in FILTER_COLUMNS:
@@ -509,6 +518,10 @@ class Viewer:
             _, rows = self.query(src, f"SELECT l, count(*) FROM (SELECT unnest({LABEL_COLUMN}) AS l "
                                  "FROM data) GROUP BY l ORDER BY count(*) DESC")
             out["label"] = [[v, n] for v, n in rows]
+        with self._lock:
+            self._facets[key] = out
+            while len(self._facets) > self.limits.cached_versions:
+                self._facets.popitem(last=False)
         return out
 
     def problem(self, src: Source, problem_id: str) -> dict:
