@@ -24,7 +24,7 @@ from cluster.resources import placement
 class _Scorer:
     """One pool actor: loads the models once, then calls the stage's function on each batch."""
 
-    def __init__(self, models: dict, score_fn, prepare, attn_implementation: str,
+    def __init__(self, models: dict, score_fn, prepare, cpu_model_hook, attn_implementation: str,
                  use_gpu: bool, threads: int, trust_remote_code: bool):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,7 +40,10 @@ class _Scorer:
                 path, dtype=torch.bfloat16 if use_gpu else torch.float32,
                 attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            self.models[name] = (model.to(device).eval(), tokenizer)
+            model = model.to(device).eval()
+            if cpu_model_hook is not None and not use_gpu:
+                model = cpu_model_hook(model)
+            self.models[name] = (model, tokenizer)
         self.score_fn = score_fn
 
     def __call__(self, batch):
@@ -51,13 +54,15 @@ class _Scorer:
 
 
 def score_batches(ds, *, models: dict, score_fn, resources, ctx, batch_size: int,
-                  prepare=None, attn_implementation: str = "sdpa",
+                  prepare=None, cpu_model_hook=None, attn_implementation: str = "sdpa",
                   trust_remote_code: bool = False):
     """`score_fn(models, batch)` over every batch of `ds` (pyarrow batches of `batch_size` rows)
     on `resources.replicas` actors. Returns the lazy Ray Dataset of what score_fn returned.
 
     models: {name: model path or hub id}, all loaded by every actor.
     prepare: a no-argument function run in each actor before loading (module-level, picklable).
+    cpu_model_hook: model -> model, applied to each loaded model when the pool runs on CPU
+      (e.g. stages/packed.py's onednn_linears).
     """
     import ray.data
 
@@ -73,6 +78,7 @@ def score_batches(ds, *, models: dict, score_fn, resources, ctx, batch_size: int
         compute=ray.data.ActorPoolStrategy(size=r.replicas),
         num_cpus=r.cpus_per_replica, num_gpus=r.gpus_per_replica or None, runtime_env=env,
         fn_constructor_kwargs=dict(models=models, score_fn=score_fn, prepare=prepare,
+                                   cpu_model_hook=cpu_model_hook,
                                    attn_implementation=attn_implementation, use_gpu=use_gpu,
                                    threads=threads, trust_remote_code=trust_remote_code),
         # Restarts and retries on a lost node: Ray Data's actor-pool defaults (resources.py).

@@ -8,6 +8,9 @@ trainer against TRL's SFTTrainer; docs/training.md is the guide.
 
     encode -> fit_length -> pack -> packed_row -> collate -> completion_logps
     train_packed(config, loss_fn): one Ray Train worker (cluster/train.py's fit starts them)
+    scoring (provenance, no gradient): score_completions -> score_token_ids -> pack ->
+      packed_row -> completion_logps_chunked (the LM head a chunk of positions at a time);
+      bench/provenance.py measures it against vLLM prompt_logprobs and a padded forward
 """
 from __future__ import annotations
 
@@ -237,6 +240,65 @@ def completion_logps_chunked(model, batch, chunk: int = 1024):
     return out
 
 
+def onednn_linears(model):
+    """CPU fp32 inference: every nn.Linear of `model` runs as a oneDNN matmul on weights packed
+    once (what torch.compile's freezing does), in place; returns the model. No gradient.
+
+    Why: torch's fp32 F.linear goes to MKL sgemm, which on this AMD EPYC reaches ~77 GFLOP/s per
+    core; oneDNN with a prepacked weight ~191 (5,500 x 256 @ 256 x 1,024, one thread, measured),
+    and the linears are ~60% of a scoring forward. The same values to ~1e-6.
+    """
+    import torch
+
+    class OneDNNLinear(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.out_features = linear.out_features
+            self.weight = linear.weight  # kept for get_output_embeddings() and tied weights
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+            self.bias = None if linear.bias is None else linear.bias.detach()
+
+        def forward(self, x):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, OneDNNLinear(child))
+    return model
+
+
+def score_token_ids(model, seqs: list[tuple[list[int], int]], tokens_per_row: int,
+                    chunk: int = 1024) -> list[list[float]]:
+    """[(token ids, prompt length)] -> per sequence, the log-prob of each token after its prompt.
+
+    The sequences are packed best-fit into rows of tokens_per_row tokens (at least the longest
+    sequence; no padding) and each row runs through completion_logps_chunked. A sequence with no
+    token after its prompt gets []. bench/provenance.py times exactly this.
+    """
+    import torch
+
+    out: list[list[float]] = [[] for _ in seqs]
+    todo = [i for i, (ids, n_prompt) in enumerate(seqs) if len(ids) > n_prompt]
+    capacity = max([tokens_per_row] + [len(seqs[i][0]) for i in todo])
+    device = next(model.parameters()).device
+    for b in pack([len(seqs[i][0]) for i in todo], capacity):
+        members = [todo[j] for j in b]
+        row = packed_row([seqs[i] for i in members])
+        batch = {k: torch.as_tensor(row[k], device=device)
+                 for k in ("cu_seqlens", "keep", "targets")}
+        batch["input_ids"] = torch.as_tensor(row["input_ids"], device=device)[None]
+        batch["position_ids"] = torch.as_tensor(row["position_ids"], device=device)[None]
+        batch["max_seqlen"] = row["max_seqlen"]
+        logps = completion_logps_chunked(model, batch, chunk).tolist()
+        at = 0
+        for i in members:  # packed_row keeps the order of its samples
+            n = len(seqs[i][0]) - seqs[i][1]
+            out[i] = logps[at:at + n]
+            at += n
+    return out
+
+
 def score_completions(model, tokenizer, prompt_texts: list[str], completions: list[str],
                       max_length: int, tokens_per_row: int, chunk: int = 1024) -> list[dict]:
     """Per completion, the log-prob of each of its tokens after its (rendered) prompt.
@@ -245,38 +307,18 @@ def score_completions(model, tokenizer, prompt_texts: list[str], completions: li
     "logps": [float], "truncated": bool}]. Prompt and completion are tokenized apart (as
     `encode` does for training), the completion with the tokenizer's offset mapping; a pair longer
     than max_length is scored on the completion's first max_length - len(prompt) tokens
-    (truncated, nothing at all when the prompt alone fills max_length). The pairs are packed
-    best-fit into rows of tokens_per_row tokens (no padding) and each row runs through
-    completion_logps_chunked.
+    (truncated; nothing at all when the prompt alone fills max_length).
     """
-    import torch
-
     prompts = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
     comps = tokenizer(completions, add_special_tokens=False, return_offsets_mapping=True)
     out, seqs = [], []
     for p_ids, c_ids, offsets in zip(prompts, comps["input_ids"], comps["offset_mapping"]):
         room = max(0, max_length - len(p_ids))
-        truncated = len(c_ids) > room
-        c_ids, offsets = c_ids[:room], [tuple(o) for o in offsets[:room]]
-        out.append({"offsets": offsets, "logps": [], "truncated": truncated})
-        if c_ids:
-            seqs.append((len(out) - 1, p_ids + c_ids, len(p_ids)))
-    capacity = max(tokens_per_row, max_length)
-    device = next(model.parameters()).device
-    for b in pack([len(ids) for _, ids, _ in seqs], capacity):
-        row = packed_row([(seqs[i][1], seqs[i][2]) for i in b])
-        batch = {k: torch.as_tensor(row[k], device=device)
-                 for k in ("cu_seqlens", "keep", "targets")}
-        batch["input_ids"] = torch.as_tensor(row["input_ids"], device=device)[None]
-        batch["position_ids"] = torch.as_tensor(row["position_ids"], device=device)[None]
-        batch["max_seqlen"] = row["max_seqlen"]
-        logps = completion_logps_chunked(model, batch, chunk).tolist()
-        at = 0
-        for i in b:
-            k, ids, n_prompt = seqs[i]
-            n = len(ids) - n_prompt
-            out[k]["logps"] = logps[at:at + n]
-            at += n
+        out.append({"offsets": [tuple(o) for o in offsets[:room]], "logps": [],
+                    "truncated": len(c_ids) > room})
+        seqs.append((p_ids + c_ids[:room], len(p_ids)))
+    for entry, logps in zip(out, score_token_ids(model, seqs, tokens_per_row, chunk)):
+        entry["logps"] = logps
     return out
 
 

@@ -275,7 +275,7 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
 
         from cluster.scoring import score_batches
         from pipeline.progress import Progress
-        from stages.packed import ATTENTION, register_attention
+        from stages.packed import ATTENTION, onednn_linears, register_attention
 
         blocks = [shards[k].append_column("_shard", pa.array([k] * shards[k].num_rows, pa.int32()))
                   for k in todo]
@@ -286,7 +286,8 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
                             models={"teacher": cfg.teacher, "student": cfg.student},
                             score_fn=functools.partial(score_batch, cfg=cfg),
                             resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
-                            prepare=register_attention, attn_implementation=ATTENTION,
+                            prepare=register_attention, cpu_model_hook=onednn_linears,
+                            attn_implementation=ATTENTION,
                             trust_remote_code=cfg.trust_remote_code)
         progress = Progress("provenance", total=table.num_rows, unit="traces", errors=False,
                             tokens_label="scored tok/s",

@@ -189,11 +189,12 @@ def _load(path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.packed import ATTENTION, register_attention
+    from stages.packed import ATTENTION, onednn_linears, register_attention
 
     register_attention()
-    return (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation=ATTENTION).eval(),
+    # As the stage's CPU pool loads it: varlen attention, oneDNN linears.
+    return (onednn_linears(AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation=ATTENTION).eval()),
             AutoTokenizer.from_pretrained(path))
 
 
