@@ -439,3 +439,24 @@ def test_verifier_bombs_through_the_cli(tmp_path, capsys, ray_cluster):
     for i in range(len(bombs)):
         assert got[f"t{i}"]["verify_status"] in ("ok", "timeout", "error", "no_answer")
         assert got[f"t{i + len(bombs)}"]["correct"] is True
+
+
+def test_user_error_in_a_ray_train_worker_is_exit_2(ray_cluster, tmp_path, capsys):
+    """sft/redi train in Ray Train workers: TrainingFailedError carries the worker's exception."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.errors import UserError
+
+    def loop(config):
+        raise UserError("sft.student /m: row 3 cannot be encoded (from a Ray Train worker)")
+
+    def job():
+        TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
+                     torch_config=TorchConfig(backend="gloo"),
+                     run_config=RunConfig(storage_path=str(tmp_path / "train"))).fit()
+
+    code, err = _guarded(job, capsys)
+    assert code == 2, err
+    assert err.splitlines()[-1] == \
+        "error: sft.student /m: row 3 cannot be encoded (from a Ray Train worker)"
