@@ -508,12 +508,23 @@ class Viewer:
             if key in self._facets:
                 return self._facets[key]
         cols = self.columns(src)
-        out = {}
-        for c in FILTER_COLUMNS:
-            if c in cols:
-                _, rows = self.query(src, f"SELECT CAST({_quote(c)} AS VARCHAR) AS v, count(*) "
-                                     f"FROM data GROUP BY v ORDER BY count(*) DESC LIMIT 50")
-                out[c] = [[v if v is not None else "null", n] for v, n in rows]
+        present = [c for c in FILTER_COLUMNS if c in cols]
+        out = {c: [] for c in present}
+        if present:
+            # One scan for every menu (GROUPING SETS), not one per column: 8 scans of a
+            # 1M-row version took 2.3 s on a loaded machine. grouping(c) = 0 marks c's rows.
+            names = ", ".join(_quote(c) for c in present)
+            _, rows = self.query(src, f"SELECT {names}, "
+                                 + ", ".join(f"grouping({_quote(c)})" for c in present)
+                                 + f", count(*) FROM data GROUP BY GROUPING SETS ("
+                                 + ", ".join(f"({_quote(c)})" for c in present) + ")")
+            k = len(present)
+            for r in rows:
+                i = r[k:2 * k].index(0)
+                value = r[i]
+                out[present[i]].append([_menu_value(value), r[-1]])
+            for c in present:
+                out[c] = sorted(out[c], key=lambda vn: -vn[1])[:50]
         if LABEL_COLUMN in cols:
             _, rows = self.query(src, f"SELECT l, count(*) FROM (SELECT unnest({LABEL_COLUMN}) AS l "
                                  "FROM data) GROUP BY l ORDER BY count(*) DESC")
@@ -559,6 +570,15 @@ class Viewer:
                                  seconds=self.limits.sql_seconds, user_sql=True)
         return {"columns": names, "rows": [list(r) for r in rows[:limit]],
                 "truncated": len(rows) > limit, "row_limit": limit}
+
+
+def _menu_value(value) -> str:
+    """A filter value as the `f=col:value` filter compares it: CAST(col AS VARCHAR)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _statements(text: str):
