@@ -150,6 +150,9 @@ def cmd_view(args) -> int:
     from pipeline.viewer.server import serve
     from stages import STAGES
 
+    scheme = args.data_root.split("://", 1)[0] if "://" in args.data_root else "file"
+    if scheme != "file":  # before Store(): an s3:// root would first fail on a missing s3fs
+        raise UserError(f"distillery view reads local data roots only, not {args.data_root}")
     store = Store(args.data_root) if args.data_root else _store(args, args.items)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach this host:{args.port} can "
