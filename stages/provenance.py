@@ -62,6 +62,8 @@ class ProvenanceConfig:
       meet, the LM head runs `chunk` positions at a time.
     chunk: positions per LM-head chunk (1,024 x 152k vocab x 4 B = 0.6 GB of fp32 logits).
     shard_size: traces per shard, the unit of resume and of one actor call.
+    chat_template / prompt_format: how the prompt is rendered for both models (stages/chat.py:
+      "" = each model's own template; "raw" = the problem text alone), as generate asked.
     trust_remote_code: let transformers run code shipped with the models (off by default).
     """
 
@@ -77,10 +79,13 @@ class ProvenanceConfig:
     tokens_per_row: int = 16384
     chunk: int = 1024
     shard_size: int = 256
+    chat_template: str = ""
+    prompt_format: str = "chat"
     trust_remote_code: bool = False
 
 
-def check_config(cfg: ProvenanceConfig) -> None:
+def check_config(cfg: ProvenanceConfig) -> str:
+    """Refuse bad settings before Ray starts; returns the chat template text ("" = the models')."""
     if cfg.method not in METHODS:
         raise UserError(f"provenance.method: '{cfg.method}' is not one of {list(METHODS)}")
     if cfg.rule not in RULES:
@@ -93,11 +98,17 @@ def check_config(cfg: ProvenanceConfig) -> None:
         raise UserError(f"provenance.top_fraction: must be in (0, 1], got {cfg.top_fraction}")
     if cfg.max_length < 2 or cfg.shard_size < 1 or cfg.chunk < 1:
         raise UserError("provenance.max_length (>= 2), shard_size and chunk (>= 1) must be positive")
-    if cfg.method == "score":
-        from stages.packed import check_student
+    if cfg.method == "none":
+        return ""
+    from stages.chat import check_chat_format
+    from stages.packed import check_student
 
-        check_student(cfg.teacher, "provenance", "teacher")
-        check_student(cfg.student, "provenance", "student")
+    template = ""
+    for role, path in (("teacher", cfg.teacher), ("student", cfg.student)):
+        check_student(path, "provenance", role)
+        template = check_chat_format(path, cfg.chat_template, cfg.prompt_format, "provenance",
+                                     role)
+    return template
 
 
 # --- scoring: one batch of rows in a pool actor --------------------------------------------------
@@ -113,11 +124,6 @@ def score_columns():
             ("lp_teacher", pa.float64()), ("lp_student", pa.float64()),
             ("provenance_score", pa.float64()), ("provenance_truncated", pa.bool_()),
             ("scored_tokens_teacher", pa.int64()), ("scored_tokens_student", pa.int64())]
-
-
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The prompt as the model's own chat template renders it, up to the assistant turn."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def completion_means(scored: dict, text_len: int, common_end: int) -> float | None:
@@ -157,10 +163,12 @@ def trace_columns(text: str, teacher: dict, student: dict, beta: float) -> dict:
     }
 
 
-def score_batch(models: dict, batch, cfg: ProvenanceConfig):
-    """Pool actor's call: the batch (pyarrow) + the score columns (see score_columns)."""
+def score_batch(models: dict, batch, cfg: ProvenanceConfig, template: str = ""):
+    """Pool actor's call: the batch (pyarrow) + the score columns (see score_columns).
+    template: the chat template text check_config returned ("" = each model's own)."""
     import pyarrow as pa
 
+    from stages.chat import render_prompt
     from stages.packed import score_completions
 
     texts = [t or "" for t in batch.column("pruned_completion").to_pylist()]
@@ -168,7 +176,7 @@ def score_batch(models: dict, batch, cfg: ProvenanceConfig):
     scored = {}
     for name in ("teacher", "student"):
         model, tokenizer = models[name]
-        prompts = [render_prompt(tokenizer, m) for m in messages]
+        prompts = [render_prompt(tokenizer, m, template, cfg.prompt_format) for m in messages]
         scored[name] = score_completions(model, tokenizer, prompts, texts, cfg.max_length,
                                          cfg.tokens_per_row, cfg.chunk)
     rows = [trace_columns(text, t, s, cfg.beta)
@@ -242,7 +250,7 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
 
     from pipeline.store import Store
 
-    check_config(cfg)
+    template = check_config(cfg)
     table = inputs["prune"].read_table().sort_by([("problem_id", "ascending"),
                                                   ("trace_id", "ascending")])
     shards = [table.slice(start, cfg.shard_size)
@@ -284,7 +292,7 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
         # shard, the only short one, comes last), as in generate.
         out = score_batches(ray.data.from_arrow(blocks),
                             models={"teacher": cfg.teacher, "student": cfg.student},
-                            score_fn=functools.partial(score_batch, cfg=cfg),
+                            score_fn=functools.partial(score_batch, cfg=cfg, template=template),
                             resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
                             prepare=register_attention, cpu_model_hook=onednn_linears,
                             attn_implementation=ATTENTION,

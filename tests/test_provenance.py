@@ -445,11 +445,13 @@ def test_bad_inputs_name_the_key(tmp_path, tiny_model):
         check_config(ProvenanceConfig(student=tiny_model))
     with pytest.raises(UserError, match="provenance.student is empty"):
         check_config(ProvenanceConfig(teacher=tiny_model))
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(UserError, match="not a causal language model"):
-        check_config(ProvenanceConfig(teacher=str(bert), student=tiny_model))
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(UserError, match="provenance.teacher .*not a causal language model"):
+        check_config(ProvenanceConfig(teacher=str(t5), student=tiny_model))
+    with pytest.raises(UserError, match="provenance.student .*not a causal language model"):
+        check_config(ProvenanceConfig(teacher=tiny_model, student=str(t5)))
     with pytest.raises(UserError, match="provenance.rule"):
         check_config(ProvenanceConfig(rule="best", method="none"))
     check_config(ProvenanceConfig(method="none"))                  # none needs no models
