@@ -5,6 +5,7 @@ from stages import verify, prune, provenance, select
 from stages import sft
 from stages import redi
 from stages import evaluate
+from stages import attribution
 
 STAGES = {
     "prompts": prompts.STAGE,
@@ -16,4 +17,5 @@ STAGES = {
     "sft": sft.STAGE,
     "redi": redi.STAGE,
     "evaluate": evaluate.STAGE,
+    "attribution": attribution.STAGE,
 }

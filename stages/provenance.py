@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.sentences import geometric_p, label_two, sentence_means, split_sentences
+from stages.sentences import (completion_mean, geometric_p, label_two, scored_end,
+                              sentence_means, split_sentences)
 
 METHODS = ("score", "none")
 RULES = ("paper", "score", "all")
@@ -126,20 +127,6 @@ def score_columns():
             ("scored_tokens_teacher", pa.int64()), ("scored_tokens_student", pa.int64())]
 
 
-def completion_means(scored: dict, text_len: int, common_end: int) -> float | None:
-    """Mean log-prob of a model's completion tokens that end within the first common_end
-    characters (the prefix every model scored: truncation cuts tokenizers at different chars)."""
-    logps = [lp for (a, b), lp in zip(scored["offsets"], scored["logps"]) if b <= common_end]
-    return sum(logps) / len(logps) if logps else None
-
-
-def scored_end(scored: dict, text_len: int) -> int:
-    """Characters of the completion a model scored: all, or up to its last scored token."""
-    if not scored["truncated"]:
-        return text_len
-    return scored["offsets"][len(scored["logps"]) - 1][1] if scored["logps"] else 0
-
-
 def trace_columns(text: str, teacher: dict, student: dict, beta: float) -> dict:
     """The per-row provenance columns from the two models' scored tokens of one completion."""
     spans = split_sentences(text)
@@ -147,8 +134,8 @@ def trace_columns(text: str, teacher: dict, student: dict, beta: float) -> dict:
     p_s = [geometric_p(m) for m in sentence_means(spans, student["offsets"], student["logps"])]
     labels = [label_two(a, b, beta) for a, b in zip(p_t, p_s)]
     common = min(scored_end(teacher, len(text)), scored_end(student, len(text)))
-    lp_t = completion_means(teacher, len(text), common)
-    lp_s = completion_means(student, len(text), common)
+    lp_t = completion_mean(teacher, common)
+    lp_s = completion_mean(student, common)
     n_teacher = labels.count("teacher")
     return {
         "sentence_spans": [list(s) for s in spans], "sentence_labels": labels,

@@ -3,6 +3,7 @@
 
     split_sentences(text) -> [(start, end)]      character spans, whitespace trimmed
     sentence_means(spans, token_offsets, token_logps) -> [mean log-prob or None] per sentence
+    scored_end / completion_mean: the per-token mean over the prefix every model scored
     label_two(p_t, p_s, beta) -> "teacher" | "student" | "common"          (before training)
     label_four(p_t, p_s, p_d, alpha, beta) -> + "shared" | "boosted"       (a distilled student)
 
@@ -99,6 +100,21 @@ def sentence_means(spans, offsets, logps) -> list[float | None]:
         hi = bisect.bisect_left(begins, e)   # first token starting at or after its end
         out.append((cum[hi] - cum[lo]) / (hi - lo) if hi > lo else None)
     return out
+
+
+def scored_end(scored: dict, text_len: int) -> int:
+    """Characters of the text a model scored: all of it, or up to its last scored token.
+    scored: {"offsets", "logps", "truncated"} (stages/packed.py's score_completions)."""
+    if not scored["truncated"]:
+        return text_len
+    return scored["offsets"][len(scored["logps"]) - 1][1] if scored["logps"] else 0
+
+
+def completion_mean(scored: dict, common_end: int) -> float | None:
+    """Mean log-prob of a model's tokens that end within the first common_end characters (the
+    prefix every model scored: truncation cuts different tokenizers at different characters)."""
+    logps = [lp for (a, b), lp in zip(scored["offsets"], scored["logps"]) if b <= common_end]
+    return sum(logps) / len(logps) if logps else None
 
 
 def geometric_p(mean_logp: float | None) -> float | None:

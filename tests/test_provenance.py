@@ -512,3 +512,61 @@ def test_kill_9_then_rerun_scores_every_row_once(tmp_path, ray_cluster, teacher,
     assert sorted(r["trace_id"] for r in got) == sorted(r["trace_id"] for r in rows)
     assert not glob.glob(os.path.join(v.path, ".scored"))           # scratch shards removed
     assert all(r["sentence_labels"] and r["lp_teacher"] is not None for r in got)
+
+
+# --- the distilled-student analysis (stage `attribution`) ---------------------------------------
+
+def _write_evaluate(data_root: str, distilled: str):
+    """A complete evaluate version whose `samples` split holds two answers of model "sft"
+    (= `distilled`): a correct one containing SECRET and an incorrect one without it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.store import Store
+    from stages.evaluate import EvaluateConfig
+
+    rows = [dict(model="sft", model_path=distilled, problem_id="p1", problem="Compute 2 + 2.",
+                 answer="4", difficulty="easy", sample_idx=k, completion=text, correct=ok)
+            for k, (text, ok) in enumerate([(TRACE, True),
+                                            ("<think>\nWe add. Hmm.\n</think>\n\\boxed{5}",
+                                             False)])]
+    store = Store(data_root)
+    out = store.begin("evaluate", "test0evaluate", clear=True)
+    os.makedirs(os.path.join(out, "samples"))
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, os.path.join(out, "samples", "part-00000.parquet"))
+    from dataclasses import asdict
+
+    manifest = {"stage": "evaluate", "version": "test0evaluate", "splits": ["samples"],
+                "rows_in": 2, "rows_out": {"samples": 2}, "drops": {}, "inputs": {},
+                "config": asdict(EvaluateConfig(problem_template="{problem}")),
+                "schema": {"samples": table.schema.names},
+                "finished_at": "2026-11-23T00:00:00+00:00"}
+    return store.commit("evaluate", "test0evaluate", manifest)
+
+
+def test_attribution_four_classes_and_shares(tmp_path, ray_cluster, teacher, tiny_model):
+    """D = the model that learnt SECRET (as T did), S never saw it: SECRET is teacher-originated
+    in D's correct answer; the incorrect answer has no teacher sentence."""
+    from stages import STAGES
+
+    data = str(tmp_path / "data")
+    _write_evaluate(data, teacher)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data_root: {data}\nteacher: {teacher}\nstudent: {tiny_model}\n"
+                      "attribution: {distilled: sft, max_length: 512}\n")
+    v = run_stage("attribution", load_recipe(str(recipe), [], STAGES), log=lambda *_: None)
+    rows = v.read_table().to_pylist()
+    assert [r["correct"] for r in rows] == [True, False]
+    good = rows[0]
+    texts = [good["completion"][a:b] for a, b in good["sentence_spans"]]
+    assert good["sentence_labels"][texts.index(SECRET)] == "teacher"
+    assert set(good["sentence_labels"]) <= {"shared", "teacher", "student", "boosted"}
+    assert len(good["sentence_p_distilled"]) == len(texts)
+    stats = v.manifest["stats"]
+    assert stats["correct"]["teacher_share_pooled"] > stats["incorrect"]["teacher_share_pooled"]
+    assert stats["incorrect"]["classes"]["teacher"] == 0
+    assert stats["all"]["sentences"] == sum(len(r["sentence_labels"]) for r in rows)
+    with pytest.raises(UserError, match="attribution.distilled: 'redi' is not a model"):
+        run_stage("attribution", load_recipe(str(recipe), ["attribution.distilled=redi"], STAGES),
+                  log=lambda *_: None)
