@@ -4,7 +4,8 @@ Sections (each says so and moves on when its stage has no version yet):
   stages      per stage: versions, rows in -> out, drops by reason, wall time
   lengths     trace length histograms before / after prune, per difficulty level
   pass-rate   the per-problem pass-rate histogram from verify
-  provenance  provenance score histogram and sentence label shares
+  provenance  provenance score histogram, sentence label shares, selection counts, and the
+              distilled-student analysis (attribution: teacher share in correct vs incorrect)
   training    sft loss and the REDI curves (every numeric series in the sft/redi manifests)
   evaluation  the evaluate table (pass@1, pass@k, mean tokens, per difficulty) and its chart
   lineage     every version of every stage and the versions it was made from
@@ -23,7 +24,7 @@ import os
 from pipeline.store import Store, Version
 
 STAGE_ORDER = ("prompts", "generate", "verify", "prune", "provenance", "select", "sft", "redi",
-               "evaluate")
+               "evaluate", "attribution")
 SECTIONS = ("stages", "lengths", "pass-rate", "provenance", "training", "evaluation", "lineage")
 
 CSS = """
@@ -165,7 +166,7 @@ def _provenance_section(store: Store, latest: dict[str, Version]) -> str:
 
     v = latest.get("provenance")
     if v is None:
-        return _note("no provenance version in this data root")
+        return _note("no provenance version in this data root") + _attribution(latest)
     names = set(v.manifest.get("schema") or {})
     cols = [c for c in ("provenance_score", "sentence_labels", "selected") if c in names]
     t = v.read_table(columns=cols).to_pylist()
@@ -187,8 +188,30 @@ def _provenance_section(store: Store, latest: dict[str, Version]) -> str:
                       [[k, n, f"{n / total:.1%}"] for k, n in sorted(shares.items())], num={1, 2})
     if "selected" in cols:
         chosen = sum(bool(r["selected"]) for r in t)
-        out += _note(f"selected: {chosen} of {len(t)} traces")
+        reasons = (v.manifest.get("stats") or {}).get("select_reasons") or {}
+        out += _note(f"selected: {chosen} of {len(t)} traces"
+                     + (f" ({', '.join(f'{k}: {n}' for k, n in sorted(reasons.items()))})"
+                        if reasons else ""))
+    out += _attribution(latest)
     return out or _note(f"{v.ref()} has none of the columns this section shows")
+
+
+def _attribution(latest: dict[str, Version]) -> str:
+    """The distilled student's own answers (stages/attribution.py): the paper's analysis —
+    teacher-originated sentences in correct vs incorrect answers, and the four classes."""
+    a = latest.get("attribution")
+    if a is None:
+        return ""
+    st = a.manifest.get("stats") or {}
+    rows = [[group, st[group]["answers"], st[group]["sentences"],
+             st[group]["teacher_share_pooled"], st[group]["teacher_share_mean"]]
+            + [st[group]["classes"][c] for c in ("shared", "teacher", "student", "boosted")]
+            for group in ("correct", "incorrect", "all") if group in st]
+    return (_note(f"{a.ref()}: sentences of {st.get('distilled')}'s own answers, labelled under "
+                  f"teacher, original student and {st.get('distilled')}")
+            + _table(["answers", "n", "sentences", "teacher share (pooled)",
+                      "teacher share (mean per answer)", "shared", "teacher", "student",
+                      "boosted"], rows, num={1, 2, 3, 4, 5, 6, 7, 8}))
 
 
 def _series(stats: dict) -> dict[str, list[float]]:

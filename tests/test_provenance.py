@@ -567,6 +567,12 @@ def test_attribution_four_classes_and_shares(tmp_path, ray_cluster, teacher, tin
     assert stats["correct"]["teacher_share_pooled"] > stats["incorrect"]["teacher_share_pooled"]
     assert stats["incorrect"]["classes"]["teacher"] == 0
     assert stats["all"]["sentences"] == sum(len(r["sentence_labels"]) for r in rows)
+    from pipeline.report import write_report
+    from pipeline.store import Store
+
+    with open(write_report(Store(data), str(tmp_path / "report.html")), encoding="utf-8") as f:
+        html = f.read()
+    assert "teacher share (pooled)" in html and v.ref() in html
     with pytest.raises(UserError, match="attribution.distilled: 'redi' is not a model"):
         run_stage("attribution", load_recipe(str(recipe), ["attribution.distilled=redi"], STAGES),
                   log=lambda *_: None)
