@@ -35,6 +35,7 @@ from pipeline.errors import UserError
 SAMPLE_COLUMNS = ("sample_idx", "completion", "completion_tokens", "prompt_tokens",
                   "finish_reason", "error")
 
+
 @dataclass
 class Sampling:
     """Sampling knobs shared by every caller of `complete_chats`.
@@ -51,6 +52,7 @@ class Sampling:
     max_tokens: int = 4096
     seed: int = 0
     stop: list = field(default_factory=list)
+
 
 @dataclass
 class Endpoint:
@@ -74,10 +76,12 @@ class Endpoint:
     max_retries: int = 5
     request_seed: bool = False
 
+
 def _hash_int(*parts) -> int:
     """A stable 31-bit integer from the parts (engine seeds must fit in an int32)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
+
 
 def _sample_schema():
     import pyarrow as pa
@@ -85,6 +89,7 @@ def _sample_schema():
     return [("sample_idx", pa.int64()), ("completion", pa.string()),
             ("completion_tokens", pa.int64()), ("prompt_tokens", pa.int64()),
             ("finish_reason", pa.string()), ("error", pa.string())]
+
 
 def _expand(batch, samples: list[list[dict]]):
     """Input rows (pyarrow batch) + per-row sample dicts -> one output row per sample."""
@@ -96,6 +101,7 @@ def _expand(batch, samples: list[list[dict]]):
     for name, typ in _sample_schema():
         out = out.append_column(pa.field(name, typ), pa.array([s[name] for s in flat], type=typ))
     return out
+
 
 class _VLLMChat:
     """One vLLM engine per Ray actor; `__call__` generates n samples for every row of a batch."""
@@ -229,6 +235,7 @@ class _VLLMChat:
             llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
+
 class _OpenAIChat:
     """Sends every sample as its own request (n=1): the server's usage then counts each sample's
     tokens exactly, and prefix caching (vLLM's default) keeps the repeated prompt cheap."""
@@ -292,6 +299,7 @@ class _OpenAIChat:
         samples = [done[i * self.n:(i + 1) * self.n] for i in range(len(rows))]
         return _expand(batch, samples)
 
+
 def iter_samples(out, stage: str, total: int):
     """complete_chats' output, batch by batch (pyarrow), with live progress: samples done of
     `total`, output tokens/s, samples that ended in an error (pipeline/progress.py)."""
@@ -329,6 +337,7 @@ def check_endpoint(endpoint: Endpoint, model: str) -> str:
                         f"(it serves: {', '.join(served) or 'nothing'})")
     return api_key
 
+
 def check_model(model: str) -> None:
     """A local teacher must be a checkpoint folder; a hub id (org/name) is left to vLLM."""
     if not model:
@@ -342,6 +351,7 @@ def check_model(model: str) -> None:
         raise UserError(f"teacher {model}: no such model folder")
     if local and not os.path.exists(os.path.join(path, "config.json")):
         raise UserError(f"teacher {model}: not a model folder (no config.json in it)")
+
 
 def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx,
                    messages_column: str = "prompt_messages", endpoint: Endpoint | None = None,

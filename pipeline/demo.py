@@ -101,8 +101,6 @@ def train_lm(out: str, tokenizer, examples: list[dict], steps: int, batch: int =
             "wall_s": round(time.time() - started, 1)}
 
 
-
-
 def greedy_accuracy(path: str, problems: list[dict], max_new_tokens: int = 96,
                     batch: int = 64) -> dict:
     """Quick transformers-only check while tuning (the pipeline's evaluate uses vLLM)."""

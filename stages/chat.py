@@ -14,9 +14,11 @@ import json
 PROBLEM_TEMPLATE = ("{problem}\n\nPlease reason step by step, and put your final answer "
                     "within \\boxed{}.")
 
+
 def trace_id(problem_id: str, teacher: str, sample_idx: int, seed: int) -> str:
     blob = json.dumps([problem_id, teacher, sample_idx, seed]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
 
 def split_think(completion: str) -> tuple[str, str]:
     """(reasoning, final). `<think>…</think>` holds the reasoning; a template that opens `<think>`
@@ -30,10 +32,12 @@ def split_think(completion: str) -> tuple[str, str]:
         return completion.split("<think>", 1)[1].strip(), ""
     return "", completion.strip()
 
+
 def messages_type():
     import pyarrow as pa
 
     return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
 
 def prompt_messages(problem: str, cfg) -> list[dict]:
     """The chat sent for one problem; `cfg` is any config with `system_prompt` and
