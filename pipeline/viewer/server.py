@@ -23,7 +23,6 @@ import os
 import posixpath
 import re
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -516,7 +515,7 @@ class Viewer:
             names = ", ".join(_quote(c) for c in present)
             _, rows = self.query(src, f"SELECT {names}, "
                                  + ", ".join(f"grouping({_quote(c)})" for c in present)
-                                 + f", count(*) FROM data GROUP BY GROUPING SETS ("
+                                 + ", count(*) FROM data GROUP BY GROUPING SETS ("
                                  + ", ".join(f"({_quote(c)})" for c in present) + ")")
             k = len(present)
             for r in rows:
@@ -540,7 +539,7 @@ class Viewer:
         if "problem_id" not in cols:
             raise ViewError(400, "this version has no problem_id column")
         order = [c for c in ("model", "sample_idx", "trace_id") if c in cols]
-        _, rows = self.query(src, f"SELECT * FROM data WHERE problem_id = ?"
+        _, rows = self.query(src, "SELECT * FROM data WHERE problem_id = ?"
                              + (f" ORDER BY {', '.join(map(_quote, order))}" if order else "")
                              + f" LIMIT {self.limits.page_rows}", [problem_id])
         names = list(cols)
