@@ -152,7 +152,7 @@ def our_sft(args, rows, attention: str):
     from transformers import TrainingArguments
 
     from stages.packed import ATTENTION, collate, packed_trainer_class, register_attention
-    from stages.packed import sft_loss
+    from stages.sft import sft_loss
 
     register_attention()
     trainer_cls = packed_trainer_class(sft_loss)

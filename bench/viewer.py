@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import socket
 import statistics
@@ -174,7 +173,6 @@ def run_bench(root, stage, version, facts, files, args, httpx, psutil) -> int:
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "view", "--data-root", root,
                              "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)
-    results = []
     try:
         c = httpx.Client(base_url=base, timeout=120)
         while True:

@@ -335,21 +335,6 @@ def global_sum(value: float):
     return t.item()
 
 
-def sft_loss(model, batch):
-    """Mean negative log-likelihood over the completion tokens of the whole global step.
-
-    Each worker divides its token sum by the global completion-token count x world size; the
-    gradient average over workers then gives exactly the global token mean, however unevenly
-    the packed rows split prompt and completion tokens.
-    """
-    import torch.distributed as dist
-
-    logps = completion_logps(model, batch)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    n_global = global_sum(logps.numel())
-    return -logps.sum() * (world / n_global), {}
-
-
 # --- the worker: one Ray Train process -----------------------------------------------------------
 
 def packed_trainer_class(loss_fn):

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_recipe

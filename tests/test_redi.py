@@ -106,7 +106,7 @@ def test_alpha_zero_equals_the_sft_loss_on_the_positives(models):
     import torch
 
     from stages.packed import collate, packed_row
-    from stages.packed import sft_loss
+    from stages.sft import sft_loss
 
     tok, ours, _ = models
     pairs = fixed_pairs(tok)

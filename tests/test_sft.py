@@ -137,7 +137,7 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.packed import ATTENTION, encode, packed_row, register_attention
-    from stages.packed import sft_loss
+    from stages.sft import sft_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     convs = [[{"role": "user", "content": f"Compute {a} + {b}."},
