@@ -19,17 +19,14 @@ mode: rewrite (paper-faithful) — one teacher call per correct trace: shown the
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
-from pipeline.textfile import read_text
 from pipeline.stage import Stage
+from stages.dap_prompts import (JUDGED, PROMPTS_DIR, fill_dap_prompt, load_dap_prompts,
+                                parse_rewrite)
 
 LEVELS = ("easy", "medium", "hard")             # verify's pass-rate levels
-JUDGED = ("simple", "moderate", "complex")      # the teacher's levels in rewrite mode
-PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "dap")
 
 
 @dataclass
@@ -172,43 +169,6 @@ def run(cfg: PruneConfig, inputs, ctx):
 
 # --------------------------------------------------------------------------- rewrite mode
 
-def load_prompts(folder: str) -> dict:
-    """{"judge": frame, "simple": outline, "moderate": …, "complex": …} from the prompt folder."""
-    prompts = {}
-    for name in ("judge",) + JUDGED:
-        path = os.path.join(folder, f"{name}.txt")
-        if not os.path.exists(path):
-            raise UserError(f"prune.prompts_dir: {path} not found (need judge.txt, simple.txt, "
-                            "moderate.txt, complex.txt)")
-        prompts[name] = read_text(path, "prune.prompts_dir").strip()  # BOM / CRLF are fine
-    for slot in ("{problem}", "{trace}") + tuple("{%s}" % lvl for lvl in JUDGED):
-        if slot not in prompts["judge"]:
-            raise UserError(f"prune: {folder}/judge.txt has no {slot} placeholder")
-    return prompts
-
-
-def render_prompt(prompts: dict, problem: str, trace: str) -> str:
-    import re
-
-    values = {"problem": problem, "trace": trace, **{lvl: prompts[lvl] for lvl in JUDGED}}
-    # One pass: braces inside the problem or the trace (LaTeX) are never substituted again.
-    return re.sub(r"\{(problem|trace|simple|moderate|complex)\}", lambda m: values[m.group(1)],
-                  prompts["judge"])
-
-
-def parse_rewrite(text: str) -> tuple[str | None, str]:
-    """(judged level or None, the rewrite as "<think>\n…\n</think>\n{final}")."""
-    import re
-
-    from stages.chat import split_think
-
-    m = re.search(r"difficulty\W{0,4}(simple|moderate|complex)", text[:300], re.IGNORECASE)
-    level = m.group(1).lower() if m else None
-    body = text[m.end():] if m else text
-    reasoning, final = split_think(body[body.find("<think>"):] if "<think>" in body else body)
-    return level, f"<think>\n{reasoning}\n</think>\n{final}"
-
-
 def judge_rewrites(rows: list[dict], outputs: dict, vcfg, count_tokens, checker=None) -> list[dict]:
     """Per row: pruned_completion, pruned_tokens, prune_status, judged_difficulty.
 
@@ -272,13 +232,13 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
     from pipeline.config import build_config
     from cluster.inference import Endpoint, Sampling, complete_chats, iter_samples
     from stages.chat import check_chat_format
-    from stages.chat import render_prompt as render_chat  # render_prompt here fills judge.txt
+    from stages.chat import render_prompt as render_chat
     from stages.verify import VerifyConfig
 
     # Re-verify with exactly the settings the verify version used.
     vcfg = build_config(VerifyConfig, inputs["verify"].manifest["config"],
                         f"{inputs['verify'].ref()} manifest config")
-    prompts = load_prompts(cfg.prompts_dir or PROMPTS_DIR)
+    prompts = load_dap_prompts(cfg.prompts_dir or PROMPTS_DIR)
     tokenizer = cfg.tokenizer or cfg.teacher
     render = None
     if cfg.backend == "vllm":  # before Ray starts (a base-model teacher: stages/chat.py)
@@ -294,7 +254,7 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
 
     def ask(batch: pa.Table) -> pa.Table:
         batch = batch.filter(pc.fill_null(batch.column("correct"), False))
-        msgs = [[{"role": "user", "content": render_prompt(prompts, p, c)}]
+        msgs = [[{"role": "user", "content": fill_dap_prompt(prompts, p, c)}]
                 for p, c in zip(batch.column("problem").to_pylist(),
                                 batch.column("completion").to_pylist())]
         # Only the id and the prompt go to the engine: its output names its own columns

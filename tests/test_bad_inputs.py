@@ -102,7 +102,7 @@ def test_recipe_dap_prompts_and_eval_set_with_bom_and_crlf(tmp_path, capsys):
     from pipeline.config import load_recipe
     from stages import STAGES
     from stages.evaluate import EvaluateConfig, load_eval_problems
-    from stages.prune import load_prompts
+    from stages.dap_prompts import load_dap_prompts
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes(_windows(f"data_root: {tmp_path / 'data'}\nprompts:\n  synthetic_n: 5\n"))
@@ -114,7 +114,7 @@ def test_recipe_dap_prompts_and_eval_set_with_bom_and_crlf(tmp_path, capsys):
         src = open(os.path.join(REPO, "configs/dap", f"{name}.txt"), encoding="utf-8").read()
         (dap / f"{name}.txt").write_bytes(_windows(src))
         want = src.strip()
-    got = load_prompts(str(dap))
+    got = load_dap_prompts(str(dap))
     assert got["complex"] == want and "\r" not in got["judge"] and "\ufeff" not in got["judge"]
 
     evals = tmp_path / "eval.jsonl"
