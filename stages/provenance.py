@@ -17,7 +17,9 @@ Selection (`selected`, `select_reason`; nothing is dropped, the manifest counts 
     (ties: higher provenance_score, then trace_id);
   rule score — correct traces with provenance_score >= min_score, or (min_score unset) the top
     top_fraction of all correct traces by score;
-  rule all   — every correct trace.
+  rule all   — every correct trace;
+  rule random — per problem, keep_per_problem correct traces drawn at random (`seed`): the
+    baseline the paper compares with, the same number of traces as rule paper.
 Incorrect and unverified traces are scored too (REDI pairs keep them) but never selected.
 method: none — a pass-through: no model is loaded, the score columns are null, selected = correct.
 
@@ -39,7 +41,7 @@ from stages.sentences import (completion_mean, geometric_p, label_two, scored_en
                               sentence_means, split_sentences)
 
 METHODS = ("score", "none")
-RULES = ("paper", "score", "all")
+RULES = ("paper", "score", "all", "random")
 LABELS = ("teacher", "student", "common", "unscored")
 
 
@@ -51,9 +53,10 @@ class ProvenanceConfig:
       score columns null, selected = correct).
     teacher / student: the models (filled from the recipe's top-level teacher / student; the
       student is the ORIGINAL student, before sft).
-    rule: selection rule, "paper" | "score" | "all" (module docstring).
+    rule: selection rule, "paper" | "score" | "all" | "random" (module docstring).
     beta: label margin on p_T - p_S (the paper's best: 0.1; 0.05 and 0.15 were worse).
-    keep_per_problem: rule paper: correct traces kept per problem (the paper keeps 1).
+    keep_per_problem: rules paper and random: correct traces kept per problem (the paper keeps 1).
+    seed: rule random: the draw (same seed + same rows = same selection).
     top_fraction: rule score without min_score: the share of correct traces kept, best first.
     min_score: rule score: keep correct traces with provenance_score >= this (null = use
       top_fraction).
@@ -76,6 +79,7 @@ class ProvenanceConfig:
     keep_per_problem: int = 1
     top_fraction: float = 0.5
     min_score: float | None = None
+    seed: int = 0
     max_length: int = 4096
     tokens_per_row: int = 16384
     chunk: int = 1024
@@ -210,6 +214,20 @@ def select_plan(rows: list[dict], cfg: ProvenanceConfig) -> dict:
             for k, r in enumerate(traces):
                 out[r["trace_id"]] = ((True, "top_teacher_sentences")
                                       if k < cfg.keep_per_problem else (False, "not_top_k"))
+    elif cfg.rule == "random":
+        import random
+
+        by_problem = {}
+        for r in candidates:
+            by_problem.setdefault(r["problem_id"], []).append(r)
+        for problem_id, traces in by_problem.items():
+            # Sorted first, seeded per problem: the draw depends on neither row order nor
+            # on which other problems are in the version.
+            traces.sort(key=lambda r: r["trace_id"])
+            random.Random(f"{cfg.seed}:{problem_id}").shuffle(traces)
+            for k, r in enumerate(traces):
+                out[r["trace_id"]] = ((True, "random") if k < cfg.keep_per_problem
+                                      else (False, "not_drawn"))
     elif cfg.rule == "score" and cfg.min_score is not None:
         for r in candidates:
             ok = r["provenance_score"] is not None and r["provenance_score"] >= cfg.min_score
@@ -346,7 +364,8 @@ def _stats(parts, plan: dict, cfg: ProvenanceConfig, todo: list, new_tokens: int
              "shards": len(parts), "shards_scored_this_run": len(todo)}
     if cfg.method == "none" or not parts:
         return stats
-    t = pa.concat_tables([p.select(["sentence_labels", "provenance_score", "provenance_truncated",
+    t = pa.concat_tables([p.select(["trace_id", "sentence_labels", "provenance_score",
+                                    "provenance_truncated",
                                     "scored_tokens_teacher", "scored_tokens_student",
                                     "teacher_share", "correct"]) for p in parts]).to_pylist()
     labels = {label: 0 for label in LABELS}
@@ -370,6 +389,11 @@ def _stats(parts, plan: dict, cfg: ProvenanceConfig, todo: list, new_tokens: int
         "teacher_share_mean": share(t),
         "teacher_share_mean_correct": share([r for r in t if r["correct"] is True]),
         "teacher_share_mean_incorrect": share([r for r in t if r["correct"] is False]),
+        # What selection changed: teacher-sentence share of the correct traces it kept vs those
+        # it left (the demo's table reports both).
+        "teacher_share_mean_selected": share([r for r in t if plan[r["trace_id"]][0]]),
+        "teacher_share_mean_unselected": share(
+            [r for r in t if r["correct"] is True and not plan[r["trace_id"]][0]]),
         "provenance_score_mean": round(sum(scores) / len(scores), 5) if scores else None,
         "provenance_score_p10": round(scores[len(scores) // 10], 5) if scores else None,
         "provenance_score_p50": round(scores[len(scores) // 2], 5) if scores else None,

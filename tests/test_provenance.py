@@ -139,6 +139,14 @@ def test_selection_rules_counts():
     above = select_plan(rows, ProvenanceConfig(rule="score", min_score=0.15))
     assert _counts(above) == {"above_min_score": 3, "below_min_score": 3, "incorrect": 2,
                               "unverified": 1}
+    drawn = select_plan(rows, ProvenanceConfig(rule="random", keep_per_problem=1, seed=3))
+    # One correct trace per problem, as rule paper keeps: the same size, another choice rule.
+    assert _counts(drawn) == {"random": 2, "not_drawn": 4, "incorrect": 2, "unverified": 1}
+    assert drawn == select_plan(list(reversed(rows)),
+                                ProvenanceConfig(rule="random", keep_per_problem=1, seed=3))
+    picks = {tuple(sorted(t for t, (sel, _) in select_plan(
+        rows, ProvenanceConfig(rule="random", seed=s)).items() if sel)) for s in range(20)}
+    assert len(picks) > 1  # the seed changes the draw (p1 has four correct traces)
     everything = select_plan(rows, ProvenanceConfig(rule="all"))
     assert _counts(everything) == {"all": 6, "incorrect": 2, "unverified": 1}
     none = select_plan([dict(r, teacher_sentences=None, provenance_score=None) for r in rows],
