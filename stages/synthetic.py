@@ -104,8 +104,8 @@ def worked_trace(problem: str, rng: random.Random, style: str, slip_rate: float)
     concise: one line per step; a slip goes unnoticed and the answer is wrong.
     checked: after each step the inverse step checks it ("check 13 - 5 = 8, not 18"); a slip is
       caught and the step redone, so the answer is right and the trace long.
-    detour:  the problem restated first; a slip is noticed at once ("wait, 8 + 5 = 13, carry 1")
-      and corrected; like checked, right but longer than concise.
+    detour:  the problem restated first and the result at the end; a slip is noticed at once
+      ("wait, carry 1: 8 + 5 = 13") and corrected; like checked, right but longer than concise.
     Returns {"solution", "answer" (what the trace concludes), "correct", "slips", "style"}.
     """
     if style not in TRACE_STYLES:
@@ -139,6 +139,8 @@ def worked_trace(problem: str, rng: random.Random, style: str, slip_rate: float)
             lines.append(f"{value} {op} {t} = {wrong}")
             lines.append(f"wait, {word}: {value} {op} {t} = {right}")
             value = right
+    if style == "detour":
+        lines.append(f"So {expression} = {value}.")       # and the result restated
     solution = ("<think>\n" + "\n".join(lines) + "\n</think>\n"
                 f"The answer is \\boxed{{{value}}}.")
     return {"solution": solution, "answer": str(value), "style": style, "slips": slips}
@@ -157,4 +159,38 @@ def make_traces(problems: list[dict], seed: int, style_weights: dict[str, float]
         trace = worked_trace(p["problem"], rng, rng.choices(styles, weights)[0], slip_rate)
         out.append({**p, "solution": trace["solution"], "style": trace["style"],
                     "slips": trace["slips"], "correct": trace["answer"] == p["answer"]})
+    return out
+
+
+# --- the DAP rewrite task (the demo teacher's second task) --------------------------------------
+#
+# prune's rewrite mode shows the teacher a problem and one of its correct traces inside the judge
+# frame (stages/dap_prompts.py) and expects "Difficulty: <level>" and the trace rewritten at a
+# length that fits. Here the level is the number of carry/borrow steps (where the slips are) and
+# the fitting rewrite is the concise trace without slips.
+
+def judged_level(problem: str) -> str:
+    """simple: no carry/borrow step, moderate: one, complex: two or more."""
+    return ("simple", "moderate", "complex")[min(hard_steps(problem), 2)]
+
+
+def rewrite_examples(problems: list[dict], seed: int, prompts: dict, style_weights: dict,
+                     slip_rate: float) -> list[dict]:
+    """One rewrite example per problem: a CORRECT trace in a style drawn by `style_weights`
+    (slips only where the style catches them), filled into the judge frame `prompts`
+    (load_dap_prompts) as `problem`; the answer `solution` is "Difficulty: <level>" + the
+    concise slip-free trace."""
+    from stages.dap_prompts import fill_dap_prompt
+
+    rng = random.Random(seed)
+    styles, weights = list(style_weights), list(style_weights.values())
+    out = []
+    for p in problems:
+        style = rng.choices(styles, weights)[0]
+        shown = worked_trace(p["problem"], rng, style, 0.0 if style == "concise" else slip_rate)
+        concise = worked_trace(p["problem"], rng, "concise", 0.0)
+        out.append({**p, "problem": fill_dap_prompt(prompts, p["problem"], shown["solution"]),
+                    "solution": f"Difficulty: {judged_level(p['problem'])}\n"
+                                + concise["solution"],
+                    "style": style, "task": "rewrite"})
     return out

@@ -57,3 +57,26 @@ def test_lengths_spread_like_long_cot_and_errors_grow_with_hard_steps():
     assert all(by_hard[0])
     rates = [1 - sum(v) / len(v) for k, v in sorted(by_hard.items()) if len(v) >= 30]
     assert rates == sorted(rates) and rates[-1] > 0.3
+
+
+def test_rewrite_examples_show_a_correct_trace_and_ask_for_the_concise_one():
+    import os
+
+    from stages.dap_prompts import load_dap_prompts, parse_rewrite
+    from stages.synthetic import judged_level, rewrite_examples
+
+    assert [judged_level(p) for p in ("Compute 3 + 4.", "Compute 8 + 5.",
+                                      "Compute 18 + 5 - 7.")] == ["simple", "moderate", "complex"]
+    prompts = load_dap_prompts(os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "configs", "dap"))
+    problems = make_problems(200, seed=13, **TASK)
+    rows = rewrite_examples(problems, seed=0, prompts=prompts,
+                            style_weights={"checked": 0.5, "detour": 0.5}, slip_rate=0.5)
+    for p, r in zip(problems, rows):
+        assert p["problem"] in r["problem"] and "{trace}" not in r["problem"]
+        shown = r["problem"].split("Correct solution:\n", 1)[1]
+        assert extract_answer(shown) == p["answer"]          # the trace shown is a correct one
+        level, rewrite = parse_rewrite(r["solution"])
+        assert level == judged_level(p["problem"]) and extract_answer(rewrite) == p["answer"]
+        assert "check" not in rewrite and "We need" not in rewrite   # the concise trace
+        assert len(rewrite) < len(shown)
