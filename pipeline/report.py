@@ -8,6 +8,8 @@ Sections (each says so and moves on when its stage has no version yet):
               distilled-student analysis (attribution: teacher share in correct vs incorrect)
   training    sft loss and the REDI curves (every numeric series in the sft/redi manifests)
   evaluation  the evaluate table (pass@1, pass@k, mean tokens, per difficulty) and its chart
+  ablations   `distillery demo --ablations`' table (<data_root>/ablations.json): per arm mean ±
+              sd over seeds, the paired differences, each target met or missed
   lineage     every version of every stage and the versions it was made from
 
 Charts are matplotlib PNGs embedded as base64 `data:` URIs: one self-contained file.
@@ -25,7 +27,8 @@ from pipeline.store import Store, Version
 
 STAGE_ORDER = ("prompts", "generate", "verify", "prune", "provenance", "select", "sft", "redi",
                "evaluate", "attribution")
-SECTIONS = ("stages", "lengths", "pass-rate", "provenance", "training", "evaluation", "lineage")
+SECTIONS = ("stages", "lengths", "pass-rate", "provenance", "training", "evaluation", "ablations",
+            "lineage")
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -288,6 +291,33 @@ def _evaluation_section(store: Store, latest: dict[str, Version]) -> str:
             + _table(["model", "checkpoint"], [[n, p] for n, p in paths.items()]))
 
 
+def _ablations_section(store: Store) -> str:
+    from pipeline.ablations import mean_sd_text
+
+    import posixpath
+
+    path = posixpath.join(store.root, "ablations.json")
+    if not store.fs.exists(path):
+        return _note("no ablations run under this data root (`distillery demo --ablations`)")
+    with store.fs.open(path, "r") as f:
+        result = json.load(f)
+    summary, k = result["summary"], result["k"]
+    arms = [[arm] + [mean_sd_text(row[m], d) for m, d in (
+        ("pass_at_1", 3), ("pass_at_k", 3), ("mean_completion_tokens", 1), ("sft_rows", 0),
+        ("mean_sft_tokens", 1))] + [row["seeds"]] for arm, row in summary["arms"].items()]
+    diffs = [[c["name"]] + [mean_sd_text(c[m], d) for m, d in (
+        ("pass_at_1", 3), ("pass_at_k", 3), ("mean_completion_tokens", 1),
+        ("mean_sft_tokens", 1))] + [json.dumps(c["per_seed"]["pass_at_1"])]
+        for c in summary["comparisons"]]
+    return (_note(f"seeds {result['seeds']}, finished {result['finished_at']} UTC, "
+                  f"{result['wall_s']:.0f} s; mean ± sample sd over seeds")
+            + _table(["arm", "pass@1", f"pass@{k}", "own tokens", "SFT rows", "SFT tokens",
+                      "seeds"], arms)
+            + _table(["paired difference (arm - baseline)", "pass@1", f"pass@{k}",
+                      "own tokens", "SFT tokens", "pass@1 per seed"], diffs)
+            + "<ul>" + "".join(f"<li>{_esc(t)}</li>" for t in result["targets"]) + "</ul>")
+
+
 def _lineage_section(store: Store) -> str:
     rows = []
     for stage in STAGE_ORDER:
@@ -315,6 +345,7 @@ def write_report(store: Store, out: str) -> str:
         "provenance": ("Provenance", _provenance_section(store, latest)),
         "training": ("Training curves", _training_section(store, latest)),
         "evaluation": ("Evaluation", _evaluation_section(store, latest)),
+        "ablations": ("Ablations", _ablations_section(store)),
         "lineage": ("Lineage of every version", _lineage_section(store)),
     }
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -102,8 +102,11 @@ def worked_trace(problem: str, rng: random.Random, style: str, slip_rate: float)
     probability `slip_rate`.
 
     concise: one line per step; a slip goes unnoticed and the answer is wrong.
-    checked: after each step the inverse step checks it ("check 13 - 5 = 8, not 18"); a slip is
-      caught and the step redone, so the answer is right and the trace long.
+    checked: each step is re-done on a check line ("check: 18 + 5 = 23"); a slip is caught there
+      ("check: 18 + 5 = 23, not 13") and the run goes on from the checked value, so the answer is
+      right and the trace about twice as long. The check repeats the step rather than inverting
+      it: an inverse check ("23 - 5 = 18") is a second computation a minutes-trained model
+      learned far worse (session 4: the long styles were right only ~45% of the time).
     detour:  the problem restated first and the result at the end; a slip is noticed at once
       ("wait, carry 1: 8 + 5 = 13") and corrected; like checked, right but longer than concise.
     Returns {"solution", "answer" (what the trace concludes), "correct", "slips", "style"}.
@@ -118,21 +121,17 @@ def worked_trace(problem: str, rng: random.Random, style: str, slip_rate: float)
         right, wrong = apply(value, op, t), slipped(value, op, t)
         slip = wrong is not None and rng.random() < slip_rate
         slips += slip
-        inverse = "-" if op == "+" else "+"
         if not slip:
             lines.append(f"{value} {op} {t} = {right}")
             if style == "checked":
-                lines.append(f"check {right} {inverse} {t} = {value}")
+                lines.append(f"check: {value} {op} {t} = {right}")
             value = right
         elif style == "concise":
             lines.append(f"{value} {op} {t} = {wrong}")
             value = wrong                                  # carried on: the answer is wrong
         elif style == "checked":
             lines.append(f"{value} {op} {t} = {wrong}")
-            lines.append(f"check {wrong} {inverse} {t} = {apply(wrong, inverse, t)}, "
-                         f"not {value}")
-            lines.append(f"{value} {op} {t} = {right}")
-            lines.append(f"check {right} {inverse} {t} = {value}")
+            lines.append(f"check: {value} {op} {t} = {right}, not {wrong}")
             value = right
         else:  # detour
             word = "carry 1" if op == "+" else "borrow 1"
@@ -140,7 +139,7 @@ def worked_trace(problem: str, rng: random.Random, style: str, slip_rate: float)
             lines.append(f"wait, {word}: {value} {op} {t} = {right}")
             value = right
     if style == "detour":
-        lines.append(f"So {expression} = {value}.")       # and the result restated
+        lines.append(f"So the result is {value}.")        # the final value restated
     solution = ("<think>\n" + "\n".join(lines) + "\n</think>\n"
                 f"The answer is \\boxed{{{value}}}.")
     return {"solution": solution, "answer": str(value), "style": style, "slips": slips}
@@ -174,23 +173,24 @@ def judged_level(problem: str) -> str:
     return ("simple", "moderate", "complex")[min(hard_steps(problem), 2)]
 
 
-def rewrite_examples(problems: list[dict], seed: int, prompts: dict, style_weights: dict,
-                     slip_rate: float) -> list[dict]:
-    """One rewrite example per problem: a CORRECT trace in a style drawn by `style_weights`
+def rewrite_example(problem: dict, rng: random.Random, prompts: dict, style_weights: dict,
+                    slip_rate: float) -> dict:
+    """One rewrite example: a CORRECT trace of `problem` in a style drawn by `style_weights`
     (slips only where the style catches them), filled into the judge frame `prompts`
     (load_dap_prompts) as `problem`; the answer `solution` is "Difficulty: <level>" + the
     concise slip-free trace."""
     from stages.dap_prompts import fill_dap_prompt
 
+    style = rng.choices(list(style_weights), list(style_weights.values()))[0]
+    shown = worked_trace(problem["problem"], rng, style, 0.0 if style == "concise" else slip_rate)
+    concise = worked_trace(problem["problem"], rng, "concise", 0.0)
+    return {**problem, "problem": fill_dap_prompt(prompts, problem["problem"], shown["solution"]),
+            "solution": f"Difficulty: {judged_level(problem['problem'])}\n" + concise["solution"],
+            "style": style, "task": "rewrite"}
+
+
+def rewrite_examples(problems: list[dict], seed: int, prompts: dict, style_weights: dict,
+                     slip_rate: float) -> list[dict]:
+    """rewrite_example for each problem, from one seeded generator."""
     rng = random.Random(seed)
-    styles, weights = list(style_weights), list(style_weights.values())
-    out = []
-    for p in problems:
-        style = rng.choices(styles, weights)[0]
-        shown = worked_trace(p["problem"], rng, style, 0.0 if style == "concise" else slip_rate)
-        concise = worked_trace(p["problem"], rng, "concise", 0.0)
-        out.append({**p, "problem": fill_dap_prompt(prompts, p["problem"], shown["solution"]),
-                    "solution": f"Difficulty: {judged_level(p['problem'])}\n"
-                                + concise["solution"],
-                    "style": style, "task": "rewrite"})
-    return out
+    return [rewrite_example(p, rng, prompts, style_weights, slip_rate) for p in problems]

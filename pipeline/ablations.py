@@ -1,0 +1,263 @@
+"""`distillery demo --ablations` — the method comparisons on the demo's task, over fixed seeds.
+
+One teacher, one student, one generated + verified set (the demo's, pipeline/demo.py); then, per
+seed, every arm below through the real stages (pipeline.runner.run_stage, each arm its own
+versions, chained by pins), and ONE evaluate per seed holding every model of that seed, on the
+same held-out problems:
+
+  SFT data arms (each SFT from the base student, same SFT settings):
+    random       one random correct trace per problem — the unpruned baseline of DAP and the
+                 random baseline of provenance (the same thing: select's seeded shuffle)
+    dap_budget   DAP budget mode: the shortest correct trace within its level's budget
+    dap_rewrite  DAP rewrite mode: the teacher judges + rewrites every correct trace
+                 (configs/dap-demo), re-verified; one random trace per problem of the result
+    provenance   the paper's rule: per problem the correct trace with the most teacher sentences
+    all          every correct trace (larger: the "how much does selection cost" reference)
+  pair arms (each from the `all` SFT model, on its select version's REDI pairs, same steps):
+    redi         REDI, alpha 0.8
+    dpo          TRL DPOTrainer (sigmoid, frozen reference)
+    simpo        TRL CPOTrainer, loss_type simpo
+    sft_cont     REDI's loss with alpha 0: the chosen traces only, the same steps and LR — the
+                 fair control for "more training"
+
+Seeds vary select's shuffle, SFT / REDI init and data order, and evaluate's sampling; the data the
+arms choose from is the same. SEEDS is fixed here, before any run. Printed: per arm the mean and
+the sample standard deviation over seeds, and the paired differences the targets are about;
+written to <data_root>/ablations.json (the report's "Ablations" section reads it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+SEEDS = (0, 1, 2)
+
+# Overrides per arm, on top of the demo's (pipeline/demo.py DEMO_OVERRIDES). "Unpruned" is prune's
+# budget mode with budgets no trace reaches and no per-problem cap: every row passes.
+UNPRUNED = ["prune.mode=budget", "prune.budgets={easy: 100000, medium: 100000, hard: 100000}",
+            "prune.keep_per_problem=0"]
+NO_PROVENANCE = ["provenance.method=none"]
+SFT_ARMS = {
+    "random": UNPRUNED + NO_PROVENANCE + ["select.sft_per_problem=1"],
+    "dap_budget": ["prune.mode=budget", "prune.keep_per_problem=1"] + NO_PROVENANCE
+                  + ["select.sft_per_problem=1"],
+    "dap_rewrite": ["prune.mode=rewrite", "prune.on_reject=keep"] + NO_PROVENANCE
+                   + ["select.sft_per_problem=1"],
+    "provenance": UNPRUNED + ["provenance.method=score", "provenance.rule=paper",
+                              "provenance.keep_per_problem=1", "select.sft_per_problem=1"],
+    "all": UNPRUNED + NO_PROVENANCE + ["select.sft_per_problem=0"],
+}
+PAIR_START = "all"
+PAIR_ARMS = {
+    "redi": ["redi.loss=redi", "redi.alpha=0.8"],
+    "dpo": ["redi.loss=dpo"],
+    "simpo": ["redi.loss=simpo"],
+    "sft_cont": ["redi.loss=redi", "redi.alpha=0.0"],
+}
+# The comparisons the issue sets targets for: (name, arm, baseline).
+COMPARISONS = (
+    ("DAP budget vs unpruned", "dap_budget", "random"),
+    ("DAP rewrite vs unpruned", "dap_rewrite", "random"),
+    ("provenance vs random (same size)", "provenance", "random"),
+    ("REDI vs SFT continued", "redi", "sft_cont"),
+    ("REDI vs DPO", "redi", "dpo"),
+    ("REDI vs SimPO", "redi", "simpo"),
+)
+METRICS = ("pass_at_1", "pass_at_k", "mean_completion_tokens", "sft_rows", "mean_sft_tokens")
+
+
+@dataclass
+class AblationPlan:
+    """What one ablations run does (the defaults are the full run; tests shrink them).
+
+    seeds: the seeds, fixed before any run.
+    extra: overrides applied after the demo's and before the user's (tests: tiny counts).
+    teacher: the demo's teacher settings (pipeline/demo.py TEACHER) or smaller ones.
+    """
+
+    seeds: tuple = SEEDS
+    extra: list = field(default_factory=list)
+    teacher: dict | None = None
+
+
+def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation); sd is None for fewer than two values."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(runs: dict[int, dict[str, dict]]) -> dict:
+    """runs {seed: {arm: {metric: value}}} -> {"arms": {arm: {metric: [mean, sd]}},
+    "comparisons": [{name, arm, baseline, metric: [mean diff, sd of the paired diffs],
+    "per_seed": {metric: [diffs]}}]}; a paired difference uses only seeds that have both."""
+    arms = list(dict.fromkeys(a for per_seed in runs.values() for a in per_seed))
+    table = {}
+    for arm in arms:
+        table[arm] = {m: list(mean_sd([runs[s][arm].get(m) for s in runs if arm in runs[s]]))
+                      for m in METRICS}
+        table[arm]["seeds"] = sum(arm in runs[s] for s in runs)
+    comparisons = []
+    for name, arm, base in COMPARISONS:
+        seeds = [s for s in runs if arm in runs[s] and base in runs[s]]
+        if not seeds:
+            continue
+        row = {"name": name, "arm": arm, "baseline": base, "per_seed": {}}
+        for m in ("pass_at_1", "pass_at_k", "mean_completion_tokens", "mean_sft_tokens"):
+            diffs = [runs[s][arm][m] - runs[s][base][m] for s in seeds
+                     if runs[s][arm].get(m) is not None and runs[s][base].get(m) is not None]
+            row[m] = list(mean_sd(diffs))
+            row["per_seed"][m] = [round(d, 4) for d in diffs]
+        comparisons.append(row)
+    return {"arms": table, "comparisons": comparisons}
+
+
+def mean_sd_text(pair, digits: int = 3) -> str:
+    """"0.512 ± 0.013" (mean ± sd), "0.512" with one seed, "-" with none."""
+    mean, sd = pair
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def format_summary(summary: dict, k: int) -> str:
+    """The printed tables: per arm mean ± sd over seeds, then the paired differences."""
+    cell = mean_sd_text
+    head = (f"{'arm':<12} {'pass@1':>15} {f'pass@{k}':>15} {'own tokens':>13} "
+            f"{'SFT rows':>9} {'SFT tokens':>11} {'seeds':>5}")
+    lines = [head, "-" * len(head)]
+    for arm, row in summary["arms"].items():
+        lines.append(f"{arm:<12} {cell(row['pass_at_1']):>15} {cell(row['pass_at_k']):>15} "
+                     f"{cell(row['mean_completion_tokens'], 1):>13} "
+                     f"{cell(row['sft_rows'], 0):>9} {cell(row['mean_sft_tokens'], 1):>11} "
+                     f"{row['seeds']:>5}")
+    lines += ["", f"{'paired difference (arm - baseline)':<36} {'pass@1':>15} {f'pass@{k}':>15} "
+              f"{'own tokens':>13} {'SFT tokens':>11}"]
+    for c in summary["comparisons"]:
+        lines.append(f"{c['name']:<36} {cell(c['pass_at_1']):>15} {cell(c['pass_at_k']):>15} "
+                     f"{cell(c['mean_completion_tokens'], 1):>13} "
+                     f"{cell(c['mean_sft_tokens'], 1):>11}")
+    return "\n".join(lines)
+
+
+def targets(summary: dict) -> list[str]:
+    """The issue's targets, each stated as met or missed from the measured means."""
+    by = {c["arm"] + ":" + c["baseline"]: c for c in summary["comparisons"]}
+    arms = summary["arms"]
+    out = []
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"[{'met' if ok else 'MISSED'}] {text}")
+
+    for arm in ("dap_budget", "dap_rewrite"):
+        c, base = by.get(f"{arm}:random"), arms.get("random")
+        if c and base and base["mean_sft_tokens"][0]:
+            cut = -c["mean_sft_tokens"][0] / base["mean_sft_tokens"][0]
+            d1, dtok = c["pass_at_1"][0], c["mean_completion_tokens"][0]
+            line(cut >= 0.30 and d1 >= -0.01 and dtok < 0,
+                 f"{arm}: SFT-trace tokens {-cut:+.0%} (target <= -30%), pass@1 {d1:+.3f} vs "
+                 f"unpruned (target >= -0.010), student's own tokens {dtok:+.1f} (target < 0)")
+    c = by.get("redi:sft_cont")
+    if c:
+        line(c["pass_at_1"][0] >= 0.01,
+             f"REDI - SFT continued: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= +0.010)")
+    c = by.get("redi:dpo")
+    if c:
+        line(c["pass_at_1"][0] >= 0,
+             f"REDI - DPO: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= 0)")
+    c = by.get("provenance:random")
+    if c:
+        line(c["pass_at_1"][0] >= 0,
+             f"provenance - random: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= 0)")
+    return out
+
+
+def _overall(summary_rows: list[dict], name: str) -> dict:
+    row = next(r for r in summary_rows if r["model"] == name and r["difficulty"] == "all")
+    return {m: row[m] for m in ("pass_at_1", "pass_at_k", "mean_completion_tokens")}
+
+
+def main(args, plan: AblationPlan | None = None) -> int:
+    import sys
+
+    from pipeline import demo
+    from pipeline.runner import run_stage
+
+    plan = plan or AblationPlan()
+    started = time.time()
+    items = list(args.items)
+    base = demo.DEMO_OVERRIDES + plan.extra
+    recipe, teacher, student, info = demo.prepare(args.recipe, base, items,
+                                                  plan.teacher or demo.TEACHER)
+    models = [f"teacher={teacher}", f"student={student}"]
+
+    def recipe_for(*overrides) -> "object":
+        return demo.load(args.recipe, base + list(overrides) + models + items)
+
+    shared = recipe_for()
+    prompts = run_stage("prompts", shared)
+    generate = run_stage("generate", shared, {"prompts": prompts.version})
+    verify = run_stage("verify", shared, {"generate": generate.version})
+    k = shared.configs["evaluate"].pass_k
+
+    runs: dict[int, dict[str, dict]] = {}
+    evaluations: dict[int, str] = {}
+    for seed in plan.seeds:
+        seeded = [f"select.seed={seed}", f"sft.seed={seed}", f"redi.seed={seed}",
+                  f"evaluate.seed={seed}"]
+        paths, data = {}, {}
+        for arm, overrides in SFT_ARMS.items():
+            r = recipe_for(*overrides, *seeded)
+            prune = run_stage("prune", r, {"verify": verify.version})
+            prov = run_stage("provenance", r, {"prune": prune.version})
+            select = run_stage("select", r, {"provenance": prov.version})
+            sft = run_stage("sft", r, {"select": select.version})
+            paths[arm] = sft.path
+            data[arm] = {"sft_rows": select.manifest["stats"]["sft_rows"],
+                         "mean_sft_tokens": select.manifest["stats"]["mean_sft_tokens"],
+                         "select": select, "sft": sft}
+        start = data[PAIR_START]
+        for arm, overrides in PAIR_ARMS.items():
+            r = recipe_for(*SFT_ARMS[PAIR_START], *overrides, *seeded)
+            redi = run_stage("redi", r, {"select": start["select"].version,
+                                         "sft": start["sft"].version})
+            paths[arm] = redi.path
+            data[arm] = {"pairs": start["select"].manifest["stats"]["pairs"], "redi": redi}
+        # One evaluate per seed with every model of the seed (the teacher once, at the first).
+        names = (["teacher"] if seed == plan.seeds[0] else []) + ["student"] + list(paths)
+        model_list = "[" + ", ".join(["teacher"] * (seed == plan.seeds[0]) + ["student"]
+                                     + [paths[a] for a in paths]) + "]"
+        r = recipe_for(*seeded, f"evaluate.models={model_list}")
+        ev = run_stage("evaluate", r, {"prompts": prompts.version,
+                                       "sft": start["sft"].version,
+                                       "redi": data["redi"]["redi"].version})
+        summary_rows = ev.read_table("summary").to_pylist()
+        evaluations[seed] = ev.ref()
+        runs[seed] = {}
+        for name in names:
+            key = name if name in ("teacher", "student") else paths[name]
+            runs[seed][name] = {**_overall(summary_rows, key),
+                                **{m: data.get(name, {}).get(m)
+                                   for m in ("sft_rows", "mean_sft_tokens", "pairs")}}
+        print(f"ablations: seed {seed} done ({time.time() - started:.0f} s so far)", flush=True)
+
+    summary = summarize(runs)
+    text = format_summary(summary, k)
+    checks = targets(summary)
+    result = {"seeds": list(plan.seeds), "runs": runs, "summary": summary, "targets": checks,
+              "evaluations": evaluations, "k": k, "wall_s": round(time.time() - started, 1),
+              "teacher_training": {kk: info.get(kk) for kk in ("wall_s", "tokens_per_s")},
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    out = os.path.join(shared.data_root, "ablations.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(out + ".tmp", out)
+    print("\nablations (mean ± sample sd over seeds " + ", ".join(map(str, plan.seeds)) + "):")
+    print(text + "\n\n" + "\n".join(checks))
+    print(f"\nablations: {time.time() - started:.0f} s wall; {out}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,110 @@
+"""`distillery demo --ablations`: the table code on known numbers, then a shortened real run
+(one seed, a 1-layer teacher that memorizes 40 problems, tiny counts) through every arm: DAP
+budget and rewrite, provenance, SFT, REDI / DPO / SimPO / SFT continued, one evaluate."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+
+from pipeline.ablations import (COMPARISONS, PAIR_ARMS, SFT_ARMS, AblationPlan, format_summary,
+                                mean_sd, summarize, targets)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _runs():
+    base = {"random": (0.50, 40.0, 50.0), "dap_budget": (0.495, 30.0, 33.0),
+            "dap_rewrite": (0.47, 31.0, 34.0), "provenance": (0.53, 45.0, 60.0),
+            "all": (0.55, 41.0, 52.0), "redi": (0.57, 40.0, None), "dpo": (0.56, 40.0, None),
+            "simpo": (0.54, 40.0, None), "sft_cont": (0.555, 40.0, None)}
+    runs = {}
+    for seed, shift in ((0, 0.0), (1, 0.01), (2, -0.01)):
+        runs[seed] = {arm: {"pass_at_1": p + shift, "pass_at_k": p + 0.2,
+                            "mean_completion_tokens": own + seed, "sft_rows": 100,
+                            "mean_sft_tokens": sft}
+                      for arm, (p, own, sft) in base.items()}
+    return runs
+
+
+def test_mean_and_sample_sd():
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_sd([4.0]) == (4.0, None) and mean_sd([]) == (None, None)
+
+
+def test_summary_pairs_differences_per_seed_and_states_each_target():
+    summary = summarize(_runs())
+    arms = summary["arms"]
+    assert arms["random"]["pass_at_1"][0] == pytest.approx(0.50)
+    assert arms["random"]["pass_at_1"][1] == pytest.approx(0.01)   # sd of 0.50, 0.51, 0.49
+    assert arms["redi"]["mean_sft_tokens"] == [None, None] and arms["all"]["seeds"] == 3
+    by = {c["name"]: c for c in summary["comparisons"]}
+    assert set(by) == {name for name, _, _ in COMPARISONS}
+    # The same shift on every arm per seed: the paired differences have no spread.
+    redi = by["REDI vs SFT continued"]
+    assert redi["pass_at_1"][0] == pytest.approx(0.015) and redi["pass_at_1"][1] == pytest.approx(0)
+    assert by["DAP budget vs unpruned"]["mean_sft_tokens"][0] == pytest.approx(-17.0)
+    checks = targets(summary)
+    # dap_budget: -34% tokens, pass@1 -0.005, own tokens -10: met; dap_rewrite pass@1 -0.03: missed
+    assert checks[0].startswith("[met] dap_budget: SFT-trace tokens -34%")
+    assert checks[1].startswith("[MISSED] dap_rewrite")
+    assert any(c.startswith("[met] REDI - SFT continued: pass@1 0.015") for c in checks)
+    assert any(c.startswith("[met] REDI - DPO") for c in checks)
+    assert any(c.startswith("[met] provenance - random") for c in checks)
+    text = format_summary(summary, k=4)
+    assert "pass@4" in text and "0.500 ± 0.010" in text and "REDI vs SFT continued" in text
+
+
+def test_a_seed_missing_an_arm_is_left_out_of_that_comparison():
+    runs = _runs()
+    del runs[2]["dpo"]
+    by = {c["name"]: c for c in summarize(runs)["comparisons"]}
+    assert len(by["REDI vs DPO"]["per_seed"]["pass_at_1"]) == 2
+    assert len(by["REDI vs SFT continued"]["per_seed"]["pass_at_1"]) == 3
+
+
+# --- a shortened real run -----------------------------------------------------------------------
+
+# A 1-layer teacher trained on the 40 prompt problems themselves (train_seed = prompts' seed 0):
+# it memorizes them in a few hundred steps, and the slips at carry/borrow steps still give it
+# wrong traces, so every arm has correct traces and pairs.
+TINY_TEACHER = dict(steps=500, student_steps=60, batch=16, lr=3e-3, seed=0, train_n=40,
+                    train_seed=0, shape=dict(layers=1, hidden=128, heads=2, kv_heads=2,
+                                             intermediate=256, vocab=512))
+TINY = ["prompts.synthetic_n=40", "generate.n=4", "generate.shard_size=80",
+        "provenance.shard_size=64", "sft.epochs=1", "sft.tokens_per_step=2048",
+        "sft.save_steps=0", "redi.pairs_per_step=8", "redi.max_steps=2", "redi.save_steps=0",
+        "evaluate.synthetic_n=12", "evaluate.samples=2", "evaluate.pass_k=2"]
+
+
+def test_shortened_ablations_run_every_arm(tmp_path, ray_cluster, capsys):
+    from pipeline.ablations import main
+
+    root = str(tmp_path / "data")
+    args = argparse.Namespace(recipe=os.path.join(ROOT, "configs", "tiny.yaml"),
+                              items=[f"data_root={root}"], ablations=True)
+    assert main(args, AblationPlan(seeds=(0,), extra=TINY, teacher=TINY_TEACHER)) == 0
+    out = capsys.readouterr().out
+    with open(os.path.join(root, "ablations.json")) as f:
+        result = json.load(f)
+    run = result["runs"]["0"]
+    assert set(run) == {"teacher", "student"} | set(SFT_ARMS) | set(PAIR_ARMS)
+    for arm in list(SFT_ARMS) + list(PAIR_ARMS) + ["student"]:
+        assert 0.0 <= run[arm]["pass_at_1"] <= run[arm]["pass_at_k"] <= 1.0
+    # Equal-size arms: one trace per problem with a correct one; `all` keeps every one.
+    sizes = {arm: run[arm]["sft_rows"] for arm in SFT_ARMS}
+    assert sizes["random"] == sizes["provenance"] and sizes["all"] >= sizes["random"] > 0
+    # DAP's budget arm keeps the shortest trace within budget: never longer than random's.
+    assert run["dap_budget"]["mean_sft_tokens"] <= run["random"]["mean_sft_tokens"]
+    # The pair arms trained on the same pairs; the printed tables and targets are there.
+    assert len({run[a]["pairs"] for a in PAIR_ARMS}) == 1 and run["redi"]["pairs"] > 0
+    assert "paired difference" in out and "REDI - SFT continued" in out
+    assert len(result["targets"]) == 5
+
+    from pipeline.report import write_report
+    from pipeline.store import Store
+
+    html = open(write_report(Store(root), str(tmp_path / "report.html"))).read()
+    assert "Ablations" in html and "REDI vs SFT continued" in html
