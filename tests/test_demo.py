@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import random
 
-from pipeline.demo import DAP_DEMO_PROMPTS, STYLE_MIX, TASK, effects, ensure_models, example_draw
+from pipeline.demo import (DAP_DEMO_PROMPTS, STYLE_MIX, TASK, effects, ensure_models,
+                           rewrite_draw, trace_draw)
 from stages.synthetic import make_problems
 
 TINY = dict(steps=4, student_steps=2, batch=8, lr=1e-3, seed=0, train_n=200, train_seed=1,
@@ -49,23 +50,24 @@ def test_phase_draws_balance_levels_and_mix_styles_and_rewrites():
 
     problems = make_problems(3000, seed=1, **TASK)
     rng = random.Random(0)
-    student_phase = example_draw(problems, {"concise": 1.0}, 0.5)
+    student_phase = trace_draw(problems, {"concise": 1.0}, 0.5)
     rows = [student_phase(rng) for _ in range(3000)]
     # The student's phase never shows a check line, a detour or the rewrite frame.
     assert not any("check" in r["solution"] or "wait" in r["solution"]
                    or "We need" in r["solution"] or "Rewrite" in r["problem"] for r in rows)
     ops = [r["problem"].count("+") + r["problem"].count("-") for r in rows]
-    for k in (1, 2, 3):                         # levels drawn uniformly, not by their counts
-        assert abs(ops.count(k) / len(ops) - 1 / 3) < 0.04
-    teacher_phase = example_draw(problems, STYLE_MIX, 0.5, 0.1,
-                                 load_dap_prompts(DAP_DEMO_PROMPTS))
-    rows = [teacher_phase(rng) for _ in range(4000)]
-    rewrites = [r for r in rows if r["problem"].startswith("Rewrite concisely.")]
-    assert abs(len(rewrites) / len(rows) - 0.1) < 0.02
-    assert all(r["solution"].startswith("Difficulty: ") for r in rewrites)
-    traces = [r["solution"] for r in rows if r not in rewrites]
+    levels = sorted({p["difficulty"] for p in problems})
+    assert len(levels) >= 2
+    for k in levels:                            # levels drawn uniformly, not by their counts
+        assert abs(ops.count(k) / len(ops) - 1 / len(levels)) < 0.04
+    teacher_phase = trace_draw(problems, STYLE_MIX, 0.5)
+    traces = [teacher_phase(rng)["solution"] for _ in range(4000)]
     checked = sum("check:" in t for t in traces) / len(traces)
     assert abs(checked - STYLE_MIX["checked"]) < 0.04
+    rewrites = rewrite_draw(problems, load_dap_prompts(DAP_DEMO_PROMPTS), STYLE_MIX, 0.5)
+    rows = [rewrites(rng) for _ in range(200)]
+    assert all(r["problem"].startswith("Rewrite concisely.") for r in rows)
+    assert all(r["solution"].startswith("Difficulty: ") for r in rows)
 
 
 def test_effects_lines_from_the_manifests():

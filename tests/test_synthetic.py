@@ -11,13 +11,13 @@ from stages.verify import extract_answer
 TASK = dict(min_terms=3, max_terms=6, max_operand=9)
 
 
-def test_slips_are_the_carry_and_borrow_mistakes():
-    assert slipped(18, "+", 5) == 13          # carry forgotten
-    assert slipped(23, "-", 7) == 24          # smaller digit from the larger, no borrow
-    assert slipped(12, "+", 3) is None        # no carry: nothing to get wrong this way
-    assert slipped(27, "-", 3) is None
+def test_slips_drop_the_minus_sign():
+    assert slipped(12, "-", 3) == ("+", 15)   # 12 - 3 done as 12 + 3: a true equation, wrong step
+    assert slipped(12, "+", 3) is None        # an addition has no minus to drop
     assert parse_problem("Compute 18 + 5 - 7.") == (18, [("+", 5), ("-", 7)])
-    assert hard_steps("Compute 18 + 5 - 7.") == 2   # 18 + 5 carries, 23 - 7 borrows
+    assert hard_steps("Compute 18 - 5 - 7.") == 2 and hard_steps("Compute 18 + 5.") == 0
+    t = worked_trace("Compute 12 - 3.", random.Random(0), "concise", slip_rate=1.0)
+    assert "12 + 3 = 15" in t["solution"] and t["answer"] == "15"
 
 
 def test_every_style_without_slips_is_correct_and_the_answer_is_extractable():
@@ -65,8 +65,8 @@ def test_rewrite_examples_show_a_correct_trace_and_ask_for_the_concise_one():
     from stages.dap_prompts import load_dap_prompts, parse_rewrite
     from stages.synthetic import judged_level, rewrite_examples
 
-    assert [judged_level(p) for p in ("Compute 3 + 4.", "Compute 8 + 5.",
-                                      "Compute 18 + 5 - 7.")] == ["simple", "moderate", "complex"]
+    assert [judged_level(p) for p in ("Compute 3 + 4.", "Compute 8 - 5.",
+                                      "Compute 18 - 5 - 7.")] == ["simple", "moderate", "complex"]
     prompts = load_dap_prompts(os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "configs", "dap"))
     problems = make_problems(200, seed=13, **TASK)
