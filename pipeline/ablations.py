@@ -74,12 +74,14 @@ class AblationPlan:
     """What one ablations run does (the defaults are the full run; tests shrink them).
 
     seeds: the seeds, fixed before any run.
-    extra: overrides applied after the demo's and before the user's (tests: tiny counts).
+    extra: overrides applied after the demo's and before the user's. The full run: SFT 2
+      epochs and 4 evaluation samples (vs the demo's 3 and 8), to fit 10 SFT/pair models x 3
+      seeds in an hour on 2 cores; tests: tiny counts.
     teacher: the demo's teacher settings (pipeline/demo.py TEACHER) or smaller ones.
     """
 
     seeds: tuple = SEEDS
-    extra: list = field(default_factory=list)
+    extra: list = field(default_factory=lambda: ["sft.epochs=2", "evaluate.samples=4"])
     teacher: dict | None = None
 
 
@@ -181,6 +183,24 @@ def _overall(summary_rows: list[dict], name: str) -> dict:
     return {m: row[m] for m in ("pass_at_1", "pass_at_k", "mean_completion_tokens")}
 
 
+def write_result(data_root: str, plan: AblationPlan, runs: dict, evaluations: dict, k: int,
+                 started: float, info: dict) -> dict:
+    """<data_root>/ablations.json (renamed into place): the per-seed numbers, the summary, the
+    targets; complete when every seed of the plan is in."""
+    summary = summarize(runs)
+    out = os.path.join(data_root, "ablations.json")
+    result = {"seeds": list(runs), "planned_seeds": list(plan.seeds),
+              "complete": len(runs) == len(plan.seeds), "extra": list(plan.extra),
+              "runs": runs, "summary": summary, "targets": targets(summary),
+              "evaluations": evaluations, "k": k, "wall_s": round(time.time() - started, 1),
+              "teacher_training": {kk: info.get(kk) for kk in ("wall_s", "tokens_per_s")},
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "path": out}
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(out + ".tmp", out)
+    return result
+
+
 def main(args, plan: AblationPlan | None = None) -> int:
     import sys
 
@@ -244,18 +264,12 @@ def main(args, plan: AblationPlan | None = None) -> int:
                                 **{m: data.get(name, {}).get(m)
                                    for m in ("sft_rows", "mean_sft_tokens", "pairs")}}
         print(f"ablations: seed {seed} done ({time.time() - started:.0f} s so far)", flush=True)
+        # Written after every seed (complete: false until the last), so a stopped run keeps
+        # the seeds it finished.
+        result = write_result(shared.data_root, plan, runs, evaluations, k, started, info)
 
-    summary = summarize(runs)
+    summary, checks, out = result["summary"], result["targets"], result["path"]
     text = format_summary(summary, k)
-    checks = targets(summary)
-    result = {"seeds": list(plan.seeds), "runs": runs, "summary": summary, "targets": checks,
-              "evaluations": evaluations, "k": k, "wall_s": round(time.time() - started, 1),
-              "teacher_training": {kk: info.get(kk) for kk in ("wall_s", "tokens_per_s")},
-              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    out = os.path.join(shared.data_root, "ablations.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(out + ".tmp", out)
     print("\nablations (mean ± sample sd over seeds " + ", ".join(map(str, plan.seeds)) + "):")
     print(text + "\n\n" + "\n".join(checks))
     print(f"\nablations: {time.time() - started:.0f} s wall; {out}")

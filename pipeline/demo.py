@@ -238,10 +238,11 @@ DEMO_OVERRIDES = [
     f"prompts.synthetic_min_terms={TASK['min_terms']}",
     f"prompts.synthetic_max_terms={TASK['max_terms']}",
     f"prompts.synthetic_max_operand={TASK['max_operand']}",
-    # 2048 problems x 4 samples: 4 candidates per problem for DAP and provenance to choose
-    # from, and P(a correct AND a wrong sample) high enough on 2-3 op problems for >= 1,000
-    # REDI pairs. T 1.0: the teacher's style mix and slip rate as it learned them.
-    "prompts.synthetic_n=2048",
+    # 2560 problems x 4 samples: 4 candidates per problem for DAP and provenance to choose
+    # from; a REDI pair needs a problem with a correct AND a wrong sample (2048 problems gave
+    # 892 pairs, 2026-12-01: problems without a subtraction are mostly all-correct).
+    # T 1.0: the teacher's style mix and slip rate as it learned them.
+    "prompts.synthetic_n=2560",
     "generate.problem_template='{problem}'",
     "generate.n=4", "generate.temperature=1.0", "generate.max_tokens=128",
     "generate.shard_size=1024",
@@ -256,9 +257,16 @@ DEMO_OVERRIDES = [
     # The student is a from-scratch model mid-way through learning the task: the teacher's own
     # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, session 2's docs/demo.md).
     "sft.learning_rate=0.003", "sft.epochs=3",
-    # REDI: the paper's alpha and its LR ratio stage 2 / stage 1 = 1e-6 / 5e-5 = 1/50 (set
-    # before any run on this task): 3e-3 / 50 = 6e-5.
-    "redi.alpha=0.8", "redi.learning_rate=0.00006",
+    # REDI: the paper's alpha 0.8. Its LR ratio stage 2 / stage 1 = 1e-6 / 5e-5 = 1/50 gave
+    # 3e-3 / 50 = 6e-5, set before any run: on the first full run the stage's collapse watch
+    # fired (chosen -0.230 -> -0.389, rejected -0.397 -> -0.622 nats/token, both falling; REDI
+    # 0.079 vs SFT 0.119 pass@1), so 1e-5 (docs/demo.md).
+    "redi.alpha=0.8", "redi.learning_rate=0.00001",
+    # float32 CPU engines: vLLM runs a float32 checkpoint in bf16 on CPU by default, which a
+    # CPU without native bf16 (this one: AVX2 only) emulates — 3.0k vs 8.5k tok/s on the
+    # demo teacher (2026-12-01). Where, not what: the resources section.
+    "resources.generate.dtype=float32", "resources.prune.dtype=float32",
+    "resources.evaluate.dtype=float32",
     "evaluate.problem_template='{problem}'",
     "evaluate.samples=8", "evaluate.pass_k=4",
     "evaluate.max_tokens=128", "evaluate.temperature=0.6",

@@ -309,8 +309,10 @@ def _ablations_section(store: Store) -> str:
         ("pass_at_1", 3), ("pass_at_k", 3), ("mean_completion_tokens", 1),
         ("mean_sft_tokens", 1))] + [json.dumps(c["per_seed"]["pass_at_1"])]
         for c in summary["comparisons"]]
+    state = "" if result.get("complete", True) else (
+        f" — INCOMPLETE: {len(result['seeds'])} of the planned seeds {result['planned_seeds']}")
     return (_note(f"seeds {result['seeds']}, finished {result['finished_at']} UTC, "
-                  f"{result['wall_s']:.0f} s; mean ± sample sd over seeds")
+                  f"{result['wall_s']:.0f} s; mean ± sample sd over seeds{state}")
             + _table(["arm", "pass@1", f"pass@{k}", "own tokens", "SFT rows", "SFT tokens",
                       "seeds"], arms)
             + _table(["paired difference (arm - baseline)", "pass@1", f"pass@{k}",
