@@ -211,11 +211,11 @@ def main(args, plan: AblationPlan | None = None) -> int:
     started = time.time()
     items = list(args.items)
     base = demo.DEMO_OVERRIDES + plan.extra
-    recipe, teacher, student, info = demo.prepare(args.recipe, base, items,
-                                                  plan.teacher or demo.TEACHER)
+    _, teacher, student, info = demo.prepare(args.recipe, base, items,
+                                             plan.teacher or demo.TEACHER)
     models = [f"teacher={teacher}", f"student={student}"]
 
-    def recipe_for(*overrides) -> "object":
+    def recipe_for(*overrides):
         return demo.load(args.recipe, base + list(overrides) + models + items)
 
     shared = recipe_for()
