@@ -43,6 +43,31 @@ def deepspeed_config(zero_stage: int, offload: bool) -> dict:
     return ds
 
 
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops are cached (TORCH_EXTENSIONS_DIR, else under ~/.cache)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR",
+                          os.path.expanduser("~/.cache/distillery/torch_extensions"))
+
+
+def prebuild_deepspeed_ops() -> None:
+    """Build DeepSpeed's shared-memory comm op now (`make install` calls this) instead of in
+    the first training run. deepspeed.comm builds it whenever a process group starts on a CPU
+    accelerator (deepspeed/comm/torch.py build_shm_op); the build is keyed on the compiler
+    command, which names the venv, so every fresh clone rebuilds it: 38 s inside the first
+    `make pipeline`'s sft stage on this 2-core machine (2026-12-01). Where the accelerator has
+    no such op (or it does not fit), nothing is built."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        print("deepspeed: no shared-memory comm op for this accelerator; nothing to build")
+        return
+    builder.load()
+    print(f"deepspeed: {builder.absolute_name()} built into {os.environ['TORCH_EXTENSIONS_DIR']}")
+
+
 def fit(loop, config: dict, resources, ctx) -> None:
     """Run `loop(config)` on `resources.num_workers` Ray Train workers.
 
@@ -60,9 +85,8 @@ def fit(loop, config: dict, resources, ctx) -> None:
     if resources.use_gpu:
         per_worker["GPU"] = 1
     config = dict(config)
-    # The DeepSpeed comm op is JIT-built once (~20 s on CPU) and cached here (STACK.md).
-    config["torch_extensions_dir"] = os.environ.get(
-        "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distillery/torch_extensions"))
+    # The DeepSpeed comm op is JIT-built once and cached here (prebuild_deepspeed_ops).
+    config["torch_extensions_dir"] = torch_extensions_dir()
     config["deepspeed"] = deepspeed_config(resources.zero_stage, resources.offload)
     config["use_gpu"] = resources.use_gpu
     config["cpus_per_worker"] = resources.cpus_per_worker

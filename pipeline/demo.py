@@ -50,14 +50,19 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
       learns their distribution, not a fixed set of traces).
     Plain AdamW + one cosine decay over all phases, loss on the assistant tokens only.
     `snapshots` {step: folder} saves the model as it is after that many steps (the demo's student
-    is such a snapshot). Right padding with a causal model needs no attention mask (a pad only
-    follows the real tokens), which keeps SDPA on its causal fast path. Batches are NOT
-    length-bucketed: sorting 8 batches' worth of draws by length (so each batch holds one kind
-    of problem) took 600 steps from 74.5% to 10% greedy accuracy (2026-12-01, concise traces).
+    is such a snapshot). Each batch is ONE packed row (stages/packed.py, what sft and redi train
+    on): the 32 examples back to back, attention causal within each, the LM head only on the
+    completion positions. The loss is the padded batch's to the last digit (the mean over the
+    batch's completion tokens) at 0.156 vs 0.207 s a step: a padded batch of the style mix is
+    ~1/3 padding (width 93 for 62 real tokens a row; 2026-12-01, this machine). Batches are
+    NOT length-bucketed: sorting 8 batches' worth of draws by length (so each batch holds one
+    kind of problem) took 600 steps from 74.5% to 10% greedy accuracy (2026-12-01).
     Returns {"loss": [(step, loss)], "tokens_per_s": ..., "wall_s": ...}.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from stages.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
 
     torch.manual_seed(seed)
     config = Qwen2Config(
@@ -68,12 +73,13 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32")
     model = Qwen2ForCausalLM(config)
+    register_attention()
+    model.config._attn_implementation = ATTENTION  # back to sdpa in every saved checkpoint
     steps = sum(n for n, _ in phases)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(s, steps) / steps)) * 0.95 + 0.05)
-    pad = tokenizer.pad_token_id
     cache: dict = {}
 
     def encode(example: dict) -> tuple[list[int], int]:
@@ -92,14 +98,8 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
     losses, tokens, started = [], 0, time.time()
     model.train()
     for step, rows in enumerate(batches(), start=1):
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (ids, start) in enumerate(rows):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            labels[i, start:len(ids)] = torch.tensor(ids[start:])
-            tokens += len(ids)
-        loss = model(input_ids=input_ids, labels=labels).loss
+        tokens += sum(len(ids) for ids, _ in rows)
+        loss = -completion_logps(model, collate([packed_row(rows)])).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -110,10 +110,19 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
             log(f"  step {step}/{steps} loss {loss.item():.4f} "
                 f"({tokens / (time.time() - started):.0f} tok/s)")
         if snapshots and step in snapshots:
-            save_model(model, tokenizer, snapshots[step])
-    save_model(model, tokenizer, out)
+            save(model, tokenizer, snapshots[step])
+    save(model, tokenizer, out)
     return {"loss": losses, "tokens_per_s": round(tokens / (time.time() - started)),
             "tokens": tokens, "wall_s": round(time.time() - started, 1)}
+
+
+def save(model, tokenizer, out: str) -> None:
+    """save_model with the stock attention in the checkpoint (vLLM and transformers load it)."""
+    from stages.packed import ATTENTION
+
+    model.config._attn_implementation = "sdpa"
+    save_model(model, tokenizer, out)
+    model.config._attn_implementation = ATTENTION
 
 
 def greedy_accuracy(path: str, problems: list[dict], max_new_tokens: int = 96,
@@ -245,14 +254,16 @@ DEMO_OVERRIDES = [
     "prompts.synthetic_n=2560",
     "generate.problem_template='{problem}'",
     "generate.n=4", "generate.temperature=1.0", "generate.max_tokens=128",
-    "generate.shard_size=1024",
+    # 4 shards of 640: two per engine (resources below); 3 shards of 1024 left one engine
+    # idle for the last third (96 s vs 86 s, 2026-12-01).
+    "generate.shard_size=640",
     # DAP budget mode, difficulty-aware (levels by the teacher's pass rate): easy problems keep
     # only concise traces (a 2-op concise trace is ~32 tokens, checked ~59, detour ~58), hard
     # ones may keep a checked trace. The rewrite mode uses the demo's one-line frame.
     "prune.budgets={easy: 40, medium: 56, hard: 80}", "prune.keep_per_problem=0",
     f"prune.prompts_dir={DAP_DEMO_PROMPTS}", "prune.rewrite_max_tokens=96",
     # Provenance: the paper's rule, 1 trace per problem (the most teacher sentences).
-    "provenance.rule=paper", "provenance.keep_per_problem=1",
+    "provenance.rule=paper", "provenance.keep_per_problem=1", "provenance.shard_size=1024",
     "select.sft_per_problem=1", "select.pair_max_response_tokens=128",
     # The student is a from-scratch model mid-way through learning the task: the teacher's own
     # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, session 2's docs/demo.md).
@@ -267,6 +278,13 @@ DEMO_OVERRIDES = [
     # demo teacher (2026-12-01). Where, not what: the resources section.
     "resources.generate.dtype=float32", "resources.prune.dtype=float32",
     "resources.evaluate.dtype=float32",
+    # Two engines (and two scoring actors), one core each, instead of one on both cores: a
+    # tiny model's engine is bound by its per-step overhead, so a second one fills the cores
+    # (docs/performance.md). On this machine (2026-12-01, the demo's data): generate 117 ->
+    # 86 s, provenance 53 -> 45 s, evaluate (4 models, one actor each serving all of them)
+    # 79 -> 68 s.
+    "resources.generate.replicas=2", "resources.prune.replicas=2",
+    "resources.provenance.replicas=2", "resources.evaluate.replicas=2",
     "evaluate.problem_template='{problem}'",
     "evaluate.samples=8", "evaluate.pass_k=4",
     "evaluate.max_tokens=128", "evaluate.temperature=0.6",
@@ -283,14 +301,14 @@ def _settings_hash(task: dict, teacher: dict, held_out: list[str]) -> str:
     import inspect
 
     from pipeline import tiny_model
-    from stages import dap_prompts, synthetic
+    from stages import dap_prompts, packed, synthetic
     from stages.dap_prompts import load_dap_prompts
 
     blob = json.dumps([task, teacher, STYLE_MIX, SLIP_RATE, REWRITE_SHARE, held_out,
                        load_dap_prompts(DAP_DEMO_PROMPTS)], sort_keys=True)
-    for module in (synthetic, tiny_model, dap_prompts):
+    for module in (synthetic, tiny_model, dap_prompts, packed):
         blob += inspect.getsource(module)
-    for fn in (train_lm, _encode, by_level, trace_draw, rewrite_draw):
+    for fn in (train_lm, save, _encode, by_level, trace_draw, rewrite_draw):
         blob += inspect.getsource(fn)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

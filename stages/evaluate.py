@@ -223,6 +223,7 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     import functools
 
     import pyarrow as pa
+    import pyarrow.compute as pc
     import ray.data
 
     from cluster.inference import Sampling, check_model, complete_chats, iter_samples
@@ -278,20 +279,32 @@ def run(cfg: EvaluateConfig, inputs, ctx):
                               timeout_s=cfg.verify_timeout_s)
     ctx.ensure_ray()
 
+    # Every model in one dataset: one engine actor serves them in turn (cluster/inference.py,
+    # model_column), swapping engines (~2 s) instead of a fresh actor per model (~12 s: vLLM's
+    # import and first start). Blocks hold one model each (batch_size=None: an engine takes a
+    # whole block), `replicas` blocks per model so that no replica idles.
+    per_block = -(-table.num_rows // max(1, ctx.resources.replicas))
+    blocks = []
+    for name, path in models.items():
+        for i in range(0, table.num_rows, per_block):
+            block = table.slice(i, per_block)
+            blocks.append(block.append_column("model", pa.array([name] * block.num_rows))
+                          .append_column("model_path", pa.array([path] * block.num_rows)))
+    first = next(iter(models.values()))
+    out = complete_chats(ray.data.from_arrow(blocks), model=first, sampling=sampling,
+                         n=cfg.samples, resources=ctx.resources, ctx=ctx, batch_size=None,
+                         render=render, model_column="model_path")
+    done = pa.concat_tables(list(iter_samples(out, "evaluate",
+                                              len(models) * table.num_rows * cfg.samples)))
     parts, rows = [], []
     for name, path in models.items():
-        # One engine pool per model, torn down (engine shut down) when the dataset is consumed.
-        out = complete_chats(ray.data.from_arrow(table), model=path, sampling=sampling,
-                             n=cfg.samples, resources=ctx.resources, ctx=ctx, batch_size=None,
-                             render=render)
-        t = pa.concat_tables(list(iter_samples(out, f"evaluate {name}",
-                                               table.num_rows * cfg.samples)))
+        t = done.filter(pc.equal(done["model"], name))
         t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
         completions = t.column("completion").to_pylist()
         texts = ([split_think(c)[1] for c in completions]
                  if cfg.verify_answer_field == "final" else completions)
         verdict = verify_rows(texts, t.column("answer").to_pylist(), verify_cfg)
-        t = t.drop(["prompt_messages", "error"])
+        t = t.drop(["prompt_messages", "error", "model", "model_path"])
         t = t.add_column(0, "model", pa.array([name] * t.num_rows, pa.string()))
         t = t.add_column(1, "model_path", pa.array([path] * t.num_rows, pa.string()))
         t = t.append_column("pred_answer", pa.array(verdict["pred_answer"], pa.string()))

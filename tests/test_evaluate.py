@@ -140,3 +140,35 @@ def test_evaluate_asks_exactly_as_generate_does():
     assert prompt_messages(problem, cfg) == [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "Q: Compute {x} + 2. \\boxed{}"}]
+
+
+def test_one_engine_actor_serves_each_batch_its_own_model(ray_cluster, tiny_model, tmp_path):
+    """complete_chats(model_column=…), what evaluate runs: one actor swaps engines between
+    batches of different models. Greedy, so a model's completions are a function of the model:
+    model A before and after a swap to B gives the same text, and B's differs from A's."""
+    import pyarrow as pa
+    import ray.data
+
+    from cluster.inference import Sampling, complete_chats
+    from cluster.resources import StageResources
+    from pipeline.stage import Context
+    from pipeline.tiny_model import build_tiny_model
+
+    other = build_tiny_model(str(tmp_path / "other"), seed=1)
+    chats = [[{"role": "user", "content": f"Compute {i} + 2."}] for i in range(3)]
+
+    def block(path: str, tag: str) -> pa.Table:
+        return pa.table({"tag": [tag] * 3, "i": list(range(3)), "msgs": chats,
+                         "model_path": [path] * 3})
+
+    ctx = Context(stage="t", version="t", out_dir=str(tmp_path), data_root=str(tmp_path),
+                  teacher="", student="", resources=StageResources(enforce_eager=True))
+    ds = ray.data.from_arrow([block(tiny_model, "a1"), block(other, "b"), block(tiny_model, "a2")])
+    out = complete_chats(ds, model=tiny_model, messages_column="msgs", n=1,
+                         sampling=Sampling(temperature=0.0, max_tokens=8),
+                         resources=ctx.resources, ctx=ctx, batch_size=None,
+                         model_column="model_path").take_all()
+    text = {(r["tag"], r["i"]): r["completion"] for r in out}
+    assert len(text) == 9 and all(r["finish_reason"] in ("stop", "length") for r in out)
+    assert [text[("a1", i)] for i in range(3)] == [text[("a2", i)] for i in range(3)]
+    assert [text[("b", i)] for i in range(3)] != [text[("a1", i)] for i in range(3)]
