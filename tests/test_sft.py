@@ -129,10 +129,14 @@ def test_fit_length_truncates_or_drops_overlong():
     assert fit_length([1], [], 5, "truncate")[2] == "empty_completion"
 
 
-def test_packed_loss_equals_per_sample_transformers_loss(tiny_model):
-    """Our packed, varlen, completion-only loss on 3 samples in one row == stock transformers
+@pytest.mark.parametrize("problems,padded_call", [
+    (((12, 7, 1), (400, 99, 12), (3, 3, 0), (5, 5, 0)), False),   # lengths apart: a call each
+    (((12, 7, 2), (40, 9, 2), (3, 3, 2), (5, 6, 3)), True)])      # alike: one padded call
+def test_packed_loss_equals_per_sample_transformers_loss(tiny_model, problems, padded_call):
+    """Our packed, varlen, completion-only loss on samples in one row == stock transformers
     (sdpa, one padded-free sample at a time, prompt labels -100), token-weighted. Any attention
-    leak across samples or an off-by-one in the completion mask breaks the equality."""
+    leak across samples or an off-by-one in the completion mask breaks the equality. Both CPU
+    attention paths of varlen_attention: per-sample calls and one right-padded call."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,11 +146,13 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     convs = [[{"role": "user", "content": f"Compute {a} + {b}."},
               {"role": "assistant", "content": _trace(a, b, s, a + b)}]
-             for a, b, s in ((12, 7, 1), (400, 99, 5), (3, 3, 2))]
+             for a, b, s in problems]
     samples = []
     for conv in convs:
         p, c = encode(tok, conv[:-1], conv[-1:])
         samples.append((p + c, len(p)))
+    lengths = [len(ids) for ids, _ in samples]  # varlen_attention's rule for the padded call
+    assert (len(lengths) * max(lengths) ** 2 <= 3 * sum(n * n for n in lengths)) == padded_call
     register_attention()
     ours = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION)
     from stages.packed import collate
