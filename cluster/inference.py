@@ -104,7 +104,8 @@ def _expand(batch, samples: list[list[dict]]):
 
 
 class _VLLMChat:
-    """One vLLM engine per Ray actor; `__call__` generates n samples for every row of a batch.
+    """One vLLM engine at a time per Ray actor; `__call__` generates n samples for every row of
+    a batch.
 
     model_column: "" = every batch is for `model`; else each batch names its model in that
     column (one model per batch) and the actor swaps engines when it changes. One process then

@@ -39,7 +39,8 @@ NAMED = ("teacher", "student", "sft", "redi")
 
 @dataclass
 class EvaluateConfig:
-    """Knobs of the evaluate stage (engines per model: `resources.evaluate`).
+    """Knobs of the evaluate stage (engines: `resources.evaluate`; each engine actor serves
+    every model in turn, swapping engines).
 
     teacher / student: filled from the recipe's top-level teacher / student.
     models: what to evaluate, in table order: "teacher", "student" (the base student), "sft",
