@@ -64,7 +64,12 @@ def prebuild_deepspeed_ops() -> None:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         print("deepspeed: no shared-memory comm op for this accelerator; nothing to build")
         return
-    builder.load()
+    try:
+        builder.load()
+    except Exception as ex:  # noqa: BLE001 — install goes on; the first training run builds it
+        print(f"deepspeed: prebuilding {builder.absolute_name()} failed ({type(ex).__name__}: "
+              f"{ex}); the first training run will build it")
+        return
     print(f"deepspeed: {builder.absolute_name()} built into {os.environ['TORCH_EXTENSIONS_DIR']}")
 
 
