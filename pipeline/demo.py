@@ -282,8 +282,9 @@ DEMO_OVERRIDES = [
     # tiny model's engine is bound by its per-step overhead, so a second one fills the cores
     # (docs/performance.md). On this machine (2026-12-01, the demo's data): generate 117 ->
     # 86 s, provenance 53 -> 45 s, evaluate (4 models, one actor each serving all of them)
-    # 79 -> 68 s.
-    "resources.generate.replicas=2", "resources.prune.replicas=2",
+    # 79 -> 68 s. Not prune's rewrite: it reads its input with Ray Data tasks, which need a
+    # CPU that two one-core engines would hold (a deadlock: 3/2 CPU requested, seen 2026-12-01).
+    "resources.generate.replicas=2",
     "resources.provenance.replicas=2", "resources.evaluate.replicas=2",
     "evaluate.problem_template='{problem}'",
     "evaluate.samples=8", "evaluate.pass_k=4",
