@@ -53,8 +53,8 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
     is such a snapshot). Each batch is ONE packed row (stages/packed.py, what sft and redi train
     on): the 32 examples back to back, attention causal within each, the LM head only on the
     completion positions. The loss is the padded batch's to the last digit (the mean over the
-    batch's completion tokens) at 0.156 vs 0.207 s a step: a padded batch of the style mix is
-    ~1/3 padding (width 93 for 62 real tokens a row; 2026-12-01, this machine). Batches are
+    batch's completion tokens) at 0.138 vs 0.188 s a step (bench/teacher_step.py): a padded
+    batch of the style mix is ~1/3 padding (width 93 for 62 real tokens a row; 2026-12-01). Batches are
     NOT length-bucketed: sorting 8 batches' worth of draws by length (so each batch holds one
     kind of problem) took 600 steps from 74.5% to 10% greedy accuracy (2026-12-01).
     Returns {"loss": [(step, loss)], "tokens_per_s": ..., "wall_s": ...}.
