@@ -119,7 +119,7 @@ class _VLLMChat:
                  gpus_per_replica: float, gpu_memory_utilization: float, kv_cache_gib: int,
                  threads_bind: str, scratch: str, enforce_eager: bool = False,
                  cpu_engine_in_process: bool = True, render=None, dtype: str = "auto",
-                 model_column: str = ""):
+                 model_column: str = "", max_num_seqs: int = 0):
         # vLLM reads these when it starts the engine: set them before importing it.
         os.environ["TMPDIR"] = scratch                      # one IPC socket per engine lands here
         os.environ["VLLM_CACHE_ROOT"] = os.path.join(scratch, "vllm-cache")
@@ -138,6 +138,8 @@ class _VLLMChat:
                                   enforce_eager=enforce_eager, dtype=dtype)
         if max_model_len:
             self.engine_kwargs["max_model_len"] = max_model_len
+        if max_num_seqs:
+            self.engine_kwargs["max_num_seqs"] = max_num_seqs
         if self.on_gpu:
             # Fractional GPUs: k engines on one GPU (gpus_per_replica = 1/k) split its memory;
             # 0.9 * 0.25 = 0.225 of the GPU each for 4 engines. Not measured here (no GPU).
@@ -422,8 +424,17 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
     """
     import ray.data
 
+    import ray
+
     ctx.ensure_ray()
     r = resources
+    # Ray Data runs what feeds the actors (a read, a map) as tasks of 1 CPU each. A pool that
+    # leaves less than 1 CPU of the cluster free starves them and the stage hangs: 2 one-CPU
+    # engines on 2 cores + a read task = 3/2 CPUs (prune's rewrite, 2026-12-01). Then run the
+    # feeding tasks first, while every core is free, and hand the pool the data in memory.
+    free_cpus = ray.cluster_resources().get("CPU", 0.0) - r.replicas * r.cpus_per_replica
+    if free_cpus < 1:
+        ds = ds.materialize()
     common = dict(batch_size=batch_size, batch_format="pyarrow",
                   compute=ray.data.ActorPoolStrategy(size=r.replicas))
     if endpoint is not None:
@@ -459,5 +470,6 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
             threads_bind=threads_bind, scratch=ctx.scratch_dir("vllm"),
             enforce_eager=r.enforce_eager, cpu_engine_in_process=r.cpu_engine_in_process,
-            render=render, dtype=r.dtype, model_column=model_column),
+            render=render, dtype=r.dtype, model_column=model_column,
+            max_num_seqs=r.max_num_seqs),
         **placement(r))

