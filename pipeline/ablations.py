@@ -14,7 +14,7 @@ same held-out problems:
     provenance   the paper's rule: per problem the correct trace with the most teacher sentences
     all          every correct trace (larger: the "how much does selection cost" reference)
   pair arms (each from the `all` SFT model, on its select version's REDI pairs, same steps):
-    redi         REDI, alpha 0.8
+    redi         REDI, alpha 0.2 (chosen by pipeline/redi_sweep.py on a tuning seed)
     dpo          TRL DPOTrainer (sigmoid, frozen reference)
     simpo        TRL CPOTrainer, loss_type simpo
     sft_cont     REDI's loss with alpha 0: the chosen traces only, the same steps and LR — the
@@ -52,7 +52,8 @@ SFT_ARMS = {
 }
 PAIR_START = "all"
 PAIR_ARMS = {
-    "redi": ["redi.loss=redi", "redi.alpha=0.8"],
+    # alpha (and every pair arm's LR, the demo's redi.learning_rate) from pipeline/redi_sweep.py
+    "redi": ["redi.loss=redi", "redi.alpha=0.2"],
     "dpo": ["redi.loss=dpo"],
     "simpo": ["redi.loss=simpo"],
     "sft_cont": ["redi.loss=redi", "redi.alpha=0.0"],
@@ -75,13 +76,13 @@ class AblationPlan:
 
     seeds: the seeds, fixed before any run.
     extra: overrides applied after the demo's and before the user's. The full run: SFT 2
-      epochs and 4 evaluation samples (vs the demo's 3 and 8), to fit 10 SFT/pair models x 3
-      seeds in an hour on 2 cores; tests: tiny counts.
+      epochs (vs the demo's 3), to fit 10 SFT/pair models x 3 seeds in an hour on 2 cores;
+      tests: tiny counts.
     teacher: the demo's teacher settings (pipeline/demo.py TEACHER) or smaller ones.
     """
 
     seeds: tuple = SEEDS
-    extra: list = field(default_factory=lambda: ["sft.epochs=2", "evaluate.samples=4"])
+    extra: list = field(default_factory=lambda: ["sft.epochs=2"])
     teacher: dict | None = None
 
 

@@ -268,11 +268,11 @@ DEMO_OVERRIDES = [
     # The student is a from-scratch model mid-way through learning the task: the teacher's own
     # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, session 2's docs/demo.md).
     "sft.learning_rate=0.003", "sft.epochs=3",
-    # REDI: the paper's alpha 0.8. Its LR ratio stage 2 / stage 1 = 1e-6 / 5e-5 = 1/50 gave
-    # 3e-3 / 50 = 6e-5, set before any run: on the first full run the stage's collapse watch
-    # fired (chosen -0.230 -> -0.389, rejected -0.397 -> -0.622 nats/token, both falling; REDI
-    # 0.079 vs SFT 0.119 pass@1), so 1e-5 (docs/demo.md).
-    "redi.alpha=0.8", "redi.learning_rate=0.00001",
+    # REDI: alpha 0.2, LR 3e-5, chosen by pipeline/redi_sweep.py (a tuning seed and validation
+    # problems the ablations never report; 2026-12-01): every alpha > 0 scored below alpha 0
+    # (SFT continued) at the same LR, 0.2 and 0.5 least (-0.018 at 3e-5), and alpha 0.8 at 3e-5
+    # collapsed (0.111; the collapse watch fired). Sessions 5-6 ran the paper's 0.8 at 1e-5.
+    "redi.alpha=0.2", "redi.learning_rate=0.00003",
     # float32 CPU engines: vLLM runs a float32 checkpoint in bf16 on CPU by default, which a
     # CPU without native bf16 (this one: AVX2 only) emulates — 3.0k vs 8.5k tok/s on the
     # demo teacher (2026-12-01). Where, not what: the resources section.
@@ -291,7 +291,9 @@ DEMO_OVERRIDES = [
     "resources.generate.max_num_seqs=1024", "resources.prune.max_num_seqs=1024",
     "resources.evaluate.max_num_seqs=1024",
     "evaluate.problem_template='{problem}'",
-    "evaluate.samples=8", "evaluate.pass_k=4",
+    # 4 samples a problem (as the ablations): pass@1 is their mean, pass@4 the plain pass@4.
+    # 8 cost the first run ~20 s more (4 models x 135 problems).
+    "evaluate.samples=4", "evaluate.pass_k=4",
     "evaluate.max_tokens=128", "evaluate.temperature=0.6",
     f"evaluate.synthetic_min_terms={TASK['min_terms']}",
     f"evaluate.synthetic_max_terms={TASK['max_terms']}",
