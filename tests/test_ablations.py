@@ -108,3 +108,16 @@ def test_shortened_ablations_run_every_arm(tmp_path, ray_cluster, capsys):
 
     html = open(write_report(Store(root), str(tmp_path / "report.html"))).read()
     assert "Ablations" in html and "REDI vs SFT continued" in html
+
+
+def test_redi_sweep_picks_the_largest_margin_over_alpha_0_at_the_same_lr():
+    from pipeline.redi_sweep import pick
+
+    runs = [{"learning_rate": 1e-5, "alpha": 0.0, "pass_at_1": 0.30},
+            {"learning_rate": 1e-5, "alpha": 0.5, "pass_at_1": 0.32},   # +0.02
+            {"learning_rate": 3e-5, "alpha": 0.0, "pass_at_1": 0.20},
+            {"learning_rate": 3e-5, "alpha": 0.5, "pass_at_1": 0.25},   # +0.05: the pick,
+            {"learning_rate": 3e-5, "alpha": 0.8, "pass_at_1": 0.25}]   # not this tie after it
+    # The best absolute pass@1 (0.32 at 1e-5) is not the pick: the margin at the same LR is.
+    assert pick(runs) == {"learning_rate": 3e-5, "alpha": 0.5}
+    assert [round(r["margin_vs_alpha0"], 3) for r in runs] == [0.0, 0.02, 0.0, 0.05, 0.05]
