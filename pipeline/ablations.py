@@ -14,7 +14,7 @@ same held-out problems:
     provenance   the paper's rule: per problem the correct trace with the most teacher sentences
     all          every correct trace (larger: the "how much does selection cost" reference)
   pair arms (each from the `all` SFT model, on its select version's REDI pairs, same steps):
-    redi         REDI, alpha 0.2 (chosen by pipeline/redi_sweep.py on a tuning seed)
+    redi         REDI, alpha 0.2 (chosen by pipeline/sweeps.py on a tuning seed)
     dpo          TRL DPOTrainer (sigmoid, frozen reference)
     simpo        TRL CPOTrainer, loss_type simpo
     sft_cont     REDI's loss with alpha 0: the chosen traces only, the same steps and LR — the
@@ -52,7 +52,7 @@ SFT_ARMS = {
 }
 PAIR_START = "all"
 PAIR_ARMS = {
-    # alpha (and every pair arm's LR, the demo's redi.learning_rate) from pipeline/redi_sweep.py
+    # alpha (and every pair arm's LR, the demo's redi.learning_rate) from pipeline/sweeps.py
     "redi": ["redi.loss=redi", "redi.alpha=0.2"],
     "dpo": ["redi.loss=dpo"],
     "simpo": ["redi.loss=simpo"],

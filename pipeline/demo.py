@@ -268,7 +268,7 @@ DEMO_OVERRIDES = [
     # The student is a from-scratch model mid-way through learning the task: the teacher's own
     # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, session 2's docs/demo.md).
     "sft.learning_rate=0.003", "sft.epochs=3",
-    # REDI: alpha 0.2, LR 3e-5, chosen by pipeline/redi_sweep.py (a tuning seed and validation
+    # REDI: alpha 0.2, LR 3e-5, chosen by pipeline/sweeps.py (a tuning seed and validation
     # problems the ablations never report; 2026-12-01): every alpha > 0 scored below alpha 0
     # (SFT continued) at the same LR, 0.2 and 0.5 least (-0.018 at 3e-5), and alpha 0.8 at 3e-5
     # collapsed (0.111; the collapse watch fired). Sessions 5-6 ran the paper's 0.8 at 1e-5.

@@ -111,7 +111,7 @@ def test_shortened_ablations_run_every_arm(tmp_path, ray_cluster, capsys):
 
 
 def test_redi_sweep_picks_the_largest_margin_over_alpha_0_at_the_same_lr():
-    from pipeline.redi_sweep import pick
+    from pipeline.sweeps import pick_redi as pick
 
     runs = [{"learning_rate": 1e-5, "alpha": 0.0, "pass_at_1": 0.30},
             {"learning_rate": 1e-5, "alpha": 0.5, "pass_at_1": 0.32},   # +0.02
@@ -121,3 +121,17 @@ def test_redi_sweep_picks_the_largest_margin_over_alpha_0_at_the_same_lr():
     # The best absolute pass@1 (0.32 at 1e-5) is not the pick: the margin at the same LR is.
     assert pick(runs) == {"learning_rate": 3e-5, "alpha": 0.5}
     assert [round(r["margin_vs_alpha0"], 3) for r in runs] == [0.0, 0.02, 0.0, 0.05, 0.05]
+
+
+def test_dap_sweep_picks_the_loosest_budgets_that_meet_the_target():
+    from pipeline.sweeps import pick_dap
+
+    random_arm = {"mean_sft_tokens": 50.0, "pass_at_1": 0.20}
+    runs = [{"budgets": "loose", "mean_sft_tokens": 40.0, "pass_at_1": 0.30},   # cut 20%
+            {"budgets": "tight", "mean_sft_tokens": 35.0, "pass_at_1": 0.195},  # 30%, -0.005
+            {"budgets": "tightest", "mean_sft_tokens": 30.0, "pass_at_1": 0.25}]
+    assert pick_dap(runs, random_arm) == {"budgets": "tight"}
+    assert [round(r["token_cut"], 2) for r in runs] == [0.2, 0.3, 0.4]
+    # More than 1 point below random fails the target however short the traces are.
+    runs = [{"budgets": "tight", "mean_sft_tokens": 30.0, "pass_at_1": 0.18}]
+    assert pick_dap(runs, random_arm) is None
