@@ -422,9 +422,8 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
                              resources=ctx.resources, ctx=ctx)
         # out: ds's columns + sample_idx, completion, completion_tokens, prompt_tokens, …
     """
-    import ray.data
-
     import ray
+    import ray.data
 
     ctx.ensure_ray()
     r = resources
