@@ -202,27 +202,48 @@ def write_result(data_root: str, plan: AblationPlan, runs: dict, evaluations: di
     return result
 
 
-def main(args, plan: AblationPlan | None = None) -> int:
-    import sys
-
+def shared_setup(recipe_path: str, items: list[str], plan: AblationPlan, last: tuple = ()):
+    """The demo's teacher and student (cached), and prompts -> generate -> verify once:
+    (recipe_for, shared recipe, prompts, verify, teacher training info). recipe_for(*overrides)
+    = the demo's overrides + plan.extra + overrides + `last` + the models + the user's items.
+    Also pipeline/sweeps.py's start."""
     from pipeline import demo
     from pipeline.runner import run_stage
 
-    plan = plan or AblationPlan()
-    started = time.time()
-    items = list(args.items)
+    items = list(items)
     base = demo.DEMO_OVERRIDES + plan.extra
-    _, teacher, student, info = demo.prepare(args.recipe, base, items,
+    _, teacher, student, info = demo.prepare(recipe_path, base, items,
                                              plan.teacher or demo.TEACHER)
     models = [f"teacher={teacher}", f"student={student}"]
 
     def recipe_for(*overrides):
-        return demo.load(args.recipe, base + list(overrides) + models + items)
+        return demo.load(recipe_path, base + list(overrides) + list(last) + models + items)
 
     shared = recipe_for()
     prompts = run_stage("prompts", shared)
     generate = run_stage("generate", shared, {"prompts": prompts.version})
     verify = run_stage("verify", shared, {"generate": generate.version})
+    return recipe_for, shared, prompts, verify, info
+
+
+def sft_arm(recipe, verify):
+    """One SFT data arm: prune -> provenance -> select -> sft from verify; (select, sft)."""
+    from pipeline.runner import run_stage
+
+    prune = run_stage("prune", recipe, {"verify": verify.version})
+    prov = run_stage("provenance", recipe, {"prune": prune.version})
+    select = run_stage("select", recipe, {"provenance": prov.version})
+    return select, run_stage("sft", recipe, {"select": select.version})
+
+
+def main(args, plan: AblationPlan | None = None) -> int:
+    import sys
+
+    from pipeline.runner import run_stage
+
+    plan = plan or AblationPlan()
+    started = time.time()
+    recipe_for, shared, prompts, verify, info = shared_setup(args.recipe, args.items, plan)
     k = shared.configs["evaluate"].pass_k
 
     runs: dict[int, dict[str, dict]] = {}
@@ -232,11 +253,7 @@ def main(args, plan: AblationPlan | None = None) -> int:
                   f"evaluate.seed={seed}"]
         paths, data = {}, {}
         for arm, overrides in SFT_ARMS.items():
-            r = recipe_for(*overrides, *seeded)
-            prune = run_stage("prune", r, {"verify": verify.version})
-            prov = run_stage("provenance", r, {"prune": prune.version})
-            select = run_stage("select", r, {"provenance": prov.version})
-            sft = run_stage("sft", r, {"select": select.version})
+            select, sft = sft_arm(recipe_for(*overrides, *seeded), verify)
             paths[arm] = sft.path
             data[arm] = {"sft_rows": select.manifest["stats"]["sft_rows"],
                          "mean_sft_tokens": select.manifest["stats"]["mean_sft_tokens"],

@@ -55,37 +55,17 @@ def pick_dap(runs: list[dict], random_arm: dict) -> dict | None:
 
 
 def _setup(argv: list[str], prog: str):
-    """The demo's teacher, student and prompts -> generate -> verify (cached), and a recipe
-    maker with the tuning seed; the same base as the ablations."""
-    from pipeline import ablations, demo
-    from pipeline.runner import run_stage
+    """The ablations' start (pipeline/ablations.py shared_setup) with the tuning seed last."""
+    from pipeline import ablations
 
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--recipe", default="configs/tiny.yaml")
     parser.add_argument("items", nargs="*", help="key=value overrides (e.g. data_root=/tmp/demo)")
     args = parser.parse_args(argv)
-    base = demo.DEMO_OVERRIDES + ablations.AblationPlan().extra
-    _, teacher, student, _ = demo.prepare(args.recipe, base, args.items, demo.TEACHER)
-    models = [f"teacher={teacher}", f"student={student}"]
     seeded = [f"{s}.seed={TUNING_SEED}" for s in ("select", "sft", "redi", "evaluate")]
-
-    def recipe_for(*overrides):
-        return demo.load(args.recipe, base + list(overrides) + seeded + models + args.items)
-
-    shared = recipe_for()
-    prompts = run_stage("prompts", shared)
-    generate = run_stage("generate", shared, {"prompts": prompts.version})
-    verify = run_stage("verify", shared, {"generate": generate.version})
+    recipe_for, shared, prompts, verify, _ = ablations.shared_setup(
+        args.recipe, args.items, ablations.AblationPlan(), last=tuple(seeded))
     return recipe_for, shared, prompts, verify
-
-
-def _sft_arm(recipe, verify):
-    from pipeline.runner import run_stage
-
-    prune = run_stage("prune", recipe, {"verify": verify.version})
-    prov = run_stage("provenance", recipe, {"prune": prune.version})
-    select = run_stage("select", recipe, {"provenance": prov.version})
-    return select, run_stage("sft", recipe, {"select": select.version})
 
 
 def _evaluate(recipe_for, prompts, sft, redi, paths: list[str]) -> dict:
@@ -122,7 +102,7 @@ def redi(argv: list[str]) -> int:
     started = time.time()
     recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.sweeps redi")
     start_arm = ablations.SFT_ARMS[ablations.PAIR_START]
-    select, sft = _sft_arm(recipe_for(*start_arm), verify)
+    select, sft = ablations.sft_arm(recipe_for(*start_arm), verify)
     paths, last = {}, None
     for lr in REDI_GRID["learning_rate"]:
         for alpha in REDI_GRID["alpha"]:
@@ -155,12 +135,12 @@ def dap(argv: list[str]) -> int:
     started = time.time()
     recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.sweeps dap")
     arms = {}
-    select, sft = _sft_arm(recipe_for(*ablations.SFT_ARMS["random"]), verify)
+    select, sft = ablations.sft_arm(recipe_for(*ablations.SFT_ARMS["random"]), verify)
     arms["random"] = (None, select, sft)
     for easy, medium, hard in DAP_GRID:
         budgets = f"{{easy: {easy}, medium: {medium}, hard: {hard}}}"
         r = recipe_for(*ablations.SFT_ARMS["dap_budget"], f"prune.budgets={budgets}")
-        arms[budgets] = (budgets, *_sft_arm(r, verify))
+        arms[budgets] = (budgets, *ablations.sft_arm(r, verify))
     ev = _evaluate(recipe_for, prompts, sft, None, [a[2].path for a in arms.values()])
 
     def row(budgets, select, sft):
@@ -195,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m pipeline.sweeps redi|dap [--recipe …] [key=value …]",
               file=sys.stderr)
         return 2
-    return sweeps[argv[0]](argv[1:])
+    from pipeline.cli import run_guarded
+
+    # As the distillery CLI: a user's mistake (here or inside a Ray worker) is one line, exit 2.
+    return run_guarded(sweeps[argv[0]], argv[1:])
 
 
 if __name__ == "__main__":
