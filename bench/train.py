@@ -1,7 +1,7 @@
 """Training-step benchmark: our packed SFT / REDI step against stock TRL, in one run.
 
     .venv/bin/python bench/train.py                 # CPU: tiny model, workload scaled down
-    .venv/bin/python bench/train.py --gpu --shape 0.5b --tokens-per-step 16384 --cap 4096 \
+    .venv/bin/python bench/train.py --gpu --shape qwen2.5-0.5b --tokens-per-step 16384 --cap 4096 \
         --median 1000                               # the issue's H100 workload (not run here)
 
 Workload like real traces: completion lengths log-normal (median --median tokens, sigma 0.8),
@@ -234,9 +234,13 @@ def flops_per_token(config, context: float) -> float:
 
 
 def main():
+    from pipeline.tiny_model import SHAPES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="model folder (default: build the tiny one)")
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--shape", default="", choices=["", *SHAPES], help="without --model: a random-init model of "
+                        "this real shape (pipeline/tiny_model.py SHAPES: qwen2.5-0.5b)")
     parser.add_argument("--liger", action="store_true", help="TRL best with liger (GPU)")
     parser.add_argument("--median", type=int, default=250, help="median trace tokens")
     parser.add_argument("--cap", type=int, default=1024, help="max length")
@@ -256,7 +260,8 @@ def main():
     if not args.model:
         from pipeline.tiny_model import build_tiny_model
 
-        args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-tiny-"))
+        args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-model-"),
+                                      **(SHAPES[args.shape] if args.shape else {}))
     tok = AutoTokenizer.from_pretrained(args.model)
     convs = conversations(400, args.median, args.cap)
     samples = []

@@ -108,11 +108,13 @@ def cmd_lineage(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.tiny_model import SHAPES, build_tiny_model
 
-    path = build_tiny_model(args.out, layers=args.layers, hidden=args.hidden, heads=args.heads,
-                            kv_heads=args.kv_heads, intermediate=args.intermediate,
-                            vocab_size=args.vocab, seed=args.seed)
+    sizes = dict(layers=args.layers, hidden=args.hidden, heads=args.heads,
+                 kv_heads=args.kv_heads, intermediate=args.intermediate)
+    if args.shape:  # a real model's layer sizes (random weights), e.g. for the GPU benchmarks
+        sizes = SHAPES[args.shape]
+    path = build_tiny_model(args.out, vocab_size=args.vocab, seed=args.seed, **sizes)
     print(path)
     return 0
 
@@ -224,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("items", nargs="*", metavar="data_root=...")
     l.set_defaults(func=cmd_lineage)
 
+    from pipeline.tiny_model import SHAPES  # a dict of sizes: no torch import
+
     t = sub.add_parser("tiny-model", help="build a tiny random-init Qwen2 model + local tokenizer")
     t.add_argument("out")
     t.add_argument("--layers", type=int, default=4)
@@ -233,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--intermediate", type=int, default=1024)
     t.add_argument("--vocab", type=int, default=2048)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--shape", choices=sorted(SHAPES), default="",
+                   help="a real model's sizes instead of --layers ... (vocabulary padded to it)")
     t.set_defaults(func=cmd_tiny_model)
 
     d = sub.add_parser("demo", help="the built-in demo: train a tiny teacher, distill a student, "

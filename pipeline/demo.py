@@ -125,36 +125,6 @@ def save(model, tokenizer, out: str) -> None:
     model.config._attn_implementation = ATTENTION
 
 
-def greedy_accuracy(path: str, problems: list[dict], max_new_tokens: int = 96,
-                    batch: int = 64) -> dict:
-    """Quick transformers-only check while tuning (the pipeline's evaluate uses vLLM)."""
-    import re
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    by_level: dict[int, list[int]] = {}
-    for i in range(0, len(problems), batch):
-        chunk = problems[i:i + batch]
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p["problem"]}],
-                                           add_generation_prompt=True, tokenize=False)
-                   for p in chunk]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        for p, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-            text = tok.decode(ids, skip_special_tokens=True)
-            m = re.search(r"\\boxed\{(-?\d+)\}", text)
-            by_level.setdefault(p["difficulty"], []).append(int(bool(m) and m.group(1) == p["answer"]))
-    total = [x for v in by_level.values() for x in v]
-    return {"accuracy": sum(total) / len(total),
-            "by_difficulty": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_level.items())}}
-
-
 # --------------------------------------------------------------------------- the demo
 
 # The demo task: 2-3 terms, operands 0..12, + and - (the running value never goes negative);

