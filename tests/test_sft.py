@@ -247,7 +247,7 @@ import json, os, sys
 os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
 from vllm import LLM, SamplingParams
-llm = LLM(model=sys.argv[1], max_model_len=512, seed=0)
+llm = LLM(model=sys.argv[1], max_model_len=512, seed=0, enforce_eager=True)  # loading is the point
 prompt = llm.get_tokenizer().apply_chat_template(
     [{"role": "user", "content": "Compute 5 + 7."}], add_generation_prompt=True, tokenize=False)
 out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0))
