@@ -22,10 +22,20 @@ mkdir -p "$OUT"
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(all)
 [ "${parts[*]}" = all ] && parts=(tests provenance)   # what fits one 600 s call
+for part in "${parts[@]}"; do   # every name checked before anything is installed or started
+  case $part in train|tests|provenance|generate|pipeline|zero3) ;;
+  *) echo "gpu_check.sh: unknown part '$part' (train tests provenance generate pipeline zero3" \
+          "all)" >&2; exit 2 ;;
+  esac
+done
+if [ -z "${REHEARSE:-}" ] && ! nvidia-smi >/dev/null 2>&1; then
+  # The device path installs into /tmp and stops every Ray on the machine between parts.
+  echo "gpu_check.sh: no GPU here (nvidia-smi fails); on CPU run REHEARSE=1 bash $0 ..." >&2
+  exit 2
+fi
 
 if [ -n "${REHEARSE:-}" ]; then
   PY=${PY:-$REPO/.venv/bin/python}
-  GPU=()
   MODEL_ARGS=()                # the benches build the tiny model themselves
   export PYTHONPATH=$REPO
 else
@@ -40,7 +50,6 @@ else
   eval "$(tail -1 $marker)"
   export PYTHONPATH=$REPO:$PYTHONPATH
   PY=python3
-  GPU=(--gpu)
   # A random-init Qwen2.5-0.5B shape with our tokenizer (vocabulary padded to 151,936), built
   # once per machine: /tmp lives as long as the machine stays warm.
   M=/tmp/gpu-check-models/qwen2.5-0.5b
@@ -58,6 +67,13 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under a time limit, log it, nev
   local line="$name: rc $rc in $((SECONDS - t0)) s (limit $limit s)"
   [ $rc -eq 124 ] && line="$line TIMED OUT"
   echo "$line" | tee -a "$OUT/summary.txt"
+  # A part killed at its limit can leave its local Ray (and an engine holding GPU memory)
+  # behind; on the device nothing else runs, so the next part starts clean.
+  if [ -z "${REHEARSE:-}" ]; then
+    $PY -m ray.scripts.scripts stop --force >/dev/null 2>&1
+    pkill -9 -f "VLLM::" 2>/dev/null   # a plain script's engine process (bench/generate.py (a))
+  fi
+  return 0
 }
 
 if [ -z "${REHEARSE:-}" ]; then
@@ -115,8 +131,6 @@ print({s: vars(r.resources[s]) for s in ('generate', 'provenance', 'sft', 'redi'
     else
       step $part 540 $PY -m pipeline.cli demo "${items[@]}"
     fi ;;
-  *) echo "gpu_check.sh: unknown part '$part' (train tests provenance generate pipeline zero3 all)" >&2
-     exit 2 ;;
   esac
 done
 cat "$OUT/summary.txt"
