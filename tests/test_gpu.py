@@ -31,6 +31,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs
 ONE_GPU_TRAINING = ["num_workers=1", "use_gpu=true", "cpus_per_worker=1"]
 
 
+def changed(start, trained) -> bool:
+    """Training moved this tensor. GPU training saves bf16: the fp32 start is rounded to the
+    saved dtype first, or an untouched parameter would count as changed by the rounding alone."""
+    return not (start.to(trained.dtype) == trained).all()
+
+
 def _packed_batch(tokenizer):
     """One packed row of four samples of unequal length, through the real packing + collate."""
     from test_sft import _trace
@@ -89,7 +95,7 @@ def test_sft_trains_on_one_gpu(tmp_path, tiny_model, ray_cluster, zero_stage):
     before, after = load_weights(tiny_model), load_weights(v.path)
     # ZeRO-3 must gather every parameter on save (a partitioned one is saved with shape [0])
     assert all(after[k].shape == before[k].shape for k in before)
-    assert all(not (before[k].float() == after[k].float()).all() for k in before)
+    assert all(changed(before[k], after[k]) for k in before)
     AutoModelForCausalLM.from_pretrained(v.path)                         # a loadable checkpoint
 
 
@@ -107,11 +113,12 @@ def test_redi_trains_on_one_gpu(tmp_path, tiny_model, ray_cluster):
     assert stats["steps"] == 6 == len(stats["loss"]) and stats["workers"] == 1
     assert all(-20 < x < 0 for x in stats["logps_chosen"] + stats["logps_rejected"])
     before, after = load_weights(tiny_model), load_weights(v.path)
-    assert all(not (before[k].float() == after[k].float()).all() for k in before)
+    assert all(changed(before[k], after[k]) for k in before)
 
 
 def test_provenance_scores_on_cuda_as_on_cpu(tmp_path, ray_cluster, teacher, tiny_model):
-    """The scoring actor on a GPU (bf16) labels and selects what the CPU actor (fp32) does."""
+    """The scoring actor on a GPU (bf16) scores as the CPU actor (fp32) does and, like it,
+    labels the learnt sentence teacher and selects its trace."""
     from pipeline.runner import run_stage
 
     rows = {}
@@ -132,10 +139,13 @@ def test_provenance_scores_on_cuda_as_on_cpu(tmp_path, ray_cluster, teacher, tin
         assert gpu["sentence_spans"] == cpu["sentence_spans"]
         assert abs(gpu["lp_teacher"] - cpu["lp_teacher"]) < 0.05, tid
         assert abs(gpu["lp_student"] - cpu["lp_student"]) < 0.05, tid
-        assert gpu["selected"] == cpu["selected"], tid
-    secret = next(r for r in rows["gpu"].values() if SECRET in r["pruned_completion"])
-    texts = [secret["pruned_completion"][a:b] for a, b in secret["sentence_spans"]]
-    assert secret["sentence_labels"][texts.index(SECRET)] == "teacher"
+    # A sentence near the beta margin may flip label between bf16 and fp32; the one the
+    # teacher learnt may not, and the paper rule must pick its trace on both.
+    for where in ("cpu", "gpu"):
+        secret = next(r for r in rows[where].values() if SECRET in r["pruned_completion"])
+        texts = [secret["pruned_completion"][a:b] for a, b in secret["sentence_spans"]]
+        assert secret["sentence_labels"][texts.index(SECRET)] == "teacher", where
+        assert secret["selected"], where
 
 
 def test_evaluate_swaps_models_on_two_gpu_engines(tmp_path, ray_cluster, tiny_model):
