@@ -82,11 +82,26 @@ def _model_version(data_root: str, stage: str, model_dir: str) -> str:
     return v.path
 
 
+def evaluate_inputs(tmp_path, data_root: str, teacher: str, sft_model: str, prompts: str,
+                    overrides: list[str]):
+    """What evaluate of [teacher, sft] reads: sft and redi versions (sft = sft_model's checkpoint),
+    a recipe with `prompts` (its YAML mapping) and a prompts version. (recipe, the sft path)."""
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+
+    sft_path = _model_version(data_root, "sft", sft_model)
+    _model_version(data_root, "redi", teacher)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"data_root: {data_root}\nteacher: {teacher}\nprompts: {prompts}\n")
+    recipe = load_recipe(str(recipe_file), ["evaluate.models=[teacher, sft]", *overrides], STAGES)
+    run_stage("prompts", recipe)
+    return recipe, sft_path
+
+
 def test_evaluate_stage_on_vllm(ray_cluster, tiny_model, data_root, tmp_path):
     """Real vLLM + math-verify: two models, held-out synthetic problems, one contaminated."""
     import pyarrow.parquet as pq
 
-    from pipeline.config import load_recipe
     from pipeline.runner import run_stage
     from stages.evaluate import EvaluateConfig, load_eval_problems
 
@@ -95,16 +110,11 @@ def test_evaluate_stage_on_vllm(ray_cluster, tiny_model, data_root, tmp_path):
     train_file = tmp_path / "train.jsonl"
     train_file.write_text(json.dumps({"problem": leaked, "answer": "0"}) + "\n"
                           + json.dumps({"problem": "Compute 1 + 1.", "answer": "2"}) + "\n")
-    sft_path = _model_version(data_root, "sft", tiny_model)
-    _model_version(data_root, "redi", tiny_model)
-    recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text(f"data_root: {data_root}\nteacher: {tiny_model}\n"
-                           f"prompts: {{path: {train_file}}}\n")
-    recipe = load_recipe(str(recipe_file), [
-        "evaluate.models=[teacher, sft]", "evaluate.synthetic_n=6", "evaluate.synthetic_seed=5",
-        "evaluate.samples=3", "evaluate.pass_k=2", "evaluate.max_tokens=12",
-        "evaluate.temperature=1.0", "evaluate.problem_template='{problem}'"], STAGES)
-    run_stage("prompts", recipe)
+    recipe, sft_path = evaluate_inputs(tmp_path, data_root, tiny_model, tiny_model,
+                                       f"{{path: {train_file}}}", [
+        "evaluate.synthetic_n=6", "evaluate.synthetic_seed=5", "evaluate.samples=3",
+        "evaluate.pass_k=2", "evaluate.max_tokens=12", "evaluate.temperature=1.0",
+        "evaluate.problem_template='{problem}'"])
     v = run_stage("evaluate", recipe)
 
     assert v.manifest["drops"] == {"contaminated": 1}

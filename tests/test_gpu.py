@@ -151,24 +151,17 @@ def test_provenance_scores_on_cuda_as_on_cpu(tmp_path, ray_cluster, teacher, tin
 def test_evaluate_swaps_models_on_two_gpu_engines(tmp_path, ray_cluster, tiny_model):
     """Two engines on one GPU, each serving both models in turn: an engine shut down inside its
     actor must hand its GPU memory back before the next model's engine starts."""
-    from test_evaluate import _model_version
+    from test_evaluate import evaluate_inputs
 
-    from pipeline.config import load_recipe
     from pipeline.runner import run_stage
     from pipeline.tiny_model import build_tiny_model
 
-    root = str(tmp_path / "data")
-    other = build_tiny_model(str(tmp_path / "other"), seed=1)
-    sft_path = _model_version(root, "sft", other)
-    _model_version(root, "redi", tiny_model)
-    recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text(f"data_root: {root}\nteacher: {tiny_model}\n"
-                           f"prompts: {{path: synthetic, synthetic_n: 8}}\n")
-    recipe = load_recipe(str(recipe_file), [
-        "evaluate.models=[teacher, sft]", "evaluate.synthetic_n=16", "evaluate.samples=2",
-        "evaluate.pass_k=2", "evaluate.max_tokens=12", "evaluate.temperature=1.0",
-        "resources.evaluate.replicas=2", "resources.evaluate.gpus_per_replica=0.5"], STAGES)
-    run_stage("prompts", recipe)
+    other = build_tiny_model(str(tmp_path / "other"), seed=1)   # other weights: a real swap
+    recipe, sft_path = evaluate_inputs(
+        tmp_path, str(tmp_path / "data"), tiny_model, other, "{path: synthetic, synthetic_n: 8}",
+        ["evaluate.synthetic_n=16", "evaluate.samples=2", "evaluate.pass_k=2",
+         "evaluate.max_tokens=12", "evaluate.temperature=1.0",
+         "resources.evaluate.replicas=2", "resources.evaluate.gpus_per_replica=0.5"])
     v = run_stage("evaluate", recipe)
     samples = v.read_table("samples").to_pylist()
     problems = v.manifest["stats"]["problems"]
