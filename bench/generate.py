@@ -103,7 +103,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="teacher (default: build the tiny model)")
     p.add_argument("--problems", type=int, default=192)
-    p.add_argument("--shape", default="", choices=["", *SHAPES], help="without --model: a random-init model of "
+    p.add_argument("--shape", default="", choices=["", *SHAPES],
+                        help="without --model: a random-init model of "
                         "this real shape (pipeline/tiny_model.py SHAPES: qwen2.5-0.5b)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)

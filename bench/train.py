@@ -239,7 +239,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="model folder (default: build the tiny one)")
     parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--shape", default="", choices=["", *SHAPES], help="without --model: a random-init model of "
+    parser.add_argument("--shape", default="", choices=["", *SHAPES],
+                        help="without --model: a random-init model of "
                         "this real shape (pipeline/tiny_model.py SHAPES: qwen2.5-0.5b)")
     parser.add_argument("--liger", action="store_true", help="TRL best with liger (GPU)")
     parser.add_argument("--median", type=int, default=250, help="median trace tokens")
