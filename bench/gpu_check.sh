@@ -36,7 +36,6 @@ fi
 
 if [ -n "${REHEARSE:-}" ]; then
   PY=${PY:-$REPO/.venv/bin/python}
-  MODEL_ARGS=()                # the benches build the tiny model themselves
   export PYTHONPATH=$REPO
 else
   # The first call installs the training wheels it carries; later calls every folder copied in.
@@ -54,7 +53,6 @@ else
   # once per machine: /tmp lives as long as the machine stays warm.
   M=/tmp/gpu-check-models/qwen2.5-0.5b
   [ -f $M/config.json ] || $PY -m pipeline.cli tiny-model $M --shape qwen2.5-0.5b >/dev/null
-  MODEL_ARGS=(--model $M)
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
@@ -88,7 +86,7 @@ for part in "${parts[@]}"; do
     if [ -n "${REHEARSE:-}" ]; then
       step train 600 $PY bench/train.py --median 60 --cap 256 --tokens-per-step 1024 --steps 3 --rounds 1
     else
-      step train 300 $PY bench/train.py --gpu --liger "${MODEL_ARGS[@]}" --median 1000 --cap 4096 \
+      step train 300 $PY bench/train.py --gpu --liger --model $M --median 1000 --cap 4096 \
         --tokens-per-step 16384 --steps 6 --rounds 1
     fi ;;
   tests)  # every gpu-marked test; the summary line goes into docs/performance.md
@@ -101,7 +99,7 @@ for part in "${parts[@]}"; do
     if [ -n "${REHEARSE:-}" ]; then
       step provenance 600 $PY bench/provenance.py --traces 32 --median 40 --rounds 1 --threads 2
     else
-      step provenance 240 $PY bench/provenance.py --gpu "${MODEL_ARGS[@]}" --median 1000 --cap 4096 \
+      step provenance 240 $PY bench/provenance.py --gpu --model $M --median 1000 --cap 4096 \
         --traces 256 --tokens-per-row 32768 --batch 8 --rounds 2
     fi ;;
   generate)  # the stage >= 0.95x plain LLM.generate; 2-4 engines on the GPU >= 1.5x one
@@ -109,7 +107,7 @@ for part in "${parts[@]}"; do
       step generate 600 $PY bench/generate.py --problems 32 --max-tokens 16 --shard-size 8 --no-n8
     else
       # 512 prompts x n=4 x 512 tokens: ~1M output tokens, ~40 s at STACK.md's 27k tok/s
-      step generate 540 $PY bench/generate.py --gpu "${MODEL_ARGS[@]}" --problems 512 \
+      step generate 540 $PY bench/generate.py --gpu --model $M --problems 512 \
         --max-tokens 512 --shard-size 128 --max-model-len 2048 --replicas 1,4 --no-n8
     fi ;;
   pipeline|zero3)  # every stage on CUDA: the demo's models and data (a random-init 0.5B model
