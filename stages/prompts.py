@@ -31,8 +31,16 @@ class PromptsConfig:
       "synthetic". Text files: UTF-8 (a byte-order mark and CRLF line ends are fine) or UTF-16
       with a byte-order mark.
     problem_field / answer_field: the input columns holding the problem text and the reference
-      answer ("" = the input has no answers; verify then marks rows `no_reference`). A GSM8K-style
-      answer "...#### 42" keeps only what follows "####".
+      answer ("" = the input has no answers; verify then marks rows `no_reference`).
+    answer_from: how the reference is read from answer_field's value —
+      "auto": a GSM8K answer "...#### 2,125" is what follows "####" without thousands separators
+        ("2125"); a value holding a \\boxed{} (a MATH / Minerva solution) is its last box's
+        content; anything else is the value as it is;
+      "last_boxed": the last \\boxed{} (or \\fbox{}) of the value (MATH's convention); a value
+        without one has no answer (counted in the stats as `answer_not_found`);
+      "field": the value as it is.
+      A number is its text; a float with an integer value is the integer ("27.0" -> "27",
+      AMC23's answers), so answers compare as the integers they are in every form.
     split: which split to take from a save_to_disk DatasetDict.
     source: value of the `source` column ("" = the file name, or "synthetic").
     limit: keep the first N problems after dedup (0 = all).
@@ -46,6 +54,7 @@ class PromptsConfig:
     path: str = "synthetic"
     problem_field: str = "problem"
     answer_field: str = "answer"
+    answer_from: str = "auto"
     split: str = "train"
     source: str = ""
     limit: int = 0
@@ -155,17 +164,59 @@ def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
                     "a datasets.save_to_disk folder, or 'synthetic')")
 
 
-def _answer_text(value, where: str, field: str) -> str | None:
+ANSWER_FROM = ("auto", "last_boxed", "field")
+
+# The reference's last box. Not verify's extractor (stages/verify.py): importing it would tie
+# every prompts version to verify's code, and a verify edit would then regenerate every trace.
+# Reference solutions are well formed: braces balance, and a box's content is its braces'.
+_REF_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACES = re.compile(r"[{}]")
+# "2,125", "1,450,000", "-1,234.5": GSM8K's thousands separators (14 of its test answers).
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def reference_box(text: str) -> str | None:
+    """The content of the last closed \\boxed{...} / \\fbox{...} of a reference solution; None
+    if none. Linear: the braces are matched once (a stack), whatever the number of boxes."""
+    opens = [m.end() - 1 for m in _REF_BOX.finditer(text)]
+    if not opens:
+        return None
+    closes, stack = {}, []
+    for m in _BRACES.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            closes[stack.pop()] = m.start()
+    for i in reversed(opens):
+        if i in closes:
+            return text[i + 1:closes[i]].strip() or None
+    return None
+
+
+def _answer_text(value, where: str, field: str, answer_from: str = "auto") -> str | None:
+    """The reference answer in a row's `field` value, read as `answer_from` says (see
+    PromptsConfig); None when there is none."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise UserError(f"{where}: field '{field}': expected text or a number, "
                         f"got {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{where}: field '{field}': {value} is not an answer")
-    text = str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UserError(f"{where}: field '{field}': {value} is not an answer")
+        # 27.0 is the integer 27 (AMC23 stores every answer as a float): "27", not "27.0".
+        text = str(int(value)) if value.is_integer() else repr(value)
+    else:
+        text = str(value)
+    if answer_from == "field":
+        return text.strip() or None
+    if answer_from == "last_boxed" or (answer_from == "auto" and "####" not in text
+                                       and _REF_BOX.search(text)):
+        return reference_box(text)
     if "####" in text:  # GSM8K: the reference answer follows "####"
-        text = text.rsplit("####", 1)[1]
+        text = text.rsplit("####", 1)[1].strip()
+        if _THOUSANDS.fullmatch(text):
+            text = text.replace(",", "")
     text = text.strip()
     return text or None
 
@@ -177,9 +228,12 @@ def _ngrams(text: str, n: int) -> set:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict]:
-    """Rows in `problem_id, problem, answer, source` form, and drop counts by reason."""
+def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict, dict]:
+    """Rows in `problem_id, problem, answer, source` form, drop counts by reason, and stats
+    (`answer_not_found`: kept rows whose answer field has a value but no answer in it)."""
     drops: dict[str, int] = {}
+    if cfg.answer_from not in ANSWER_FROM:
+        raise UserError(f"prompts.answer_from: '{cfg.answer_from}' is not one of {ANSWER_FROM}")
     if cfg.path == "synthetic":
         from stages.synthetic import make_problems
 
@@ -203,7 +257,7 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict]:
             if isinstance(text, str):
                 contaminated |= _ngrams(text, cfg.decontaminate_ngram)
 
-    rows, seen = [], set()
+    rows, seen, not_found = [], set(), 0
     for where, rec in records:
         if problem_field not in rec:
             raise UserError(f"{where}: no field '{problem_field}' (fields: {sorted(rec)}); "
@@ -215,7 +269,8 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict]:
         if answer_field and answer_field not in rec:
             raise UserError(f"{where}: no field '{answer_field}' (fields: {sorted(rec)}); "
                             "set prompts.answer_field, or prompts.answer_field='' for none")
-        answer = _answer_text(rec[answer_field], where, answer_field) if answer_field else None
+        answer = (_answer_text(rec[answer_field], where, answer_field, cfg.answer_from)
+                  if answer_field else None)
         norm = normalize(text)
         if not norm:
             drops["empty_problem"] = drops.get("empty_problem", 0) + 1
@@ -227,6 +282,8 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict]:
             drops["contaminated"] = drops.get("contaminated", 0) + 1
             continue
         seen.add(norm)
+        if answer is None and answer_field and rec[answer_field] not in (None, ""):
+            not_found += 1  # e.g. answer_from=last_boxed on a solution without a box
         rows.append({"problem_id": problem_id(norm), "problem": norm, "answer": answer,
                      "source": source})
     if not rows:  # every row dropped: a version of zero problems would only fail downstream
@@ -236,13 +293,13 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict]:
         if len(rows) > cfg.limit:
             drops["over_limit"] = len(rows) - cfg.limit
         rows = rows[:cfg.limit]
-    return rows, drops
+    return rows, drops, {"answer_not_found": not_found}
 
 
 def run(cfg: PromptsConfig, inputs, ctx):
     import pyarrow as pa
 
-    rows, drops = load_problems(cfg)
+    rows, drops, stats = load_problems(cfg)
     ctx.drops.update(drops)
     ctx.rows_in = len(rows) + sum(drops.values())
     schema = pa.schema([("problem_id", pa.string()), ("problem", pa.string()),
@@ -250,6 +307,7 @@ def run(cfg: PromptsConfig, inputs, ctx):
     table = pa.Table.from_pylist(rows, schema=schema)
     ctx.stats["problems"] = len(rows)
     ctx.stats["with_answer"] = sum(r["answer"] is not None for r in rows)
+    ctx.stats.update(stats)
     return table
 
 

@@ -92,8 +92,10 @@ def test_extract_boxed_first_then_fallbacks():
     assert extract_answer("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"  # escaped braces still balance
     assert extract_answer("The answer is 42.") == "42"                          # default fallback
     assert extract_answer("The answer is $\\frac{3}{4}$.") == "\\frac{3}{4}"
-    assert extract_answer("we get 7 apples") is None                            # not by default
+    assert extract_answer("we get 7 apples", ["answer_is"]) is None             # no box, no "is"
+    assert extract_answer("we get 7 apples") == "7"                 # math-verify's, by default
     assert extract_answer("we get 7 apples, then 1,200", ["last_number"]) == "1200"
+    assert extract_answer("I give up") is None
     assert extract_answer("") is None
 
 
