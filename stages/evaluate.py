@@ -27,11 +27,13 @@ completion and the verdict) and `summary` (one row per model x difficulty, "all"
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
 from stages.chat import PROBLEM_TEMPLATE
+from stages.verify import DEFAULT_FALLBACKS
 
 # Names that mean "the model this recipe/run already has"; anything else is a path or hub id.
 NAMED = ("teacher", "student", "sft", "redi")
@@ -50,6 +52,13 @@ class EvaluateConfig:
       or a .jsonl/.json/.csv/.parquet file or save_to_disk folder (as `prompts` reads them).
     problem_field / answer_field / difficulty_field: columns of that file ("" difficulty_field
       = no per-level rows). Synthetic problems carry their number of operations as difficulty.
+    answer_from: how the reference is read from answer_field, as prompts.answer_from: "auto"
+      (GSM8K's "#### N" without thousands separators, a solution's last \\boxed{}, else the
+      value; a float such as AMC23's 27.0 is "27"), "last_boxed" or "field". docs/evaluate.md
+      has the fields of every benchmark file in ../shared/real/eval_sets/.
+    group_fields: columns of the eval file that pass@1 (and pass@k) are also broken down by, in
+      the manifest's stats (`by_group`) and the printed table (MATH-500: level and subject).
+      Columns the file lacks are skipped; "Level 3" (MATH's own spelling) is level 3.
     split: the split of a save_to_disk DatasetDict.
     limit: evaluate the first N problems (0 = all).
     synthetic_n / synthetic_seed / synthetic_min_terms / synthetic_max_terms /
@@ -73,7 +82,9 @@ class EvaluateConfig:
     eval_path: str = "synthetic"
     problem_field: str = "problem"
     answer_field: str = "answer"
+    answer_from: str = "auto"
     difficulty_field: str = "difficulty"
+    group_fields: list = field(default_factory=lambda: ["level", "subject"])
     split: str = "test"
     limit: int = 0
     synthetic_n: int = 200
@@ -94,7 +105,7 @@ class EvaluateConfig:
     chat_template: str = ""
     prompt_format: str = "chat"
     verify_answer_field: str = "final"
-    verify_fallbacks: list = field(default_factory=lambda: ["answer_is"])
+    verify_fallbacks: list = field(default_factory=lambda: list(DEFAULT_FALLBACKS))
     verify_timeout_s: float = 5.0
 
 
@@ -171,9 +182,64 @@ def format_table(summary: list[dict], paths: dict[str, str] | None = None) -> st
     return "\n".join(lines)
 
 
+_LEVEL = re.compile(r"level\s*(\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def group_value(value) -> str | None:
+    """A group_fields cell as the group's name: 3, 3.0, "3" and "Level 3" are all "3"."""
+    if value is None or isinstance(value, (list, dict)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    level = _LEVEL.fullmatch(text)
+    return (level.group(1) if level else text) or None
+
+
+def summarize_groups(rows: list[dict], groups: dict[str, dict], k: int) -> dict[str, list[dict]]:
+    """pass@1 / pass@k per model and per value of each group field: {field: [summary rows with
+    `value` for `difficulty`]}, values in natural order. groups: {problem_id: {field: value}};
+    a problem without a value for a field is left out of that field's rows."""
+    fields = dict.fromkeys(f for g in groups.values() for f, v in g.items() if v is not None)
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["model"] for r in rows))}
+    out = {}
+    for name in fields:
+        mine = [{**r, "difficulty": groups.get(r["problem_id"], {}).get(name)} for r in rows]
+        mine = [r for r in mine if r["difficulty"] is not None]
+        table = [{"value" if key == "difficulty" else key: v for key, v in r.items()}
+                 for r in summarize(mine, k) if r["difficulty"] != "all"]
+        out[name] = sorted(table, key=lambda r: (_natural(r["value"]), order[r["model"]]))
+    return out
+
+
+def _natural(value: str):
+    return (0, float(value), "") if _NUMBER.fullmatch(value) else (1, 0.0, value)
+
+
+def format_groups(by_group: dict[str, list[dict]]) -> str:
+    """pass@1 per model x group value, one block per group field (what the stage prints)."""
+    lines = []
+    for name, table in by_group.items():
+        values = list(dict.fromkeys(r["value"] for r in table))
+        cells = {(r["model"], r["value"]): r for r in table}
+        widths = [max(6, len(v)) for v in values]
+        lines += ["", f"{f'pass@1 by {name}:':<21} " + "  ".join(
+            f"{v:>{w}}" for v, w in zip(values, widths))]
+        for model in dict.fromkeys(r["model"] for r in table):
+            lines.append(f"{model:<21} " + "  ".join(
+                f"{cells[model, v]['pass_at_1']:>{w}.3f}" if (model, v) in cells else f"{'-':>{w}}"
+                for v, w in zip(values, widths)))
+        lines.append(f"{'problems':<21} " + "  ".join(
+            f"{max(r['problems'] for r in table if r['value'] == v):>{w}}"
+            for v, w in zip(values, widths)))
+    return "\n".join(lines).lstrip("\n")
+
+
 def load_eval_problems(cfg: EvaluateConfig) -> list[dict]:
-    """[{problem, answer, difficulty}] from the synthetic generator or a file."""
-    from stages.prompts import _answer_text, normalize, read_records
+    """[{problem, answer, difficulty, groups}] from the synthetic generator or a file; groups:
+    {field: value} of cfg.group_fields the row has."""
+    from stages.prompts import ANSWER_FROM, _answer_text, normalize, read_records
 
     if cfg.eval_path == "synthetic":
         from stages.synthetic import make_problems
@@ -182,8 +248,11 @@ def load_eval_problems(cfg: EvaluateConfig) -> list[dict]:
                              min_terms=cfg.synthetic_min_terms, max_terms=cfg.synthetic_max_terms,
                              max_operand=cfg.synthetic_max_operand)
         rows = [{"problem": normalize(p["problem"]), "answer": p["answer"],
-                 "difficulty": str(p["difficulty"])} for p in made]
+                 "difficulty": str(p["difficulty"]), "groups": {}} for p in made]
     else:
+        if cfg.answer_from not in ANSWER_FROM:
+            raise UserError(f"evaluate.answer_from: '{cfg.answer_from}' is not one of "
+                            f"{ANSWER_FROM}")
         rows = []
         for where, rec in read_records(cfg.eval_path, cfg.split):
             for name in (cfg.problem_field, cfg.answer_field):
@@ -194,8 +263,11 @@ def load_eval_problems(cfg: EvaluateConfig) -> list[dict]:
                 raise UserError(f"{where}: field '{cfg.problem_field}': expected text")
             level = rec.get(cfg.difficulty_field) if cfg.difficulty_field else None
             rows.append({"problem": normalize(rec[cfg.problem_field]),
-                         "answer": _answer_text(rec[cfg.answer_field], where, cfg.answer_field),
-                         "difficulty": None if level is None else str(level)})
+                         "answer": _answer_text(rec[cfg.answer_field], where, cfg.answer_field,
+                                                cfg.answer_from),
+                         "difficulty": None if level is None else str(level),
+                         "groups": {name: group_value(rec.get(name)) for name in cfg.group_fields
+                                    if group_value(rec.get(name)) is not None}})
     return rows[:cfg.limit] if cfg.limit else rows
 
 
@@ -317,12 +389,16 @@ def run(cfg: EvaluateConfig, inputs, ctx):
         print(f"evaluate: {name} done ({t.num_rows} samples)", flush=True)
 
     summary = summarize(rows, cfg.pass_k)
+    by_group = summarize_groups(rows, {problem_id(p["problem"]): p["groups"] for p in kept},
+                                cfg.pass_k)
     paths = dict(models)
     for r in summary:
         r["model_path"] = paths[r["model"]]
     ctx.stats.update({"models": paths, "problems": len(kept), "samples_per_problem": cfg.samples,
-                      "table": summary})
-    print("\n" + format_table(summary) + "\n", flush=True)
+                      "table": summary, "by_group": by_group})
+    groups_table = format_groups(by_group)
+    print("\n" + format_table(summary) + ("\n\n" + groups_table if groups_table else "") + "\n",
+          flush=True)
     return {"samples": pa.concat_tables(parts), "summary": pa.Table.from_pylist(summary)}
 
 
