@@ -22,13 +22,14 @@ engine seed and an RNG reset before each batch).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 
-from cluster.resources import placement
+from cluster.resources import claim, placement
 from pipeline.errors import UserError
 
 # One sample row = the input row's columns + these (complete_chats' output).
@@ -427,6 +428,10 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
 
     ctx.ensure_ray()
     r = resources
+    # Engines a fixed cluster cannot hold are an error now, not actors pending forever; on an
+    # autoscaling cluster this waits (resources.wait_s). openai client actors need no GPU.
+    claim(ctx.stage, dataclasses.replace(r, gpus_per_replica=0.0, tensor_parallel_size=1)
+          if endpoint is not None else r, "engines")
     # Ray Data runs what feeds the actors (a read, a map) as tasks of 1 CPU each. A pool that
     # leaves less than 1 CPU of the cluster free starves them and the stage hangs: 2 one-CPU
     # engines on 2 cores + a read task = 3/2 CPUs (prune's rewrite, 2026-12-01). Then run the

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from cluster.resources import placement
+from cluster.resources import claim, placement
 
 
 class _Scorer:
@@ -68,6 +68,7 @@ def score_batches(ds, *, models: dict, score_fn, resources, ctx, batch_size: int
 
     ctx.ensure_ray()
     r = resources
+    claim(ctx.stage, r, "engines")  # refused (fixed cluster) or waited for (autoscaler) now
     use_gpu = r.gpus_per_replica > 0
     # CPU: the replicas of one node share its cores (2 cores, 1 replica: 2 torch threads); Ray
     # exports OMP_NUM_THREADS = num_cpus (1) to actors, so set it to the same count.

@@ -85,7 +85,12 @@ def fit(loop, config: dict, resources, ctx) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.resources import claim
+
     ctx.ensure_ray()
+    # More GPU workers than the cluster has would leave Ray Train waiting for them forever:
+    # refused now on a fixed cluster, waited for (resources.wait_s) on an autoscaling one.
+    claim(ctx.stage, resources, "workers")
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = 1

@@ -11,6 +11,7 @@ import posixpath
 import re
 import time
 
+from cluster.resources import fit_to_cluster
 from pipeline.config import Recipe
 from pipeline.errors import UserError
 from pipeline.stage import Context, Stage, check_storage
@@ -136,11 +137,14 @@ def run_stage(name: str, recipe: Recipe, pins: dict[str, str] | None = None,
         return existing
 
     check_storage(recipe.data_root)  # a multi-node cluster must see data_root: refuse before work
+    # `auto` sized to the cluster, and a request the cluster can never hold refused, before
+    # the version folder exists: the stage then sees plain numbers.
+    resources = fit_to_cluster(name, recipe.resources[name], log=log)
     out_dir = store.begin(name, version, clear=not stage.resumable)
     first = inputs[stage.reads[0]] if stage.reads else None
     ctx = Context(stage=name, version=version, out_dir=out_dir, data_root=recipe.data_root,
                   teacher=recipe.teacher, student=recipe.student,
-                  resources=recipe.resources[name], rows_in=first.rows if first else None)
+                  resources=resources, rows_in=first.rows if first else None)
     log(f"{name}@{version}: running (inputs: "
         f"{', '.join(v.ref() for v in inputs.values()) or 'none'})")
     started = time.time()
