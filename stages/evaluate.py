@@ -302,7 +302,7 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     from cluster.inference import Sampling, check_model, complete_chats, iter_samples
     from stages.chat import check_chat_format, prompt_messages, render_prompt, split_think
     from stages.prompts import normalize, problem_id
-    from stages.verify import VerifyConfig, verify_rows
+    from stages.verify import VerifyConfig, answer_parts, verify_rows
 
     if cfg.samples < 1 or not 1 <= cfg.pass_k <= cfg.samples:
         raise UserError(f"evaluate: need samples >= 1 and 1 <= pass_k <= samples, got "
@@ -376,7 +376,9 @@ def run(cfg: EvaluateConfig, inputs, ctx):
         completions = t.column("completion").to_pylist()
         texts = ([split_think(c)[1] for c in completions]
                  if cfg.verify_answer_field == "final" else completions)
-        verdict = verify_rows(texts, t.column("answer").to_pylist(), verify_cfg)
+        # A completion cut at max_tokens gets no math-verify fallback (verify's answer_parts).
+        verdict = verify_rows(texts, t.column("answer").to_pylist(), verify_cfg,
+                              parts=answer_parts(None, t.column("finish_reason").to_pylist()))
         t = t.drop(["prompt_messages", "error", "model", "model_path"])
         t = t.add_column(0, "model", pa.array([name] * t.num_rows, pa.string()))
         t = t.add_column(1, "model_path", pa.array([path] * t.num_rows, pa.string()))

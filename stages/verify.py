@@ -50,7 +50,8 @@ class VerifyConfig:
       "the answer is X"), "math_verify" (math-verify's own extraction, `parse` with its default
       LaTeX + expression configs, over the answer part: the `final` column, the text after the
       reasoning; a short bare line such as `[0,1)` or `\\dfrac{3}{4}`, which it skips outside
-      `$…$`, is read as math), "last_number" (the last number in the text; lenient, opt-in).
+      `$…$`, is read as math; not for a trace cut off at max_tokens, which wrote no final line),
+      "last_number" (the last number in the text; lenient, opt-in).
     timeout_s: hard wall-clock bound on one parse+verify call (the child is killed past it).
     memory_mib: address-space cap of the checking child process (huge powers fail, not swap).
     easy_min_pass_rate / medium_min_pass_rate: difficulty from the problem's pass rate:
@@ -455,6 +456,18 @@ def verify_rows(texts, refs, cfg: VerifyConfig, checker: Checker | None = None,
             "verify_status": [g[2] for g in got]}
 
 
+def answer_parts(finals: list | None, finish_reasons: list | None) -> list | None:
+    """Per row, what the math_verify extractor reads (verify_rows' `parts`): the answer part
+    (`finals`; None = the text checked is the answer part already), or "" for a trace cut off at
+    max_tokens (finish_reason "length"). A cut trace never wrote its final line, and math-verify
+    would take the last number it did write (a step of the reasoning, or a cut "…= 2" for 72);
+    its \\boxed{} or "the answer is", written before the cut, still count."""
+    if finish_reasons is None:
+        return finals
+    base = finals if finals is not None else [None] * len(finish_reasons)
+    return ["" if reason == "length" else part for part, reason in zip(base, finish_reasons)]
+
+
 def difficulty_of(pass_rate: float | None, cfg: VerifyConfig) -> str | None:
     if pass_rate is None:
         return None
@@ -500,9 +513,12 @@ def run(cfg: VerifyConfig, inputs, ctx):
         # The math_verify extractor reads the answer part only: generate's `final` (split with
         # the recipe's reasoning tags), never numbers inside the reasoning.
         finals = batch.column("final").to_pylist() if cfg.answer_field == "completion" else None
+        finish = (batch.column("finish_reason").to_pylist()
+                  if "finish_reason" in batch.column_names else None)
         cols = verify_rows(batch.column(cfg.answer_field).to_pylist(),
                            batch.column("answer").to_pylist(), cfg,
-                           sources=batch.column("source").to_pylist(), parts=finals)
+                           sources=batch.column("source").to_pylist(),
+                           parts=answer_parts(finals, finish))
         for name, typ in (("pred_answer", pa.string()), ("correct", pa.bool_()),
                           ("verify_status", pa.string())):
             batch = batch.append_column(name, pa.array(cols[name], typ))
