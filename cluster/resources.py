@@ -319,7 +319,8 @@ def shortfall(stage: str, ask: Ask, cluster: Cluster) -> str | None:
     if ask.gpus:
         sums.append(f"{_num(ask.count * ask.gpus)} GPU")
     sums.append(f"{_num(ask.count * ask.cpus)} CPU")
-    fix = f"set {_setting(stage, ask)}=auto (as many as fit) or at most {fits}"
+    fix = (f"set {_setting(stage, ask)}=auto (as many as fit) or at most {fits}" if ask.gpus
+           else f"set {_setting(stage, ask)} to at most {fits}")
     if ask.kind == "workers" and ask.gpus and not fits:
         fix = (f"set {_setting(stage, ask)}=auto (no GPU: 1 CPU worker), or use_gpu=false "
                f"with a number of workers that fits")
