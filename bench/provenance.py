@@ -105,6 +105,7 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stages.chat import target_format
     from stages.packed import (ATTENTION, encode, onednn_linears, register_attention,
                                score_token_ids)
     from train import conversations
@@ -118,8 +119,9 @@ def main():
                                       **(SHAPES[args.shape] if args.shape else {}))
     tok = AutoTokenizer.from_pretrained(args.model)
     seqs = []
+    fmt = target_format(tok, args.model, "", "chat", "think", "bench")
     for p, c in conversations(args.traces, args.median, args.cap):
-        pi, ci = encode(tok, p, c)
+        pi, ci = encode(tok, p, c[-1]["content"], fmt)
         seqs.append((pi + ci[:args.cap - len(pi)], len(pi)))
     lengths = [len(ids) for ids, _ in seqs]
     scored = sum(len(ids) - n for ids, n in seqs)

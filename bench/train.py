@@ -168,12 +168,14 @@ def our_sft(args, rows, attention: str):
 
 
 def pairs_data(tok, convs_good, convs_bad):
+    from stages.chat import target_format
     from stages.packed import encode
 
+    fmt = target_format(tok, "bench", "", "chat", "think", "bench")
     out = []
     for (p, c), (_, r) in zip(convs_good, convs_bad):
-        pi, ci = encode(tok, p, c)
-        _, ri = encode(tok, p, r)
+        pi, ci = encode(tok, p, c[-1]["content"], fmt)
+        _, ri = encode(tok, p, r[-1]["content"], fmt)
         out.append((p, c, r, pi, ci, ri))
     return out
 
@@ -254,6 +256,7 @@ def main():
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    from stages.chat import target_format
     from stages.packed import encode, pack, packed_row
 
     if not args.gpu:
@@ -265,9 +268,10 @@ def main():
                                       **(SHAPES[args.shape] if args.shape else {}))
     tok = AutoTokenizer.from_pretrained(args.model)
     convs = conversations(400, args.median, args.cap)
+    fmt = target_format(tok, args.model, "", "chat", "think", "bench")
     samples = []
     for p, c in convs:
-        pi, ci = encode(tok, p, c)
+        pi, ci = encode(tok, p, c[-1]["content"], fmt)
         samples.append((pi + ci[:args.cap - len(pi)], len(pi)))
     lengths = [len(ids) for ids, _ in samples]
     args.mean_len = statistics.mean(lengths)

@@ -20,7 +20,7 @@ from cluster.resources import StageResources
 from pipeline.errors import UserError
 from pipeline.textfile import read_text
 
-TOP_LEVEL = ("data_root", "teacher", "student", "stages", "resources")
+TOP_LEVEL = ("data_root", "teacher", "student", "reasoning_tags", "stages", "resources")
 
 
 @dataclass
@@ -155,11 +155,13 @@ def load_recipe(path: str, overrides: list[str], stages: dict) -> Recipe:
     for name, stage in stages.items():
         section = dict(raw.get(name) or {})
         field_names = {f.name for f in dataclasses.fields(stage.config)}
-        # The recipe's teacher/student fill every stage field of that name the section leaves unset.
-        for role, value in (("teacher", teacher), ("student", student)):
+        # The recipe's teacher / student / reasoning_tags fill every stage field of that name
+        # the section leaves unset: one setting for every stage that splits reasoning.
+        for role, value in (("teacher", teacher), ("student", student),
+                            ("reasoning_tags", str(raw.get("reasoning_tags") or ""))):
             if role in field_names and role not in section and value:
                 section[role] = value
-            elif isinstance(section.get(role), str):
+            elif role != "reasoning_tags" and isinstance(section.get(role), str):
                 section[role] = absolute_if_local(section[role])
         configs[name] = build_config(stage.config, section, f"recipe {path}: {name}")
 

@@ -63,8 +63,8 @@ def score_batch(models: dict, batch, cfg: AttributionConfig, prompt_cfg: dict, t
     """Pool actor's call: the samples + the attribution columns."""
     import pyarrow as pa
 
-    from stages.chat import prompt_messages, render_prompt
-    from stages.packed import score_completions
+    from stages.chat import prompt_messages, target_format
+    from stages.packed import score_traces
 
     texts = [t or "" for t in batch.column("completion").to_pylist()]
     ask = types.SimpleNamespace(**prompt_cfg)
@@ -72,10 +72,10 @@ def score_batch(models: dict, batch, cfg: AttributionConfig, prompt_cfg: dict, t
     scored = {}
     for role in ROLES:
         model, tokenizer = models[role]
-        prompts = [render_prompt(tokenizer, m, template, prompt_cfg["prompt_format"])
-                   for m in messages]
-        scored[role] = score_completions(model, tokenizer, prompts, texts, cfg.max_length,
-                                         cfg.tokens_per_row, cfg.chunk)
+        fmt = target_format(tokenizer, role, template, prompt_cfg["prompt_format"],
+                            prompt_cfg["reasoning_tags"], f"attribution.{role}")
+        scored[role] = score_traces(model, tokenizer, messages, texts, fmt, cfg.max_length,
+                                    cfg.tokens_per_row, cfg.chunk)
     rows = []
     for k, text in enumerate(texts):
         spans = split_sentences(text)
@@ -141,7 +141,7 @@ def run(cfg: AttributionConfig, inputs, ctx):
     distilled_path = chosen.column("model_path")[0].as_py()
     ev = evaluate.manifest["config"]
     prompt_cfg = {k: ev[k] for k in ("system_prompt", "problem_template", "chat_template",
-                                     "prompt_format")}
+                                     "prompt_format", "reasoning_tags")}
     template = ""
     for role, path in (("teacher", cfg.teacher), ("student", cfg.student),
                        ("distilled", distilled_path)):

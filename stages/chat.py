@@ -6,8 +6,12 @@ import these; a stage file is a stage, not a library for other stages.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
 
 # The user turn open-r1 uses; evaluate defaults to the same so models are asked as the teacher was.
 # "{problem}" is replaced literally (str.replace, not str.format): \boxed{} needs no escaping.
@@ -20,17 +24,125 @@ def trace_id(problem_id: str, teacher: str, sample_idx: int, seed: int) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def split_think(completion: str) -> tuple[str, str]:
-    """(reasoning, final). `<think>…</think>` holds the reasoning; a template that opens `<think>`
-    in the generation prompt leaves only `</think>` in the completion; an unclosed `<think>`
-    (truncated sample) is all reasoning; no tags at all is all final answer."""
-    if "</think>" in completion:
-        reasoning, final = completion.split("</think>", 1)
-        reasoning = reasoning.split("<think>", 1)[1] if "<think>" in reasoning else reasoning
-        return reasoning.strip(), final.strip()
-    if "<think>" in completion:
-        return completion.split("<think>", 1)[1].strip(), ""
-    return "", completion.strip()
+# --------------------------------------------------------------------------- reasoning tags
+# One setting for every stage that splits reasoning from answer: the recipe's top-level
+# `reasoning_tags` (filled into each stage's field of that name, as `teacher` is).
+#   think:   DeepSeek-R1, QwQ, Qwen3, R1-Distill:  <think>\n…\n</think>\n\nanswer
+#   thought: Sky-T1, Bespoke-Stratos, OpenThoughts:
+#            <|begin_of_thought|>\n\n…\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\nanswer\n\n<|end_of_solution|>
+
+
+@dataclass(frozen=True)
+class Tags:
+    open: str                 # opens the reasoning
+    close: str                # closes it
+    answer_open: str = ""     # wraps the final answer, when the format has such tags
+    answer_close: str = ""
+    pad: str = "\n"           # what sits between a tag and the text it wraps
+
+
+REASONING_TAGS = {
+    "think": Tags("<think>", "</think>"),
+    "thought": Tags("<|begin_of_thought|>", "<|end_of_thought|>",
+                    "<|begin_of_solution|>", "<|end_of_solution|>", pad="\n\n"),
+}
+
+
+def reasoning_tags(name: str, where: str) -> Tags:
+    if name not in REASONING_TAGS:
+        raise UserError(f"{where}.reasoning_tags: '{name}' is not one of {sorted(REASONING_TAGS)}")
+    return REASONING_TAGS[name]
+
+
+def split_think(completion: str, tags: str = "think") -> tuple[str, str]:
+    """(reasoning, final) of a completion, whichever way it marked its reasoning:
+    both tags; only the closing one (the generation prompt opened it: R1-Distill's later template,
+    QwQ); an unclosed opening tag (a truncated sample) is all reasoning; no tags at all is all
+    final answer. Answer tags (`thought`'s `<|begin_of_solution|>`) are taken off the answer."""
+    t = REASONING_TAGS[tags]
+    if t.close in completion:
+        reasoning, final = completion.split(t.close, 1)
+        reasoning = reasoning.split(t.open, 1)[1] if t.open in reasoning else reasoning
+    elif t.open in completion:
+        reasoning, final = completion.split(t.open, 1)[1], ""
+    else:
+        reasoning, final = "", completion
+    if t.answer_open and t.answer_open in final:
+        final = final.split(t.answer_open, 1)[1]
+    if t.answer_close:
+        final = final.split(t.answer_close, 1)[0]
+    return reasoning.strip(), final.strip()
+
+
+def tag_status(completion: str, tags: str = "think") -> str:
+    """"closed" (the reasoning ends with its closing tag), "unclosed" (opened, never closed: all
+    reasoning, counted by generate) or "none" (no reasoning tags: all answer)."""
+    t = REASONING_TAGS[tags]
+    if t.close in completion:
+        return "closed"
+    return "unclosed" if t.open in completion else "none"
+
+
+def trace_text(reasoning: str, final: str, tags: str = "think") -> str:
+    """The stored form of a trace (select's assistant message, what the viewer shows): both
+    reasoning tags, then the answer. No reasoning: the answer alone."""
+    t = REASONING_TAGS[tags]
+    answer = f"{t.answer_open}{t.pad}{final}{t.pad}{t.answer_close}" if t.answer_open else final
+    if not reasoning:
+        return answer
+    return f"{t.open}{t.pad}{reasoning}{t.pad}{t.close}\n\n{answer}"
+
+
+def generation_target(prompt_text: str, reasoning: str, final: str, tags: str,
+                      end_of_turn: str) -> tuple[str, list[tuple[int, int, str]]]:
+    """What a model writes after `prompt_text` for this trace, and where its parts lie in it.
+
+    The model's own form: it opens the reasoning tag unless the generation prompt already did
+    (then the text starts inside the reasoning), closes it, writes the answer and stops with
+    `end_of_turn`. Never the template's rendering of a finished assistant message: templates
+    rewrite those (R1-Distill's keeps only `content.split('</think>')[-1]`).
+
+    Returns (text, [(start, end, part)]) with part "reasoning" / "final": the character
+    ranges of the trace's two texts, so scores of its tokens map back onto them.
+    """
+    t = REASONING_TAGS[tags]
+    opening = t.open + t.pad
+    opened = ""
+    for k in range(len(opening), 0, -1):  # "<think>\n" or "<think>" ends the prompt
+        if prompt_text.endswith(opening[:k]) and opening[:k].strip():
+            opened = opening[:k]
+            break
+    answer_head = f"{t.answer_open}{t.pad}" if t.answer_open else ""
+    answer_tail = f"{t.pad}{t.answer_close}" if t.answer_open else ""
+    parts: list[tuple[str, str]] = []
+    if reasoning or opened:
+        parts += [("", opening[len(opened):]), ("reasoning", reasoning),
+                  ("", f"{t.pad}{t.close}\n\n")]
+    parts += [("", answer_head), ("final", final), ("", answer_tail + end_of_turn)]
+    text, spans = "", []
+    for part, piece in parts:
+        if part:
+            spans.append((len(text), len(text) + len(piece), part))
+        text += piece
+    return text, spans
+
+
+def end_of_turn(tokenizer, chat_template: str = "", prompt_format: str = "chat") -> str:
+    """The token that ends the model's turn: what its template writes right after an assistant
+    message (`<|im_end|>`, `<｜end▁of▁sentence｜>`, `<|eot_id|>`), else the tokenizer's EOS (raw
+    prompts, a template that writes nothing there). sft saves it as the student's stop token, so
+    vLLM stops where training ended the target."""
+    eos = tokenizer.eos_token or ""
+    if prompt_format == "raw":
+        return eos
+    marker = "\x00distillery-answer\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "u"}, {"role": "assistant", "content": marker}],
+        chat_template=chat_template or None, tokenize=False)
+    after = text.split(marker, 1)[1] if marker in text else ""
+    special = sorted({*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()},
+                     key=len, reverse=True)
+    return next((s for s in special if s and after.startswith(s)), eos)
 
 
 def messages_type():
@@ -74,7 +186,6 @@ def load_chat_template(chat_template: str, where: str) -> str:
     ends in .jinja but does not exist is an error, anything else is the Jinja text itself."""
     import os
 
-    from pipeline.errors import UserError
     from pipeline.textfile import read_text
 
     if not chat_template:
@@ -110,7 +221,6 @@ def check_model_files(model: str, where: str) -> None:
     import struct
 
     from pipeline.config import is_local_model
-    from pipeline.errors import UserError
 
     if not model or not is_local_model(model):
         return
@@ -160,7 +270,6 @@ def check_model_files(model: str, where: str) -> None:
 def load_tokenizer(model: str, where: str):
     from transformers import AutoTokenizer
 
-    from pipeline.errors import UserError
 
     try:
         return AutoTokenizer.from_pretrained(model)
@@ -169,13 +278,30 @@ def load_tokenizer(model: str, where: str):
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def generation_prompt(tokenizer, chat_template: str, model: str, where: str) -> str:
+    """What the template appends for `add_generation_prompt` (`<|im_start|>assistant\n`,
+    `<｜Assistant｜><think>\n`): the text a target starts after. A template that appends nothing,
+    or whose prompt is not its rendering of the messages plus something, cannot say where the
+    model's turn starts: a UserError naming the model and the template."""
+    messages = [{"role": "user", "content": "u"}]
+    render = functools.partial(tokenizer.apply_chat_template, messages, tokenize=False,
+                               chat_template=chat_template or None)
+    bare, prompt = render(add_generation_prompt=False), render(add_generation_prompt=True)
+    which = "its chat_template override" if chat_template else "its own chat template"
+    if not prompt.startswith(bare) or prompt == bare:
+        raise UserError(f"{where} {model}: {which} has no generation prompt that can be found "
+                        "in its own rendering (the prompt with add_generation_prompt is not the "
+                        "conversation plus an assistant header), so the model's turn has no "
+                        "start; set chat_template to one that has, or prompt_format=raw")
+    return prompt[len(bare):]
+
+
 def check_chat_format(model: str, chat_template: str, prompt_format: str, stage: str,
                       role: str = "teacher") -> str:
     """Check in the driver, before Ray starts, that `model` can be prompted this way; returns
     the template text to hand to workers ("" = the model's own). `role`: the config field that
     names the model (teacher, student, a model of evaluate's list)."""
     from pipeline.config import is_local_model
-    from pipeline.errors import UserError
 
     if prompt_format not in PROMPT_FORMATS:
         raise UserError(f"{stage}.prompt_format: '{prompt_format}' is not one of {PROMPT_FORMATS}")
@@ -188,6 +314,9 @@ def check_chat_format(model: str, chat_template: str, prompt_format: str, stage:
                 f"{stage}.{role} {model}: the model has no chat template (a base model?): set "
                 f"{stage}.chat_template=<a .jinja file or Jinja text> or "
                 f"{stage}.prompt_format=raw (the problem template is the whole prompt)")
+    if prompt_format == "chat" and is_local_model(model):
+        generation_prompt(load_tokenizer(model, f"{stage}.{role}"), template, model,
+                          f"{stage}.{role}")
     return template
 
 
@@ -201,13 +330,35 @@ def render_prompt(tokenizer, messages: list[dict], chat_template: str = "",
                                          tokenize=False, add_generation_prompt=True)
 
 
-def render_conversation(tokenizer, messages: list[dict], completion: list[dict],
-                        chat_template: str = "", prompt_format: str = "chat") -> str:
-    """Prompt + answer (`completion`: the assistant message(s)) as one training text;
-    render_prompt(...) is a prefix of it in "raw" format always, in "chat" format when the
-    template is well-behaved (stages/packed.py's encode checks)."""
-    if prompt_format == "raw":
-        return (render_prompt(tokenizer, messages, chat_template, prompt_format)
-                + "".join(m["content"] for m in completion) + (tokenizer.eos_token or ""))
-    return tokenizer.apply_chat_template(messages + completion, chat_template=chat_template or None,
-                                         tokenize=False)
+
+@dataclass(frozen=True)
+class TargetFormat:
+    """How one model's training and scoring texts are built (`target_format` makes it once per
+    model and stage; `target_texts` applies it to a trace)."""
+
+    chat_template: str        # "" = the model's own
+    prompt_format: str        # "chat" | "raw"
+    tags: str                 # a key of REASONING_TAGS
+    end_of_turn: str          # the model's stop token (end_of_turn)
+
+
+def target_format(tokenizer, model: str, chat_template: str, prompt_format: str, tags: str,
+                  where: str) -> TargetFormat:
+    """The format for `model` (named in errors as `where`, e.g. "sft.student"): checks the tags
+    setting and that the template has a generation prompt (hub models too: check_chat_format
+    checks local ones before Ray starts)."""
+    reasoning_tags(tags, where.split(".")[0])
+    if prompt_format == "chat":
+        generation_prompt(tokenizer, chat_template, model, where)
+    return TargetFormat(chat_template, prompt_format, tags,
+                        end_of_turn(tokenizer, chat_template, prompt_format))
+
+
+def target_texts(tokenizer, messages: list[dict], trace: str, fmt: TargetFormat):
+    """(prompt text, target text, spans): the model's rendered prompt with its generation
+    prompt, and the trace (any marking split_think reads) as that model writes it after that
+    prompt (generation_target: spans locate the reasoning and the answer in the target)."""
+    prompt = render_prompt(tokenizer, messages, fmt.chat_template, fmt.prompt_format)
+    reasoning, final = split_think(trace, fmt.tags)
+    target, spans = generation_target(prompt, reasoning, final, fmt.tags, fmt.end_of_turn)
+    return prompt, target, spans

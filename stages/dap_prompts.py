@@ -40,14 +40,15 @@ def fill_dap_prompt(prompts: dict, problem: str, trace: str) -> str:
                   prompts["judge"])
 
 
-def parse_rewrite(text: str) -> tuple[str | None, str]:
-    """(judged level or None, the rewrite as "<think>\n…\n</think>\n{final}")."""
+def parse_rewrite(text: str, tags: str = "think") -> tuple[str | None, str]:
+    """(judged level or None, the rewrite in the stored form of `tags`, stages/chat.py
+    trace_text). The judge prompts ask for <think> tags, so that is how the answer is read."""
     import re
 
-    from stages.chat import split_think
+    from stages.chat import split_think, trace_text
 
     m = re.search(r"difficulty\W{0,4}(simple|moderate|complex)", text[:300], re.IGNORECASE)
     level = m.group(1).lower() if m else None
     body = text[m.end():] if m else text
     reasoning, final = split_think(body[body.find("<think>"):] if "<think>" in body else body)
-    return level, f"<think>\n{reasoning}\n</think>\n{final}"
+    return level, trace_text(reasoning, final, tags)

@@ -73,7 +73,8 @@ class EvaluateConfig:
       `models` ("" / "chat" = each model's own template; "raw" = the problem template alone, for
       base models; see generate and stages/chat.py).
     verify_answer_field / verify_fallbacks / verify_timeout_s: as verify's answer_field,
-      fallbacks and timeout_s ("final" = the text after </think>).
+      fallbacks and timeout_s ("final" = the text after the reasoning).
+    reasoning_tags: how the models mark their reasoning (the recipe's top-level `reasoning_tags`).
     """
 
     teacher: str = ""
@@ -104,6 +105,7 @@ class EvaluateConfig:
     problem_template: str = PROBLEM_TEMPLATE
     chat_template: str = ""
     prompt_format: str = "chat"
+    reasoning_tags: str = "think"
     verify_answer_field: str = "final"
     verify_fallbacks: list = field(default_factory=lambda: list(DEFAULT_FALLBACKS))
     verify_timeout_s: float = 5.0
@@ -374,7 +376,7 @@ def run(cfg: EvaluateConfig, inputs, ctx):
         t = done.filter(pc.equal(done["model"], name))
         t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
         completions = t.column("completion").to_pylist()
-        texts = ([split_think(c)[1] for c in completions]
+        texts = ([split_think(c, cfg.reasoning_tags)[1] for c in completions]
                  if cfg.verify_answer_field == "final" else completions)
         # A completion cut at max_tokens gets no math-verify fallback (verify's answer_parts).
         verdict = verify_rows(texts, t.column("answer").to_pylist(), verify_cfg,

@@ -26,6 +26,7 @@ Reproducibility (what is the same on a rerun with the same seed and config):
 """
 from __future__ import annotations
 
+import collections
 import functools
 import posixpath
 import time
@@ -36,7 +37,7 @@ from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.stage import Stage
 from stages.chat import (PROBLEM_TEMPLATE, check_chat_format, messages_type, prompt_messages,
-                         render_prompt, split_think, trace_id)
+                         reasoning_tags, render_prompt, split_think, tag_status, trace_id)
 
 
 @dataclass
@@ -59,6 +60,9 @@ class GenerateConfig:
       (256 problems * n=8 = 2048 sequences in flight keeps an engine's continuous batching full).
     max_model_len: the engine's context length (0 = the model's); a prompt longer than it is not
       sent and its rows get finish_reason "prompt_too_long".
+    reasoning_tags: how the teacher marks its reasoning ("think" | "thought"; the recipe's
+      top-level `reasoning_tags`): the completion is split into `reasoning` and `final` by them,
+      and `reasoning_status` says closed / unclosed (all reasoning, counted) / none.
     trust_remote_code: let transformers/vLLM run code shipped with the model (off by default).
     base_url, api_key_env, concurrency, request_timeout_s, max_retries, request_seed: the openai
       backend (see `Endpoint`).
@@ -79,6 +83,7 @@ class GenerateConfig:
     prompt_format: str = "chat"
     shard_size: int = 256
     max_model_len: int = 0
+    reasoning_tags: str = "think"
     trust_remote_code: bool = False
     base_url: str = ""
     api_key_env: str = "OPENAI_API_KEY"
@@ -107,6 +112,7 @@ def run(cfg: GenerateConfig, inputs, ctx):
         raise UserError("generate.n and generate.shard_size must be at least 1")
     if "{problem}" not in cfg.problem_template:
         raise UserError("generate.problem_template must contain {problem}")
+    reasoning_tags(cfg.reasoning_tags, "generate")
     render = None
     if cfg.backend == "vllm":
         check_model(cfg.teacher)  # before Ray starts: a wrong path is the user's, and instant
@@ -203,7 +209,7 @@ def run(cfg: GenerateConfig, inputs, ctx):
     wall = time.time() - started
 
     # Statistics over the whole version (shards from earlier, interrupted runs included).
-    cols = ["completion_tokens", "prompt_tokens", "finish_reason", "trace_id"]
+    cols = ["completion_tokens", "prompt_tokens", "finish_reason", "trace_id", "reasoning_status"]
     full = pa.concat_tables([pq.read_table(shard_path(k), filesystem=store.arrow_fs(),
                                            columns=cols) for k in range(len(shards))])
     if full.num_rows != table.num_rows * cfg.n:
@@ -226,6 +232,7 @@ def run(cfg: GenerateConfig, inputs, ctx):
         "completion_tokens_p99": _percentile(lengths, 0.99),
         "completion_tokens_max": lengths[-1],
         "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+        "reasoning_status": dict(collections.Counter(full.column("reasoning_status").to_pylist())),
         "truncation_rate": round(reasons.count("length") / len(reasons), 4),
         "this_run_output_tokens": new_tokens,
         "this_run_wall_s": round(wall, 3),
@@ -246,11 +253,14 @@ def _finish_shard(t, cfg: GenerateConfig):
     t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
     ids = [trace_id(p, cfg.teacher, s, cfg.seed) for p, s in
            zip(t.column("problem_id").to_pylist(), t.column("sample_idx").to_pylist())]
-    split = [split_think(c) for c in t.column("completion").to_pylist()]
+    completions = t.column("completion").to_pylist()
+    split = [split_think(c, cfg.reasoning_tags) for c in completions]
     t = t.append_column("trace_id", pa.array(ids, type=pa.string()))
     t = t.append_column("teacher", pa.array([cfg.teacher] * t.num_rows, type=pa.string()))
     t = t.append_column("reasoning", pa.array([r for r, _ in split], type=pa.string()))
-    return t.append_column("final", pa.array([f for _, f in split], type=pa.string()))
+    t = t.append_column("final", pa.array([f for _, f in split], type=pa.string()))
+    return t.append_column("reasoning_status", pa.array(
+        [tag_status(c, cfg.reasoning_tags) for c in completions], type=pa.string()))
 
 
 STAGE = Stage(
@@ -258,7 +268,7 @@ STAGE = Stage(
     config=GenerateConfig,
     reads=("prompts",),
     requires=("problem_id", "problem"),
-    adds=("trace_id", "teacher", "sample_idx", "completion", "reasoning", "final",
+    adds=("trace_id", "teacher", "sample_idx", "completion", "reasoning", "final", "reasoning_status",
           "completion_tokens", "finish_reason", "prompt_tokens", "prompt_messages"),
     run=run,
     resumable=True,

@@ -220,44 +220,30 @@ def register_attention() -> None:
     AttentionInterface.register(ATTENTION, varlen_attention)
 
 
-def completion_logps(model, batch):
-    """Log-probability of every completion token of a packed row: [K] (K = len(batch["keep"]))."""
-    import torch.nn.functional as F
+def completion_logps(model, batch, chunk: int = 1024):
+    """Log-probability of every completion token of a packed row: [K] (K = len(batch["keep"])),
+    with gradients when grad mode is on (training: sft, redi) and without (scoring).
 
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
-                max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
-                logits_to_keep=batch["keep"], use_cache=False)
-    # Only the K completion positions went through the LM head ([1, K, vocab]); fp32 for the
-    # log-softmax (bf16 logits lose ~2 digits of the log-prob).
-    return -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
+    Only the K completion positions reach the LM head (`logits_to_keep`), and the head runs on
+    `chunk` of them at a time, forward and backward (stages/lib/lm_head.py): the [K, vocab]
+    logits never exist at once — 1,024 x 152k vocab x 4 B = 0.6 GB per chunk, where all K = 32k
+    positions of a packed row would be 19.9 GB a copy. chunk=0 computes all K at once (the
+    unchunked reference the tests and bench/train_memory.py compare against).
+    """
+    from stages.lib.lm_head import completion_logps as head_logps
+
+    def forward():
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                     max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
+                     logits_to_keep=batch["keep"], use_cache=False)
+
+    return head_logps(model, forward, batch["targets"], chunk)
 
 
 def completion_logps_chunked(model, batch, chunk: int = 1024):
-    """completion_logps for scoring (no gradient): the same [K] log-probs, but the LM head runs
-    on `chunk` positions at a time, so the full-vocabulary logits never exist for all K at once.
-
-    The model body runs once over the packed row; then per chunk: lm_head -> fp32 logits
-    [chunk, vocab] -> target logit - logsumexp. Peak logits memory: 1,024 x 152k vocab x 4 B
-    = 0.6 GB per chunk, where all K = 32k positions of a packed row at once would be 19.9 GB.
-    (A model whose head does more than one linear layer — final-logit soft-capping, logit
-    scaling — is not covered; Qwen2/Llama/Mistral-style heads are.)
-    """
-    import torch
-
-    body = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                            cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
-                            max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
-                            use_cache=False)
-    hidden = body.last_hidden_state[0].index_select(0, batch["keep"])      # [K, hidden]
-    head = model.get_output_embeddings()
-    targets = batch["targets"]
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for a in range(0, hidden.shape[0], chunk):
-        logits = head(hidden[a:a + chunk]).float()                           # [chunk, vocab]
-        picked = logits.gather(1, targets[a:a + chunk, None])[:, 0]
-        out[a:a + chunk] = picked - torch.logsumexp(logits, dim=-1)
-    return out
+    """Scoring's name for completion_logps (one chunk loop for training and scoring)."""
+    return completion_logps(model, batch, chunk)
 
 
 def onednn_linears(model):

@@ -68,6 +68,8 @@ class ProvenanceConfig:
     shard_size: traces per shard, the unit of resume and of one actor call.
     chat_template / prompt_format: how the prompt is rendered for both models (stages/chat.py:
       "" = each model's own template; "raw" = the problem text alone), as generate asked.
+      Each model scores the trace as it would write it after its own prompt (score_traces).
+    reasoning_tags: how traces mark their reasoning (the recipe's top-level `reasoning_tags`).
     trust_remote_code: let transformers run code shipped with the models (off by default).
     """
 
@@ -86,6 +88,7 @@ class ProvenanceConfig:
     shard_size: int = 256
     chat_template: str = ""
     prompt_format: str = "chat"
+    reasoning_tags: str = "think"
     trust_remote_code: bool = False
 
 
@@ -159,17 +162,18 @@ def score_batch(models: dict, batch, cfg: ProvenanceConfig, template: str = ""):
     template: the chat template text check_config returned ("" = each model's own)."""
     import pyarrow as pa
 
-    from stages.chat import render_prompt
-    from stages.packed import score_completions
+    from stages.chat import target_format
+    from stages.packed import score_traces
 
     texts = [t or "" for t in batch.column("pruned_completion").to_pylist()]
     messages = batch.column("prompt_messages").to_pylist()
     scored = {}
     for name in ("teacher", "student"):
         model, tokenizer = models[name]
-        prompts = [render_prompt(tokenizer, m, template, cfg.prompt_format) for m in messages]
-        scored[name] = score_completions(model, tokenizer, prompts, texts, cfg.max_length,
-                                         cfg.tokens_per_row, cfg.chunk)
+        fmt = target_format(tokenizer, name, template, cfg.prompt_format, cfg.reasoning_tags,
+                            f"provenance.{name}")
+        scored[name] = score_traces(model, tokenizer, messages, texts, fmt, cfg.max_length,
+                                    cfg.tokens_per_row, cfg.chunk)
     rows = [trace_columns(text, t, s, cfg.beta)
             for text, t, s in zip(texts, scored["teacher"], scored["student"])]
     for name, typ in score_columns():

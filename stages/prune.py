@@ -51,6 +51,8 @@ class PruneConfig:
       for the teacher ("" / "chat" = its own chat template; see generate and stages/chat.py).
     on_reject: rewrite mode: a rewrite that fails re-verification keeps the original trace
       ("keep") or drops the row ("drop").
+    reasoning_tags: rewrite mode: the stored form of a rewrite (the recipe's top-level
+      `reasoning_tags`; stages/chat.py trace_text).
     """
 
     mode: str = "budget"
@@ -69,6 +71,7 @@ class PruneConfig:
     chat_template: str = ""
     prompt_format: str = "chat"
     on_reject: str = "keep"
+    reasoning_tags: str = "think"
 
 
 def _check_config(cfg: PruneConfig) -> None:
@@ -169,7 +172,8 @@ def run(cfg: PruneConfig, inputs, ctx):
 
 # --------------------------------------------------------------------------- rewrite mode
 
-def judge_rewrites(rows: list[dict], outputs: dict, vcfg, count_tokens, checker=None) -> list[dict]:
+def judge_rewrites(rows: list[dict], outputs: dict, vcfg, count_tokens, checker=None,
+                   tags: str = "think") -> list[dict]:
     """Per row: pruned_completion, pruned_tokens, prune_status, judged_difficulty.
 
     rows: verify rows; outputs: {trace_id: (teacher text, finish_reason)} for correct rows.
@@ -188,12 +192,12 @@ def judge_rewrites(rows: list[dict], outputs: dict, vcfg, count_tokens, checker=
                         else "unverified"})
             continue
         text, finish = outputs[r["trace_id"]]
-        level, rewrite = parse_rewrite(text)
+        level, rewrite = parse_rewrite(text, tags)
         keep["judged_difficulty"] = level
         if finish != "stop":  # "length" (cut off), "prompt_too_long", "error"
             out.append({**keep, "prune_status": f"rejected_{finish}"})
             continue
-        reasoning, final = split_think(rewrite)
+        reasoning, final = split_think(rewrite, tags)
         answer_text = final if vcfg.answer_field == "final" else rewrite
         got = verify_rows([answer_text], [r["answer"]], vcfg, checker)
         status = got["verify_status"][0]
@@ -287,7 +291,8 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
     def finish(batch: pa.Table) -> pa.Table:
         cols = judge_rewrites(batch.select(["trace_id", "answer", "correct", "completion",
                                             "completion_tokens"]).to_pylist(),
-                              outputs, vcfg, _token_counter(tokenizer))
+                              outputs, vcfg, _token_counter(tokenizer),
+                              tags=cfg.reasoning_tags)
         for name, typ in (("pruned_completion", pa.string()), ("pruned_tokens", pa.int64()),
                           ("prune_status", pa.string()), ("judged_difficulty", pa.string())):
             batch = batch.append_column(name, pa.array([c[name] for c in cols], typ))

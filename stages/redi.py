@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.packed import stop_on_end_of_turn
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class REDIConfig:
     collapse_margin: warn when the mean length-normalized log-probs of chosen AND rejected have
       both fallen more than this many nats/token below their first logged values.
     seed / save_steps / logging_steps / report_to: as in sft.
-    chat_template / prompt_format: as in sft (use the values sft used).
+    chat_template / prompt_format / reasoning_tags: as in sft (use the values sft used).
     """
 
     loss: str = "redi"
@@ -68,6 +69,7 @@ class REDIConfig:
     seed: int = 0
     chat_template: str = ""
     prompt_format: str = "chat"
+    reasoning_tags: str = "think"
     save_steps: int = 50
     logging_steps: int = 1
     report_to: str = "tensorboard"
@@ -200,6 +202,10 @@ def trl_pair_worker(config: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         config["model_path"], dtype=torch.bfloat16 if use_gpu else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    # TRL appends its tokenizer's EOS to a text answer that does not end with it: the targets
+    # end with the student's end of turn, so that is the EOS it must see (and saves).
+    tokenizer.eos_token = config["end_of_turn"]
+    stop_on_end_of_turn(model, tokenizer, config["end_of_turn"])
     dataset = datasets.Dataset.from_list(ray.get(config["rows"]))
     trainer = TRLTrainer(model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer)
@@ -232,7 +238,7 @@ def run(cfg: REDIConfig, inputs, ctx):
     from transformers import AutoTokenizer
 
     from cluster.train import fit
-    from stages.chat import check_chat_format
+    from stages.chat import check_chat_format, target_format, target_texts
     from stages.packed import encode, fit_length, packed_row, read_stats, upstream_drops, worker_config
 
     if cfg.loss not in ("redi", "dpo", "simpo"):
@@ -249,6 +255,8 @@ def run(cfg: REDIConfig, inputs, ctx):
     start = inputs["sft"].path  # the SFT checkpoint folder is the student REDI starts from
     template = check_chat_format(start, cfg.chat_template, cfg.prompt_format, "redi", "student")
     tokenizer = AutoTokenizer.from_pretrained(start)
+    fmt = target_format(tokenizer, start, template, cfg.prompt_format, cfg.reasoning_tags,
+                        "redi.student")
     source = inputs["select"]
     table = source.read_table("pairs", columns=["prompt", "chosen", "rejected"])
     if table.num_rows == 0:
@@ -263,9 +271,9 @@ def run(cfg: REDIConfig, inputs, ctx):
             if not row[side] or row[side][-1]["role"] != "assistant":
                 raise UserError(f"redi: {source.ref()} split 'pairs' row {i}: '{side}' must end "
                                 "with an assistant message")
-            ids, n_prompt, outcome = fit_length(*encode(tokenizer, row["prompt"], row[side], template,
-                                                       cfg.prompt_format),
-                                                cfg.max_length, cfg.overlong)
+            ids, n_prompt, outcome = fit_length(
+                *encode(tokenizer, row["prompt"], row[side][-1]["content"], fmt),
+                cfg.max_length, cfg.overlong)
             sides.append((ids, n_prompt, outcome))
         dropped = [o for ids, _, o in sides if ids is None]
         if dropped:
@@ -286,13 +294,21 @@ def run(cfg: REDIConfig, inputs, ctx):
         rows = [packed_row([(ids, n) for _, sides in pairs[k:k + per_worker]
                             for ids, n, _ in sides])
                 for k in range(0, len(pairs), per_worker)]
-        config = worker_config(cfg, ctx, start, rows)
+        config = worker_config(cfg, ctx, start, rows, fmt.end_of_turn)
         config.update(alpha=cfg.alpha, collapse_margin=cfg.collapse_margin,
                       metric_lists=["logps/chosen", "logps/rejected"])
         fit(redi_worker, config, ctx.resources, ctx)
     else:
-        rows = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row, _ in pairs]
-        config = worker_config(cfg, ctx, start, rows)
+        # TRL's text form: the rendered prompt and each side's target (the student's own form
+        # of the trace, ending with its stop token), never the messages its template re-renders.
+        rows = []
+        for row, _ in pairs:
+            prompt, chosen, _ = target_texts(tokenizer, row["prompt"],
+                                             row["chosen"][-1]["content"], fmt)
+            _, rejected, _ = target_texts(tokenizer, row["prompt"],
+                                          row["rejected"][-1]["content"], fmt)
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        config = worker_config(cfg, ctx, start, rows, fmt.end_of_turn)
         config.update(loss=cfg.loss, beta=cfg.beta, simpo_gamma=cfg.simpo_gamma,
                       max_length=cfg.max_length, pairs_per_worker=per_worker)
         fit(trl_pair_worker, config, ctx.resources, ctx)

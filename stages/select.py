@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.chat import reasoning_tags, split_think, trace_text
 
 
 @dataclass
@@ -38,6 +39,7 @@ class SelectConfig:
       (0 = no cap; the trainer's max length truncates anyway).
     pair_max_prompt_tokens: problems whose prompt is longer give no pair (REDI recipe: 800).
     pair_max_response_tokens: traces longer than this are not used in pairs (REDI recipe: 19k).
+    reasoning_tags: how traces mark their reasoning (the recipe's top-level `reasoning_tags`).
     """
 
     seed: int = 0
@@ -45,16 +47,14 @@ class SelectConfig:
     sft_max_tokens: int = 0
     pair_max_prompt_tokens: int = 800
     pair_max_response_tokens: int = 19000
+    reasoning_tags: str = "think"
 
 
-def assistant_text(completion: str) -> str:
-    """"<think>\n{reasoning}\n</think>\n{final}" from a completion, however it marked its thinking
-    (generate's `split_think`: only "</think>", both tags, an unclosed "<think>", or none — the
-    student's format stays fixed)."""
-    from stages.chat import split_think
-
-    reasoning, final = split_think(completion or "")
-    return f"<think>\n{reasoning}\n</think>\n{final}"
+def assistant_text(completion: str, tags: str) -> str:
+    """The trace in its stored form ("<think>\n{reasoning}\n</think>\n\n{final}", stages/chat.py
+    trace_text), however the completion marked its reasoning (only the closing tag, both, an
+    unclosed opening tag, none). sft and redi build each student's own target from it."""
+    return trace_text(*split_think(completion or "", tags), tags)
 
 
 def shuffled(traces: list[dict], seed: int, problem_id: str) -> list[dict]:
@@ -109,6 +109,7 @@ def run(cfg: SelectConfig, inputs, ctx):
 
     if cfg.sft_per_problem < 0:
         raise UserError(f"select.sft_per_problem: must be >= 0, got {cfg.sft_per_problem}")
+    reasoning_tags(cfg.reasoning_tags, "select")
     # Driver-side: a problem's traces must meet in one place, and the selection is a few list
     # walks. Rows carry the texts, so this holds the provenance version in memory (fine up to a few
     # GB; beyond that, a Ray groupby per problem).
@@ -122,7 +123,7 @@ def run(cfg: SelectConfig, inputs, ctx):
         "problem_id": r["problem_id"],
         "trace_id": r["trace_id"],
         "messages": list(r["prompt_messages"]) + [
-            {"role": "assistant", "content": assistant_text(r["pruned_completion"])}],
+            {"role": "assistant", "content": assistant_text(r["pruned_completion"], cfg.reasoning_tags)}],
         "difficulty": r["difficulty"],
         "source": r["source"],
     } for r in sft], schema=pa.schema([("problem_id", pa.string()), ("trace_id", pa.string()),
@@ -131,8 +132,8 @@ def run(cfg: SelectConfig, inputs, ctx):
     pairs_table = pa.Table.from_pylist([{
         "problem_id": c["problem_id"],
         "prompt": list(c["prompt_messages"]),
-        "chosen": [{"role": "assistant", "content": assistant_text(c["pruned_completion"])}],
-        "rejected": [{"role": "assistant", "content": assistant_text(r["pruned_completion"])}],
+        "chosen": [{"role": "assistant", "content": assistant_text(c["pruned_completion"], cfg.reasoning_tags)}],
+        "rejected": [{"role": "assistant", "content": assistant_text(r["pruned_completion"], cfg.reasoning_tags)}],
         "chosen_trace_id": c["trace_id"],
         "rejected_trace_id": r["trace_id"],
     } for c, r in pairs], schema=pa.schema([

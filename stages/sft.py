@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.chat import check_chat_format
+from stages.chat import check_chat_format, target_format
 from stages.packed import (check_student, completion_logps, encode, fit_length, global_sum, pack,
                            packed_row, read_stats, train_packed, upstream_drops, worker_config)
 
@@ -48,7 +48,11 @@ class SFTConfig:
     report_to: "tensorboard", "none", or any transformers `report_to` value (wandb, mlflow …).
     chat_template / prompt_format: how a conversation becomes the training text: "" / "chat" =
       the student's own chat template; "raw" = prompt text + answer text + EOS (a base model
-      without a template). Use the same values in evaluate. stages/chat.py.
+      without a template). Use the same values in evaluate. The target is the trace as the
+      student writes it after its prompt, ending with its stop token (docs/training.md).
+    reasoning_tags: how traces mark their reasoning ("think": <think>…</think>; "thought":
+      Sky-T1 / Bespoke-Stratos' <|begin_of_thought|>…); the recipe's top-level
+      `reasoning_tags` fills it (stages/chat.py, REASONING_TAGS).
     """
 
     student: str = ""
@@ -65,6 +69,7 @@ class SFTConfig:
     seed: int = 0
     chat_template: str = ""
     prompt_format: str = "chat"
+    reasoning_tags: str = "think"
     save_steps: int = 50
     logging_steps: int = 1
     report_to: str = "tensorboard"
@@ -107,6 +112,8 @@ def run(cfg: SFTConfig, inputs, ctx):
     student = check_student(cfg.student, "sft")
     template = check_chat_format(student, cfg.chat_template, cfg.prompt_format, "sft", "student")
     tokenizer = AutoTokenizer.from_pretrained(student)
+    fmt = target_format(tokenizer, student, template, cfg.prompt_format, cfg.reasoning_tags,
+                        "sft.student")
     source = inputs["select"]
     messages = source.read_table("sft", columns=["messages"]).column("messages").to_pylist()
     if not messages:
@@ -118,9 +125,9 @@ def run(cfg: SFTConfig, inputs, ctx):
         if not conversation or conversation[-1]["role"] != "assistant":
             raise UserError(f"sft: {source.ref()} split 'sft' row {i}: the last message must be "
                             "the assistant's answer")
-        ids, n_prompt, outcome = fit_length(*encode(tokenizer, conversation[:-1], conversation[-1:],
-                                                   template, cfg.prompt_format),
-                                            cfg.max_length, cfg.overlong)
+        ids, n_prompt, outcome = fit_length(
+            *encode(tokenizer, conversation[:-1], conversation[-1]["content"], fmt),
+            cfg.max_length, cfg.overlong)
         if ids is None:
             ctx.drops[outcome] += 1
             continue
@@ -141,7 +148,7 @@ def run(cfg: SFTConfig, inputs, ctx):
                  pack_fill=round(n_tokens / (len(rows) * capacity), 4),
                  steps_per_epoch=-(-len(rows) // workers))
 
-    fit(sft_worker, worker_config(cfg, ctx, student, rows), ctx.resources, ctx)
+    fit(sft_worker, worker_config(cfg, ctx, student, rows, fmt.end_of_turn), ctx.resources, ctx)
     stats.update(read_stats(ctx))
     stats["zero_stage"] = ctx.resources.zero_stage
     ctx.stats.update(stats)

@@ -119,16 +119,18 @@ def test_raw_format_training_rows_keep_the_prompt_as_a_prefix(base_model):
     and the answer ends with EOS (the model learns to stop)."""
     from transformers import AutoTokenizer
 
-    from stages.chat import check_chat_format
+    from stages.chat import check_chat_format, target_format
     from stages.packed import encode
 
     tok = AutoTokenizer.from_pretrained(base_model)
     prompt = [{"role": "user", "content": "What is 2 + 2?\n\nPut the answer in \\boxed{}."}]
-    answer = [{"role": "assistant", "content": "<think>2 and 2</think> \\boxed{4}"}]
-    prompt_ids, completion_ids = encode(tok, prompt, answer, "", "raw")
+    answer = "<think>2 and 2</think> \\boxed{4}"
+    raw = target_format(tok, base_model, "", "raw", "think", "sft.student")
+    prompt_ids, completion_ids = encode(tok, prompt, answer, raw)
     assert tok.decode(prompt_ids) == prompt[0]["content"]
-    assert tok.decode(completion_ids) == answer[0]["content"] + tok.eos_token
-    with_template = encode(tok, prompt, answer, TEMPLATE, "chat")
+    assert tok.decode(completion_ids) == "<think>\n2 and 2\n</think>\n\n\\boxed{4}" + tok.eos_token
+    with_template = encode(tok, prompt, answer,
+                           target_format(tok, base_model, TEMPLATE, "chat", "think", "sft.student"))
     assert tok.decode(with_template[0]).endswith("assistant:")
     # sft refuses the base model without either knob, naming both.
     from pipeline.errors import UserError

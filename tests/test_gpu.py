@@ -41,12 +41,14 @@ def _packed_batch(tokenizer):
     """One packed row of four samples of unequal length, through the real packing + collate."""
     from test_sft import _trace
 
+    from stages.chat import target_format
     from stages.packed import collate, encode, packed_row
 
+    fmt = target_format(tokenizer, "tiny", "", "chat", "think", "sft.student")
     samples = []
     for a, b, steps in ((12, 7, 1), (400, 99, 6), (3, 3, 2), (81, 19, 12)):
         p, c = encode(tokenizer, [{"role": "user", "content": f"Compute {a} + {b}."}],
-                      [{"role": "assistant", "content": _trace(a, b, steps, a + b)}])
+                      _trace(a, b, steps, a + b), fmt)
         samples.append((p + c, len(p)))
     return collate([packed_row(samples)])
 

@@ -108,7 +108,7 @@ def test_judge_rewrites_accepts_only_reverified_rewrites(tiny_model):
                       "rejected_length", "incorrect", "unverified"]
     assert [g["judged_difficulty"] for g in got] == ["simple", "complex", None, "moderate",
                                                       None, None]
-    rewrite = "<think>\nhalf of 1\n</think>\nSo \\boxed{\\frac{1}{2}}."
+    rewrite = "<think>\nhalf of 1\n</think>\n\nSo \\boxed{\\frac{1}{2}}."  # stored form
     assert got[0]["pruned_completion"] == rewrite
     assert got[0]["pruned_tokens"] == count(rewrite) < 400
     for g in got[1:]:                       # rejected and pass-through rows carry the original

@@ -38,13 +38,14 @@ def fixed_pairs(tokenizer):
 
     from stages.packed import encode
 
+    from stages.chat import target_format
+
+    fmt = target_format(tokenizer, "tiny", "", "chat", "think", "redi.student")
     out = []
     for a, b, good_steps, bad_steps in PAIRS:
         prompt = [{"role": "user", "content": f"Compute {a} + {b}."}]
-        p, c = encode(tokenizer, prompt, [{"role": "assistant",
-                                           "content": _trace(a, b, good_steps, a + b)}])
-        _, r = encode(tokenizer, prompt, [{"role": "assistant",
-                                           "content": _trace(a, b, bad_steps, a + b + 4)}])
+        p, c = encode(tokenizer, prompt, _trace(a, b, good_steps, a + b), fmt)
+        _, r = encode(tokenizer, prompt, _trace(a, b, bad_steps, a + b + 4), fmt)
         out.append((p, c, r))
     return out
 

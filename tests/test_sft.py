@@ -18,6 +18,7 @@ import time
 
 import pytest
 from stages import STAGES
+from stages.chat import target_format
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -32,9 +33,9 @@ def _trace(a: int, b: int, steps: int, answer: int) -> str:
 
 
 def write_select(data_root: str, n: int = 48, seed: int = 0, version: str = "test00select",
-                 empty: bool = False):
+                 empty: bool = False, trace=_trace):
     """A complete `select` version with splits `sft` and `pairs` (traces of varied length:
-    1..16 reasoning lines, so packing has something to do)."""
+    1..16 reasoning lines, so packing has something to do; `trace(a, b, steps, answer)`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -46,9 +47,9 @@ def write_select(data_root: str, n: int = 48, seed: int = 0, version: str = "tes
     for i in range(0 if empty else n):
         a, b = rng.randint(1, 999), rng.randint(1, 999)
         prompt = [{"role": "user", "content": f"Compute {a} + {b}."}]
-        good = {"role": "assistant", "content": _trace(a, b, rng.choice([1, 2, 4, 8, 16]), a + b)}
+        good = {"role": "assistant", "content": trace(a, b, rng.choice([1, 2, 4, 8, 16]), a + b)}
         bad = {"role": "assistant",
-               "content": _trace(a, b, rng.choice([1, 3, 6]), a + b + rng.randint(1, 9))}
+               "content": trace(a, b, rng.choice([1, 3, 6]), a + b + rng.randint(1, 9))}
         sft.append({"problem_id": f"p{i}", "trace_id": f"t{i}", "messages": prompt + [good],
                     "difficulty": "easy", "source": "test"})
         pairs.append({"problem_id": f"p{i}", "prompt": prompt, "chosen": [good],
@@ -147,9 +148,10 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model, problems, p
     convs = [[{"role": "user", "content": f"Compute {a} + {b}."},
               {"role": "assistant", "content": _trace(a, b, s, a + b)}]
              for a, b, s in problems]
+    fmt = target_format(tok, tiny_model, "", "chat", "think", "sft.student")
     samples = []
     for conv in convs:
-        p, c = encode(tok, conv[:-1], conv[-1:])
+        p, c = encode(tok, conv[:-1], conv[-1]["content"], fmt)
         samples.append((p + c, len(p)))
     lengths = [len(ids) for ids, _ in samples]  # varlen_attention's rule for the padded call
     assert (len(lengths) * max(lengths) ** 2 <= 3 * sum(n * n for n in lengths)) == padded_call
@@ -175,14 +177,16 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model, problems, p
 def test_encode_keeps_think_and_trains_up_to_eos(tiny_model):
     from transformers import AutoTokenizer
 
+    from stages.chat import target_format
     from stages.packed import encode
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     conv = [{"role": "user", "content": "Compute 1 + 2."},
             {"role": "assistant", "content": "<think>\n1 + 2 = 3\n</think>\n\\boxed{3}"}]
-    p, c = encode(tok, conv[:-1], conv[-1:])
+    fmt = target_format(tok, tiny_model, "", "chat", "think", "sft.student")
+    p, c = encode(tok, conv[:-1], conv[-1]["content"], fmt)
     assert tok.decode(p).endswith("<|im_start|>assistant\n")
-    assert tok.decode(c) == "<think>\n1 + 2 = 3\n</think>\n\\boxed{3}<|im_end|>"
+    assert tok.decode(c) == "<think>\n1 + 2 = 3\n</think>\n\n\\boxed{3}<|im_end|>"
 
 
 # --- one real run, shared ----------------------------------------------------------------------
