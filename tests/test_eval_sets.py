@@ -189,3 +189,36 @@ def test_evaluate_reports_level_and_subject_on_math500(ray_cluster, tiny_model, 
                 if s["model"] == g["model"] and level_of[s["problem_id"]] == g["value"]]
         assert g["pass_at_1"] == pytest.approx(sum(bool(s["correct"]) for s in mine) / len(mine),
                                                abs=1e-4)
+
+
+def _doc_commands() -> list[tuple[int, list[str]]]:
+    """(problems, argv) of every row of docs/evaluate.md's tested table."""
+    import re
+    import shlex
+
+    with open(os.path.join(REPO, "docs", "evaluate.md"), encoding="utf-8") as f:
+        text = f.read()
+    table = text[text.index("<!-- tested: tests/test_eval_sets.py"):].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| [^|]+ \| (\d+) \| `([^`]+)` \|$", table, re.M)
+    return [(int(n), shlex.split(cmd)) for n, cmd in rows]
+
+
+def test_docs_evaluate_commands_load_every_benchmark(monkeypatch):
+    """Every command of docs/evaluate.md's table, through the real recipe loader: evaluate's
+    settings load the file's problems, and the same settings as prompts.* ingest them."""
+    from stages.prompts import load_problems
+
+    commands = _doc_commands()
+    assert len(commands) == len(BENCHMARKS)
+    monkeypatch.chdir(REPO)  # the table's paths are relative to the repository root
+    for problems, argv in commands:
+        assert argv[:4] == ["distillery", "run", "evaluate", "--recipe"]
+        overrides = argv[5:]
+        recipe = load_recipe(argv[4], overrides, STAGES)
+        cfg = recipe.configs["evaluate"]
+        assert os.path.relpath(cfg.eval_path, EVAL_SETS) in BENCHMARKS
+        assert len(load_eval_problems(cfg)) == problems, argv
+        as_prompts = [o.replace("evaluate.eval_path=", "prompts.path=")
+                      .replace("evaluate.", "prompts.") for o in overrides]
+        rows, drops, _ = load_problems(load_recipe(argv[4], as_prompts, STAGES).configs["prompts"])
+        assert len(rows) == problems and drops == {}, argv
