@@ -20,6 +20,7 @@ import os
 import time
 
 from pipeline.errors import UserError
+from stages.chat import TargetFormat, split_think, target_texts
 
 ATTENTION = "distillery_varlen"  # our attention function's name in transformers' registry
 
@@ -65,29 +66,14 @@ def upstream_drops(version, data_root: str) -> str:
     return "; ".join(parts)
 
 
-def encode(tokenizer, prompt: list[dict], completion: list[dict], chat_template: str = "",
-           prompt_format: str = "chat") -> tuple[list[int], list[int]]:
-    """Token ids of the rendered prompt (with the generation prompt) and of the completion.
-
-    Rendered as the model is prompted at inference (stages/chat.py: the student's own chat
-    template, a `chat_template` override, or `prompt_format` "raw": prompt text + completion
-    text + EOS), so training sees exactly what vLLM sees: the prompt, then the tokens the model
-    must generate.
-    """
-    from stages.chat import render_conversation, render_prompt
-
-    prompt_text = render_prompt(tokenizer, prompt, chat_template, prompt_format)
-    full_text = render_conversation(tokenizer, prompt, completion, chat_template, prompt_format)
-    if not full_text.startswith(prompt_text):
-        raise UserError("the student's chat template renders the conversation so that the prompt "
-                        "is not a prefix of prompt + answer; completion-only loss needs it to be "
-                        "(set chat_template to one that does, or prompt_format=raw)")
-    # ChatML ends the turn with "<|im_end|>\n": the model stops at <|im_end|> (vLLM's stop
-    # token), so the separator newline is not something it should learn to produce.
-    completion_text = full_text[len(prompt_text):].rstrip("\n")
-    # Raw prompts carry their BOS as text already (render_prompt): no special tokens added.
+def encode(tokenizer, prompt: list[dict], trace: str, fmt: TargetFormat) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered prompt (with the generation prompt) and of the target: the trace
+    as this model writes it after that prompt, ending with its stop token (stages/chat.py,
+    target_texts). Training sees exactly what vLLM sees and what the model must generate."""
+    prompt_text, target, _ = target_texts(tokenizer, prompt, trace, fmt)
+    # The rendered prompt carries its BOS as text already: no special tokens added.
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     return prompt_ids, completion_ids
 
 
@@ -328,6 +314,44 @@ def score_completions(model, tokenizer, prompt_texts: list[str], completions: li
     return out
 
 
+def score_traces(model, tokenizer, messages: list[list[dict]], traces: list[str],
+                 fmt: TargetFormat, max_length: int, tokens_per_row: int,
+                 chunk: int = 1024) -> list[dict]:
+    """score_completions of each trace in this model's own form after its own prompt (what it
+    would generate: stages/chat.py, target_texts), with the offsets mapped back onto `traces`.
+
+    Teacher and student thus score the same trace, each as it would write it: a student whose
+    prompt opens `<think>` is not asked to predict an opening tag it never writes. A token of
+    the reasoning or the answer gets its characters in the trace; a tag or the stop token gets
+    the empty range at the edge of the part before it (no sentence contains it; the completion
+    mean counts it).
+    """
+    prompts, targets, spans = [], [], []
+    for m, trace in zip(messages, traces):
+        prompt, target, parts = target_texts(tokenizer, m, trace, fmt)
+        prompts.append(prompt)
+        targets.append(target)
+        spans.append(parts)
+    scored = score_completions(model, tokenizer, prompts, targets, max_length, tokens_per_row,
+                               chunk)
+    for entry, trace, parts in zip(scored, traces, spans):
+        reasoning, final = split_think(trace, fmt.tags)
+        # Where each part lies in the trace: split_think strips them, so they are substrings.
+        source = {"reasoning": trace.find(reasoning) if reasoning else 0,
+                  "final": trace.rfind(final) if final else len(trace)}
+        mapped, edge = [], 0
+        for a, b in entry["offsets"]:
+            hit = next(((s, e, part) for s, e, part in parts if s <= a < e), None)
+            if hit is None:
+                mapped.append((edge, edge))
+                continue
+            s, e, part = hit
+            mapped.append((source[part] + a - s, source[part] + min(b, e) - s))
+            edge = mapped[-1][1]
+        entry["offsets"] = mapped
+    return scored
+
+
 def global_sum(value: float):
     """Sum of a number over all workers (a no-op on one)."""
     import torch
@@ -452,13 +476,26 @@ def train_packed(config: dict, loss_fn) -> None:
     }
     for key in config["metric_lists"]:
         stats[key.replace("/", "_")] = [round(h[key], 5) for h in history if key in h]
+    stop_on_end_of_turn(model, tokenizer, config["end_of_turn"])
     # The saved config must name an attention every loader has, not our registry entry.
     model.config._attn_implementation = "sdpa"
     finish(trainer, tokenizer, config["out_dir"], checkpoint_dir, stats)
 
 
-def worker_config(cfg, ctx, model_path: str, rows) -> dict:
-    """What every worker gets: the schedule knobs, where to write, and the packed rows (by ref)."""
+def stop_on_end_of_turn(model, tokenizer, end_of_turn: str) -> None:
+    """The saved generation config's EOS ids include the token every target ended with: vLLM
+    and transformers' generate stop on those ids, so the student stops where it was taught to
+    (a ChatML template on a base model: eos <|endoftext|>, end of turn <|im_end|>)."""
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if eot is not None and eot not in ids:
+        model.generation_config.eos_token_id = ids + [eot] if ids else eot
+
+
+def worker_config(cfg, ctx, model_path: str, rows, end_of_turn: str) -> dict:
+    """What every worker gets: the schedule knobs, where to write, the packed rows (by ref) and
+    the stop token the targets end with (saved as the model's EOS: stop_on_end_of_turn)."""
     import ray
 
     ctx.ensure_ray()
@@ -468,7 +505,7 @@ def worker_config(cfg, ctx, model_path: str, rows) -> dict:
         "warmup_ratio": cfg.warmup_ratio, "lr_scheduler": cfg.lr_scheduler,
         "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed,
         "save_steps": cfg.save_steps, "logging_steps": cfg.logging_steps,
-        "report_to": cfg.report_to, "metric_lists": [],
+        "report_to": cfg.report_to, "metric_lists": [], "end_of_turn": end_of_turn,
     }
 
 
