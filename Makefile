@@ -1,6 +1,7 @@
 # Distillery — two commands set everything up on a fresh machine:
 #   make pipeline                          # the built-in demo (no TEACHER) or TEACHER=… STUDENT=…
-#   make test                              # the test suite (fast tier + CPU integration tests)
+#   make test                              # the whole test suite, what CI runs (.ci/run)
+#   make test-fast                         # the same minus tests marked slow (<= 12 min here)
 #   make submit RECIPE=… ADDRESS=http://head:8265 [STAGE=all] [ARGS=…]   # a Ray job (docs/cluster.md)
 SHELL := /bin/bash
 PY ?= python3
@@ -17,7 +18,7 @@ ARGS ?=
 STAGE ?= all
 ADDRESS ?= $(RAY_ADDRESS)
 
-.PHONY: install pipeline test bench submit clean-data
+.PHONY: install pipeline test test-fast bench submit clean-data
 
 install: $(VENV)/.installed-$(EXTRA)
 
@@ -43,6 +44,11 @@ endif
 
 test: install
 	$(VENV)/bin/python -m pytest $(ARGS)
+
+# The development loop: skips the `slow` marker's minutes-long runs (pyproject.toml lists what
+# they are); every behaviour they check has a faster test here too.
+test-fast: install
+	$(VENV)/bin/python -m pytest -m "not slow" $(ARGS)
 
 # The same `distillery run STAGE` as a Ray job on the cluster at ADDRESS; logs stream back.
 submit: install

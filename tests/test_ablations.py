@@ -79,6 +79,7 @@ TINY = ["prompts.synthetic_n=40", "generate.n=4", "generate.shard_size=80",
         "evaluate.synthetic_n=12", "evaluate.samples=2", "evaluate.pass_k=2"]
 
 
+@pytest.mark.slow
 def test_shortened_ablations_run_every_arm(tmp_path, ray_cluster, capsys):
     from pipeline.ablations import main
 

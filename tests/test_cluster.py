@@ -111,6 +111,7 @@ def _check_generate(root: str, version_filter=None):
     return v
 
 
+@pytest.mark.slow
 def test_generate_survives_losing_the_engine_node(cluster, generate_recipe):
     recipe, root = generate_recipe
     proc = submit(cluster, "generate", recipe, background=True)
@@ -148,6 +149,7 @@ def write_generate(root: str, rows: list[dict]) -> None:
                                               "stats": {}})
 
 
+@pytest.mark.slow
 def test_verify_survives_losing_a_node(cluster, tmp_path):
     root = str(tmp_path / "data")
     # 256 traces: 4 blocks of 64. One in four answers is a tower of powers that math-verify
@@ -180,6 +182,7 @@ def test_verify_survives_losing_a_node(cluster, tmp_path):
 
 # --- 3. sft: Ray Train restarts from the newest checkpoint ------------------------------------
 
+@pytest.mark.slow
 def test_sft_resumes_from_a_checkpoint_after_losing_its_node(cluster, tmp_path, tiny_model):
     from test_sft import write_select
 
@@ -211,6 +214,7 @@ def test_sft_resumes_from_a_checkpoint_after_losing_its_node(cluster, tmp_path, 
 
 # --- 4. a vLLM engine killed inside its live actor ----------------------------------------------
 
+@pytest.mark.slow
 def test_generate_survives_its_engine_process_dying(cluster, generate_recipe):
     recipe, root = generate_recipe
     # vLLM's own engine process (as on GPU), so there is an engine process to kill; a new

@@ -182,6 +182,7 @@ def test_manifest_statistics(reference):
     assert stats["this_run_output_tokens"] == sum(lengths)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_and_reproduces(reference, tmp_path):
     """A real `distillery run generate` is SIGKILLed after its first shard; the same command
     rerun generates only the missing shards, and the result equals the uninterrupted run."""

@@ -464,6 +464,7 @@ def test_bad_inputs_name_the_key(tmp_path, tiny_model):
 
 # --- resume after kill -9 ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_scores_every_row_once(tmp_path, ray_cluster, teacher, tiny_model):
     """A real `distillery run provenance` is SIGKILLed after its first scored shard; the same
     command rerun scores only the missing shards, and every row is there exactly once."""

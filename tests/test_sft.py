@@ -308,6 +308,7 @@ def _kill_tree(proc: subprocess.Popen, ray_tmp: str) -> None:
                 pass
 
 
+@pytest.mark.slow
 def test_sft_resumes_from_the_saved_step_after_a_kill(tmp_path, tiny_model, ray_cluster):
     from pipeline.config import load_recipe
     from pipeline.runner import run_stage
