@@ -125,6 +125,10 @@ def load_recipe(path: str, overrides: list[str], stages: dict) -> Recipe:
         if key not in valid:
             raise UserError(f"recipe {path}: unknown key '{key}'{_nearest(key, valid)}")
 
+    # The stages a recipe runs are its `stages` list, else the sections the recipe file has:
+    # read before the overrides, which create a section to set a key in (`attribution.alpha=0.2`
+    # tunes attribution; it does not add it to `run all`). `stages=[...]` still chooses.
+    sections = [s for s in stages if s in raw]
     if os.environ.get("DISTILLERY_DATA_ROOT"):
         raw["data_root"] = os.environ["DISTILLERY_DATA_ROOT"]
     for text in overrides:
@@ -140,7 +144,7 @@ def load_recipe(path: str, overrides: list[str], stages: dict) -> Recipe:
     if not raw.get("data_root"):
         raise UserError(f"recipe {path}: no data_root (set it in the recipe, "
                         "with DISTILLERY_DATA_ROOT, or data_root=...)")
-    names = raw.get("stages") or [s for s in stages if s in raw]
+    names = raw.get("stages") or sections
     if not isinstance(names, list):
         raise UserError(f"recipe {path}: 'stages' must be a list of stage names")
     for name in names:

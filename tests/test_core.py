@@ -67,6 +67,24 @@ def test_precedence_defaults_recipe_overrides(tmp_path, monkeypatch):
         os.path.abspath("from-cli")
 
 
+def test_overrides_tune_a_stage_but_never_add_it_to_the_run(tmp_path):
+    """`run all` runs the recipe's `stages`, else the sections its file has: an override that
+    creates a section (to set one key) must not add that stage."""
+    r = _recipe(tmp_path, "data_root: d\necho: {n: 5}\n", ["double.scale=2", "echo.n=6"])
+    assert r.stages == ["echo"]
+    assert r.configs["double"].scale == 2.0 and r.configs["echo"].n == 6  # still applied
+    assert _recipe(tmp_path, "data_root: d\n", ["echo.n=2"]).stages == []
+    # `stages=` is the one override that chooses the stages.
+    assert _recipe(tmp_path, "data_root: d\necho: {n: 5}\n",
+                   ["stages=[double, echo]", "double.n=1"]).stages == ["echo", "double"]
+    # The real recipe: configs/tiny.yaml has no attribution section and no `stages` list.
+    tiny = os.path.join(REPO, "configs", "tiny.yaml")
+    plain = load_recipe(tiny, [], STAGES)
+    tuned = load_recipe(tiny, ["attribution.alpha=0.2", "evaluate.samples=2"], STAGES)
+    assert "attribution" not in plain.stages and tuned.stages == plain.stages
+    assert tuned.configs["attribution"].alpha == 0.2
+
+
 def test_local_paths_become_absolute_hub_ids_stay(tmp_path, monkeypatch):
     """Ray Train workers run elsewhere than the driver's working directory: the demo's default
     `data_root: data/tiny` once made sft look for `data/tiny/models/student-…` there."""
