@@ -322,9 +322,10 @@ def score_traces(model, tokenizer, messages: list[list[dict]], traces: list[str]
 
     Teacher and student thus score the same trace, each as it would write it: a student whose
     prompt opens `<think>` is not asked to predict an opening tag it never writes. A token of
-    the reasoning or the answer gets its characters in the trace; a tag or the stop token gets
-    the empty range at the edge of the part before it (no sentence contains it; the completion
-    mean counts it).
+    the reasoning or the answer gets its characters in the trace; a tag the trace has too
+    (`</think>`) gets the trace's tag; anything else (a tag the trace lacks, the stop token) the
+    empty range at the edge of the part before it (no sentence contains it; the completion mean
+    counts it).
     """
     prompts, targets, spans = [], [], []
     for m, trace in zip(messages, traces):
@@ -334,22 +335,36 @@ def score_traces(model, tokenizer, messages: list[list[dict]], traces: list[str]
         spans.append(parts)
     scored = score_completions(model, tokenizer, prompts, targets, max_length, tokens_per_row,
                                chunk)
-    for entry, trace, parts in zip(scored, traces, spans):
-        reasoning, final = split_think(trace, fmt.tags)
-        # Where each part lies in the trace: split_think strips them, so they are substrings.
-        source = {"reasoning": trace.find(reasoning) if reasoning else 0,
-                  "final": trace.rfind(final) if final else len(trace)}
-        mapped, edge = [], 0
+    for entry, trace, target, parts in zip(scored, traces, targets, spans):
+        segments = _trace_segments(trace, len(target), parts, fmt.tags)
+        mapped, edge = [], 0  # offsets stay in order: sentences are found by bisection
         for a, b in entry["offsets"]:
-            hit = next(((s, e, part) for s, e, part in parts if s <= a < e), None)
-            if hit is None:
-                mapped.append((edge, edge))
-                continue
-            s, e, part = hit
-            mapped.append((source[part] + a - s, source[part] + min(b, e) - s))
+            ts, te, ss, se, kind = next(g for g in segments if g[0] <= a < g[1] or g == segments[-1])
+            if kind == "part":
+                mapped.append((ss + a - ts, ss + min(b, te) - ts))
+            else:
+                text = target[a:b].strip()
+                at = trace.find(text, max(ss, edge), se) if text else -1
+                mapped.append((at, at + len(text)) if at >= 0 else (max(ss, edge),) * 2)
             edge = mapped[-1][1]
         entry["offsets"] = mapped
     return scored
+
+
+def _trace_segments(trace: str, target_len: int, parts, tags: str):
+    """[(target start, end, trace start, end, "part" | "gap")] in order: the reasoning and the
+    answer (substrings of the trace: split_think strips them) and the gaps around them."""
+    reasoning, final = split_think(trace, tags)
+    source = {"reasoning": trace.find(reasoning) if reasoning else 0,
+              "final": trace.rfind(final) if final else len(trace)}
+    segments, t_at, s_at = [], 0, 0
+    for s, e, part in parts:
+        src = max(source[part], s_at)
+        segments.append((t_at, s, s_at, src, "gap"))
+        segments.append((s, e, src, src + e - s, "part"))
+        t_at, s_at = e, src + e - s
+    segments.append((t_at, target_len, s_at, len(trace), "gap"))
+    return segments
 
 
 def global_sum(value: float):

@@ -214,10 +214,13 @@ def test_provenance_scores_each_model_on_its_own_form(name, tiny_model):
         direct = torch.log_softmax(logits, -1)[len(p_ids) - 1:-1].gather(
             1, torch.tensor(t_ids)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(entry["logps"]), direct, atol=1e-4)
-        # every scored character range lies inside the stored trace, on its own text
+        # every scored character range lies inside the stored trace, on its own text: the
+        # reasoning, the answer, and the tags both the target and the trace have
         pieces = [trace[a:b] for a, b in entry["offsets"] if b > a]
-        assert "".join(pieces) == REASONING + ANSWER
+        opening = "<think>" if "<think>" in trace and target.startswith("<think>") else ""
+        assert "".join(pieces) == opening + REASONING + "</think>" + ANSWER
         assert all(0 <= a <= b <= len(trace) for a, b in entry["offsets"])
+        assert all(p[1] <= q[0] for p, q in zip(entry["offsets"], entry["offsets"][1:]))
 
 
 # --- end to end: train on an R1-Distill template, sample with vLLM, it reasons and stops --------
@@ -289,3 +292,41 @@ def test_r1_distill_student_trained_by_sft_reasons_then_stops_in_vllm(tmp_path, 
     assert "</think>" in sample["text"] and "\\boxed{" in sample["text"].split("</think>")[1]
     assert sample["finish"] == "stop"
     assert sample["tokens"][-1] == tok.convert_tokens_to_ids(R1["eos"])
+
+
+def test_real_r1_distill_completions_through_provenance_scoring(tiny_model):
+    """Real DeepSeek-R1-Distill-Qwen-32B completions (no opening tag, ~2k tokens, markdown and
+    LaTeX) scored as provenance does: the teacher in the R1-Distill form its prompt opened, the
+    student in Qwen2.5-Instruct's form (it writes the opening tag), both mapped onto the stored
+    text, every sentence of a fully scored trace scored by both."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.chat import target_format, target_texts
+    from stages.packed import ATTENTION, register_attention, score_traces
+    from stages.provenance import trace_columns
+    from test_real_traces import r1_tasks
+
+    register_attention()
+    tasks = [t for t in r1_tasks() if "</think>" in t["completion"]][:6]
+    traces = [t["completion"] for t in tasks]
+    messages = [[{"role": "user", "content": t["question"]}] for t in tasks]
+    scored = {}
+    for role, name in (("teacher", "deepseek-r1-distill.later.jinja"),
+                       ("student", "qwen2.5-7b-instruct.jinja")):
+        tok = real_tokenizer(name)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION)
+        model.resize_token_embeddings(len(tok))
+        fmt = target_format(tok, name, "", "chat", "think", f"provenance.{role}")
+        with torch.inference_mode():
+            scored[role] = score_traces(model, tok, messages, traces, fmt, 16384, 16384)
+        for m, trace, entry in zip(messages, traces, scored[role]):
+            _, target, _ = target_texts(tok, m, trace, fmt)
+            assert target.startswith("<think>\n") == (role == "student")
+            assert len(entry["logps"]) == len(tok(target, add_special_tokens=False)["input_ids"])
+            assert not entry["truncated"]
+    for trace, t, s in zip(traces, scored["teacher"], scored["student"]):
+        row = trace_columns(trace, t, s, beta=0.1)
+        assert len(row["sentence_spans"]) > 10
+        assert "unscored" not in row["sentence_labels"]
+        assert row["lp_teacher"] is not None and row["lp_student"] is not None
