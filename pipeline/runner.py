@@ -1,14 +1,16 @@
 """Run one stage: resolve inputs, hash the version, skip if it exists, run, write, manifest last."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
-import importlib
-import inspect
+import importlib.util
 import json
+import os
 import posixpath
-import re
+import sys
 import time
 
 from cluster.resources import fit_to_cluster
@@ -20,25 +22,75 @@ from pipeline.store import Store, Version
 CODE_VERSION = "0.1.0"
 
 
-# `from stages.packed import …` / `from cluster.inference import …`, at any indentation.
-_SHARED_IMPORT = re.compile(r"^\s*from\s+((?:stages|cluster)\.\w+)\s+import\b", re.M)
+# The project's top-level packages (pipeline, stages, cluster, …): the folders beside this one.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _project_file(name: str) -> str | None:
+    """The source file of project module `name` (a module or a package's __init__), found on
+    disk without importing anything; None for anything else (torch, the stdlib, a test)."""
+    if not os.path.isfile(os.path.join(_ROOT, name.split(".")[0], "__init__.py")):
+        return None
+    base = os.path.join(_ROOT, *name.split("."))
+    for path in (base + ".py", os.path.join(base, "__init__.py")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=None)  # keyed on the source text: an edited file is parsed again
+def _imported_modules(source: str, module: str, is_package: bool) -> frozenset[str]:
+    """Every project module an import statement in `source` names, at any depth (function-level
+    imports are most of the project's). `from pkg import name` is the submodule pkg.name when
+    there is one, else pkg itself (the name is defined in its __init__)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = module if is_package else module.rpartition(".")[0]
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""),
+                                                   package)
+            else:
+                base = node.module
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if alias.name != "*" and _project_file(sub) else base)
+    return frozenset(name for name in found if _project_file(name))
 
 
 def _module_sources(module: str, seen: dict[str, str]) -> None:
-    """The source of `module` and of every stages/cluster module it imports, recursively."""
+    """The source of `module` and of every project module it imports, transitively, wherever
+    it lives (pipeline/, stages/, stages/lib/, cluster/, …). A parent package's __init__ counts
+    only when it is imported itself: stages/__init__ imports every stage, and editing evaluate
+    must not make new sft versions."""
     if module in seen:
         return
-    seen[module] = inspect.getsource(importlib.import_module(module))
-    for name in _SHARED_IMPORT.findall(seen[module]):
+    path = _project_file(module)
+    if path is None:  # the stage's own module outside the packages: a test's, a script's
+        path = getattr(sys.modules.get(module), "__file__", None)
+        if path is None:
+            path = importlib.util.find_spec(module).origin
+    with open(path, encoding="utf-8") as f:
+        seen[module] = f.read()
+    for name in sorted(_imported_modules(seen[module], module, path.endswith("__init__.py"))):
         _module_sources(name, seen)
 
 
-def code_version(stage: Stage) -> str:
-    """Package version + a hash of the stage's module source and of the shared modules it imports
-    (stages/packed.py, cluster/inference.py, …): editing any of them makes new versions."""
+def code_sources(stage: Stage) -> dict[str, str]:
+    """{module name: source} of everything the stage's code version covers."""
     sources: dict[str, str] = {}
     _module_sources(stage.run.__module__, sources)
-    blob = "\n".join(sources[name] for name in sorted(sources)).encode()
+    return sources
+
+
+def code_version(stage: Stage) -> str:
+    """Package version + a hash of the stage's module and of every project module it imports,
+    transitively (stages/packed.py, cluster/inference.py, pipeline/textfile.py, …): editing any
+    of them makes new versions."""
+    sources = code_sources(stage)
+    blob = "\n".join(f"{name}\n{sources[name]}" for name in sorted(sources)).encode()
     return f"{CODE_VERSION}+{hashlib.sha256(blob).hexdigest()[:8]}"
 
 

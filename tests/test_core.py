@@ -124,6 +124,58 @@ def test_version_hash_tracks_config_and_inputs(tmp_path):
     assert version_hash(ECHO, r2.configs["echo"], {}) == base
 
 
+# Run in a copy of the project: each step edits one module of the copy (a comment appended)
+# and prints the stages' code versions.
+_HASH_SCRIPT = """
+import json, os, sys
+from stages import STAGES
+from pipeline.runner import code_sources, code_version
+
+def versions():
+    return {name: code_version(stage) for name, stage in STAGES.items()}
+
+lib = sorted(m for m in code_sources(STAGES["sft"]) if m.startswith("stages.lib."))
+steps = [("start", None), ("textfile", "pipeline/textfile.py"),
+         ("lib", lib[0].replace(".", "/") + ".py"), ("evaluate", "stages/evaluate.py")]
+out = {}
+for name, path in steps:
+    if path:
+        with open(path, "a") as f:
+            f.write("\\n# edited\\n")
+    out[name] = versions()
+print(json.dumps({"versions": out, "lib": lib,
+                  "prompts": sorted(code_sources(STAGES["prompts"]))}))
+"""
+
+
+def test_code_version_covers_every_project_module_a_stage_imports(tmp_path):
+    """Editing a module a stage imports, at any depth and wherever it lives, makes new versions
+    of that stage, and of no stage that does not import it. pipeline/textfile.py decides what
+    ingest reads; stages/lib/ modules are reached only through other modules' imports."""
+    import shutil
+
+    for pkg in ("pipeline", "stages", "cluster"):
+        shutil.copytree(os.path.join(REPO, pkg), tmp_path / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-c", _HASH_SCRIPT], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    v = result["versions"]
+    assert "pipeline.textfile" in result["prompts"] and result["lib"]
+    assert v["textfile"]["prompts"] != v["start"]["prompts"]
+    assert v["textfile"]["sft"] != v["start"]["sft"]       # through pipeline.config
+    # A stages/lib module: sft (through stages/packed.py) changes; prompts does not import it.
+    assert v["lib"]["sft"] != v["textfile"]["sft"]
+    assert v["lib"]["prompts"] == v["textfile"]["prompts"]
+    # A stage's module covers itself; stages/__init__ (which imports every stage) is no
+    # stage's dependency, so editing evaluate leaves sft and prompts where they were.
+    assert v["evaluate"]["evaluate"] != v["lib"]["evaluate"]
+    assert v["evaluate"]["sft"] == v["lib"]["sft"]
+    assert v["evaluate"]["prompts"] == v["lib"]["prompts"]
+
+
 def test_run_skip_new_version_and_lineage(tmp_path):
     root = str(tmp_path / "data")
     r = _recipe(tmp_path, f"data_root: {root}\n")
