@@ -1,6 +1,7 @@
 """`distillery demo --ablations`: the table code on known numbers, then a shortened real run
 (one seed, a 1-layer teacher that memorizes 40 problems, tiny counts) through every arm: DAP
-budget and rewrite, provenance, SFT, REDI / DPO / SimPO / SFT continued, one evaluate."""
+budget and rewrite, provenance, SFT, REDI / DPO / SimPO / SFT continued, one evaluate (slow);
+every arm's recipe and pins without training anything (fast)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,9 @@ import os
 
 import pytest
 
-from pipeline.ablations import (COMPARISONS, PAIR_ARMS, SFT_ARMS, AblationPlan, format_summary,
-                                mean_sd, summarize, targets)
+from pipeline.ablations import (COMPARISONS, PAIR_ARMS, PAIR_START, SFT_ARMS, AblationPlan,
+                                format_summary, mean_sd, summarize, targets)
+from stages import STAGES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +65,97 @@ def test_a_seed_missing_an_arm_is_left_out_of_that_comparison():
     by = {c["name"]: c for c in summarize(runs)["comparisons"]}
     assert len(by["REDI vs DPO"]["per_seed"]["pass_at_1"]) == 2
     assert len(by["REDI vs SFT continued"]["per_seed"]["pass_at_1"]) == 3
+
+
+# --- every arm's wiring, nothing trained ------------------------------------------------------
+
+class _FakeVersion:
+    """What ablations.main reads of a version: the real version hash of the stage, config and
+    pinned inputs (so equal settings share a version, as in the store), a path, stats."""
+
+    def __init__(self, name, recipe, inputs, models=()):
+        from pipeline.runner import version_hash
+
+        self.stage = name
+        self.version = version_hash(STAGES[name], recipe.configs[name], inputs)
+        self.path = f"/versions/{name}/{self.version}"
+        self.manifest = {"stats": {"sft_rows": 10, "mean_sft_tokens": 30.0, "pairs": 4}}
+        self._models = list(models)
+
+    def ref(self):
+        return f"{self.stage}@{self.version}"
+
+    def read_table(self, split=None):
+        import pyarrow as pa
+
+        assert split == "summary"
+        return pa.Table.from_pylist([{"model": m, "difficulty": "all", "pass_at_1": 0.25,
+                                      "pass_at_k": 0.5, "mean_completion_tokens": 20.0}
+                                     for m in self._models])
+
+
+def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
+    """ablations.main end to end with a run_stage that trains nothing: every arm's overrides
+    load as a recipe (the real load_recipe via demo.load) and set what the arm says; every stage
+    gets every input it reads pinned to the version made for that arm; the pair arms start from
+    the `all` arm's select and sft; one evaluate holds every model."""
+    from pipeline import demo, runner
+    from pipeline.ablations import main
+    from pipeline.config import parse_override
+
+    calls = []
+
+    def fake_run_stage(name, recipe, pins=None, **_):
+        pins = pins or {}
+        assert set(pins) == set(STAGES[name].reads), (name, pins)
+        made = {(c["name"], c["version"].version) for c in calls}
+        assert all((src, v) in made for src, v in pins.items()), (name, pins)
+        inputs = {src: next(c["version"] for c in calls if c["name"] == src
+                            and c["version"].version == v) for src, v in pins.items()}
+        models = recipe.configs["evaluate"].models if name == "evaluate" else ()
+        version = _FakeVersion(name, recipe, inputs, models)
+        calls.append({"name": name, "recipe": recipe, "pins": pins, "version": version})
+        return version
+
+    monkeypatch.setattr(runner, "run_stage", fake_run_stage)
+    teacher, student = str(tmp_path / "teacher"), str(tmp_path / "student")
+    monkeypatch.setattr(demo, "prepare", lambda *a, **k: (None, teacher, student, {}))
+    root = str(tmp_path / "data")
+    os.makedirs(root)  # where ablations.json goes; the fake stages write nothing
+    args = argparse.Namespace(recipe=os.path.join(ROOT, "configs", "tiny.yaml"),
+                              items=[f"data_root={root}"], ablations=True)
+    assert main(args, AblationPlan(seeds=(3,))) == 0
+
+    names = [c["name"] for c in calls]
+    sft_calls = ["prune", "provenance", "select", "sft"]
+    assert names == (["prompts", "generate", "verify"] + sft_calls * len(SFT_ARMS)
+                     + ["redi"] * len(PAIR_ARMS) + ["evaluate"])
+    seeded = ["select.seed=3", "sft.seed=3", "redi.seed=3", "evaluate.seed=3"]
+    arm_calls = {arm: calls[3 + 4 * i: 7 + 4 * i] for i, arm in enumerate(SFT_ARMS)}
+    arm_calls.update({arm: [calls[3 + 4 * len(SFT_ARMS) + i]] for i, arm in enumerate(PAIR_ARMS)})
+    arms = {**SFT_ARMS, **{a: SFT_ARMS[PAIR_START] + o for a, o in PAIR_ARMS.items()}}
+    for arm, overrides in arms.items():
+        for call in arm_calls[arm]:
+            r = call["recipe"]
+            assert r.teacher == teacher and r.student == student and r.data_root == root
+            for text in overrides + seeded:   # the arm's settings reach its stages
+                (stage, key), value = parse_override(text)
+                assert getattr(r.configs[stage], key) == value, (arm, text)
+    # The data arms differ in what select hands SFT: five SFT models, five select versions.
+    assert len({arm_calls[a][3]["version"].version for a in SFT_ARMS}) == len(SFT_ARMS)
+    start = arm_calls[PAIR_START]
+    for arm in PAIR_ARMS:
+        assert arm_calls[arm][0]["pins"] == {"select": start[2]["version"].version,
+                                             "sft": start[3]["version"].version}
+    assert [arm_calls[a][0]["recipe"].configs["redi"].loss for a in PAIR_ARMS] == \
+        ["redi", "dpo", "simpo", "redi"]
+    assert len({arm_calls[a][0]["version"].version for a in PAIR_ARMS}) == len(PAIR_ARMS)
+    evaluate = calls[-1]["recipe"].configs["evaluate"]
+    assert evaluate.models == ["teacher", "student"] + [
+        arm_calls[a][-1]["version"].path for a in list(SFT_ARMS) + list(PAIR_ARMS)]
+    with open(os.path.join(root, "ablations.json")) as f:
+        result = json.load(f)
+    assert result["complete"] and set(result["runs"]["3"]) == {"teacher", "student", *arms}
 
 
 # --- a shortened real run -----------------------------------------------------------------------
