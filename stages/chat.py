@@ -93,6 +93,18 @@ def trace_text(reasoning: str, final: str, tags: str = "think") -> str:
     return f"{t.open}{t.pad}{reasoning}{t.pad}{t.close}\n\n{answer}"
 
 
+def opened_reasoning(prompt_text: str, tags: str = "think") -> str:
+    """The part of the opening tag (with its pad) the prompt ends with: "<think>\n" when the
+    generation prompt opened the reasoning (R1-Distill's later template, QwQ), else "". A
+    completion after such a prompt is `opened + completion` in full: a sample cut inside its
+    reasoning has no tag at all, and is still all reasoning."""
+    opening = REASONING_TAGS[tags].open + REASONING_TAGS[tags].pad
+    for k in range(len(opening), 0, -1):  # "<think>\n" or "<think>" ends the prompt
+        if prompt_text.endswith(opening[:k]) and opening[:k].strip():
+            return opening[:k]
+    return ""
+
+
 def generation_target(prompt_text: str, reasoning: str, final: str, tags: str,
                       end_of_turn: str) -> tuple[str, list[tuple[int, int, str]]]:
     """What a model writes after `prompt_text` for this trace, and where its parts lie in it.
@@ -107,11 +119,7 @@ def generation_target(prompt_text: str, reasoning: str, final: str, tags: str,
     """
     t = REASONING_TAGS[tags]
     opening = t.open + t.pad
-    opened = ""
-    for k in range(len(opening), 0, -1):  # "<think>\n" or "<think>" ends the prompt
-        if prompt_text.endswith(opening[:k]) and opening[:k].strip():
-            opened = opening[:k]
-            break
+    opened = opened_reasoning(prompt_text, tags)
     answer_head = f"{t.answer_open}{t.pad}" if t.answer_open else ""
     answer_tail = f"{t.pad}{t.answer_close}" if t.answer_open else ""
     parts: list[tuple[str, str]] = []

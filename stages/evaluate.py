@@ -302,7 +302,8 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     import ray.data
 
     from cluster.inference import Sampling, check_model, complete_chats, iter_samples
-    from stages.chat import check_chat_format, prompt_messages, render_prompt, split_think
+    from stages.chat import (check_chat_format, load_tokenizer, opened_reasoning,
+                             prompt_messages, render_prompt, split_think)
     from stages.prompts import normalize, problem_id
     from stages.verify import VerifyConfig, answer_parts, verify_rows
 
@@ -319,6 +320,11 @@ def run(cfg: EvaluateConfig, inputs, ctx):
                                      role=f"models[{name}]")
     render = functools.partial(render_prompt, chat_template=template,
                                prompt_format=cfg.prompt_format)
+    # Each model's generation prompt may open the reasoning (R1-Distill's later template): its
+    # turn is that tag + what it wrote, as generate stores a teacher's.
+    opened = {name: opened_reasoning(render(load_tokenizer(path, f"evaluate.models[{name}]"),
+                                            prompt_messages("", cfg)), cfg.reasoning_tags)
+              for name, path in models.items()}
 
     problems = load_eval_problems(cfg)
     ctx.rows_in = len(problems)
@@ -375,8 +381,11 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     for name, path in models.items():
         t = done.filter(pc.equal(done["model"], name))
         t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
-        completions = t.column("completion").to_pylist()
-        texts = ([split_think(c, cfg.reasoning_tags)[1] for c in completions]
+        completions = [c if c is None else opened[name] + c
+                       for c in t.column("completion").to_pylist()]
+        t = t.set_column(t.schema.get_field_index("completion"), "completion",
+                         pa.array(completions, pa.string()))
+        texts = ([split_think(c or "", cfg.reasoning_tags)[1] for c in completions]
                  if cfg.verify_answer_field == "final" else completions)
         # A completion cut at max_tokens gets no math-verify fallback (verify's answer_parts).
         verdict = verify_rows(texts, t.column("answer").to_pylist(), verify_cfg,

@@ -36,8 +36,9 @@ from cluster.inference import Endpoint, Sampling, check_model, complete_chats
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.stage import Stage
-from stages.chat import (PROBLEM_TEMPLATE, check_chat_format, messages_type, prompt_messages,
-                         reasoning_tags, render_prompt, split_think, tag_status, trace_id)
+from stages.chat import (PROBLEM_TEMPLATE, check_chat_format, load_tokenizer, messages_type,
+                         opened_reasoning, prompt_messages, reasoning_tags, render_prompt,
+                         split_think, tag_status, trace_id)
 
 
 @dataclass
@@ -113,7 +114,7 @@ def run(cfg: GenerateConfig, inputs, ctx):
     if "{problem}" not in cfg.problem_template:
         raise UserError("generate.problem_template must contain {problem}")
     reasoning_tags(cfg.reasoning_tags, "generate")
-    render = None
+    render, opened = None, ""
     if cfg.backend == "vllm":
         check_model(cfg.teacher)  # before Ray starts: a wrong path is the user's, and instant
         # ... and so is a teacher without a chat template (a base model), a config that is not a
@@ -122,6 +123,10 @@ def run(cfg: GenerateConfig, inputs, ctx):
                                      "generate")
         render = functools.partial(render_prompt, chat_template=template,
                                    prompt_format=cfg.prompt_format)
+        # A generation prompt that opens the reasoning (R1-Distill's later template, QwQ): the
+        # teacher's turn is that tag + what it wrote, stored so (OpenR1's convention).
+        opened = opened_reasoning(render(load_tokenizer(cfg.teacher, "generate.teacher"),
+                                         prompt_messages("", cfg)), cfg.reasoning_tags)
     elif cfg.chat_template or cfg.prompt_format != "chat":
         raise UserError("generate.chat_template / generate.prompt_format: the openai backend "
                         "sends chats and the server renders them (start it with its own "
@@ -189,7 +194,8 @@ def run(cfg: GenerateConfig, inputs, ctx):
                 have = sum(t.num_rows for t in pending[k])
                 if have < shards[k].num_rows * cfg.n:
                     continue
-                done = _finish_shard(pa.concat_tables(pending.pop(k)).drop(["_shard"]), cfg)
+                done = _finish_shard(pa.concat_tables(pending.pop(k)).drop(["_shard"]), cfg,
+                                     opened)
                 # Atomic: write a hidden temp file, then rename; a kill leaves no partial part-*.
                 tmp = posixpath.join(ctx.out_dir, f".part-{k:05d}.parquet.tmp")
                 with fs.open(tmp, "wb") as f:
@@ -246,21 +252,25 @@ def run(cfg: GenerateConfig, inputs, ctx):
     return None
 
 
-def _finish_shard(t, cfg: GenerateConfig):
-    """complete_chats' rows -> generate's columns, in problem_id, sample_idx order."""
+def _finish_shard(t, cfg: GenerateConfig, opened: str = ""):
+    """complete_chats' rows -> generate's columns, in problem_id, sample_idx order; `opened`:
+    the reasoning tag the prompt opened, put back in front of each completion (a sample cut
+    inside its reasoning is then all reasoning, not all answer)."""
     import pyarrow as pa
 
     t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
     ids = [trace_id(p, cfg.teacher, s, cfg.seed) for p, s in
            zip(t.column("problem_id").to_pylist(), t.column("sample_idx").to_pylist())]
-    completions = t.column("completion").to_pylist()
-    split = [split_think(c, cfg.reasoning_tags) for c in completions]
+    completions = [c if c is None else opened + c for c in t.column("completion").to_pylist()]
+    t = t.set_column(t.schema.get_field_index("completion"), "completion",
+                     pa.array(completions, type=pa.string()))
+    split = [split_think(c or "", cfg.reasoning_tags) for c in completions]
     t = t.append_column("trace_id", pa.array(ids, type=pa.string()))
     t = t.append_column("teacher", pa.array([cfg.teacher] * t.num_rows, type=pa.string()))
     t = t.append_column("reasoning", pa.array([r for r, _ in split], type=pa.string()))
     t = t.append_column("final", pa.array([f for _, f in split], type=pa.string()))
     return t.append_column("reasoning_status", pa.array(
-        [tag_status(c, cfg.reasoning_tags) for c in completions], type=pa.string()))
+        [tag_status(c or "", cfg.reasoning_tags) for c in completions], type=pa.string()))
 
 
 STAGE = Stage(

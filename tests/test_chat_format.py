@@ -92,6 +92,13 @@ def _version_rows(data_root: str, stage: str) -> list[dict]:
     return pq.read_table(os.path.join(data_root, stage, latest)).to_pylist()
 
 
+def _manifest(data_root: str, stage: str) -> dict:
+    import json
+
+    latest = open(os.path.join(data_root, stage, "LATEST")).read().strip()
+    return json.load(open(os.path.join(data_root, stage, latest, MANIFEST)))
+
+
 def test_raw_prompt_and_template_file_run_on_vllm(data_root, base_model, tmp_path, ray_cluster):
     """Both runs share one module's Ray (the session fixture); each starts one tiny engine."""
     assert generate(data_root, base_model, "generate.prompt_format=raw") == 0
@@ -112,6 +119,19 @@ def test_raw_prompt_and_template_file_run_on_vllm(data_root, base_model, tmp_pat
                                        tokenize=False, add_generation_prompt=True)
     assert rendered.startswith("user: ") and rendered.endswith("assistant:")
     assert rows[0]["prompt_tokens"] == len(tok(rendered, add_special_tokens=False)["input_ids"])
+
+    # A generation prompt that opens the reasoning (R1-Distill's later template): the stored
+    # turn starts with that tag, so a sample cut at max_tokens inside it is all reasoning.
+    opening = tmp_path / "opens-think.jinja"
+    opening.write_text(TEMPLATE.replace("assistant:", "assistant:<think>\n"))
+    assert generate(data_root, base_model, f"generate.chat_template={opening}") == 0
+    rows = _version_rows(data_root, "generate")
+    assert all(r["completion"].startswith("<think>\n") for r in rows)
+    for r in rows:
+        if r["reasoning_status"] == "unclosed":
+            assert r["final"] == "" and r["finish_reason"] == "length"
+    stats = _manifest(data_root, "generate")["stats"]["reasoning_status"]
+    assert sum(stats.values()) == len(rows) and set(stats) <= {"closed", "unclosed"}
 
 
 def test_raw_format_training_rows_keep_the_prompt_as_a_prefix(base_model):
