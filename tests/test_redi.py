@@ -1,6 +1,6 @@
 """REDI stage: the loss against a direct computation of the formula, α=0 against the SFT loss,
 then real runs on Ray Train + DeepSpeed ZeRO-2 (2 gloo workers, tiny model): REDI, and the TRL
-DPO baseline on the same pairs.
+DPO and SimPO baselines on the same pairs.
 
 The inputs are written through the real store: a select-shaped version (tests/test_sft.py's
 write_select) and an `sft` version holding the tiny model's checkpoint folder.
@@ -175,6 +175,25 @@ def test_dpo_baseline_trains_through_trl_on_the_same_pairs(redi_inputs, tiny_mod
     stats = version.manifest["stats"]
     assert stats["steps"] == 2 == len(stats["loss"])
     assert len(stats["logps_chosen_sum"]) == 2
+    before, after = load_weights(tiny_model), load_weights(version.path)
+    assert any(not (before[k] == after[k]).all() for k in before)
+
+
+def test_simpo_baseline_trains_through_trl_on_the_same_pairs(redi_inputs, tiny_model, ray_cluster):
+    """SimPO (TRL's CPOTrainer, loss_type simpo, no reference model) on its own, not only inside
+    the ablations: a few steps, a finite loss, moved weights, the manifest says simpo."""
+    import math
+
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+
+    data_root, _ = redi_inputs
+    version = run_stage("redi", load_recipe(RECIPE, _redi_overrides(
+        data_root, ["redi.loss=simpo", "redi.max_steps=2"]), STAGES))
+    stats = version.manifest["stats"]
+    assert version.manifest["config"]["loss"] == "simpo"
+    assert stats["steps"] == 2 == len(stats["loss"])
+    assert all(math.isfinite(v) for v in stats["loss"])
     before, after = load_weights(tiny_model), load_weights(version.path)
     assert any(not (before[k] == after[k]).all() for k in before)
 
