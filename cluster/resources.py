@@ -89,6 +89,9 @@ class StageResources:
     cpus_per_worker: float = 1.0
     zero_stage: int = 2               # DeepSpeed ZeRO stage: 2 (default) or 3
     offload: bool = False             # ZeRO CPU offload of optimizer state (and params at 3)
+    gradient_checkpointing: bool | str = "auto"  # recompute each decoder layer in backward: "auto"
+                                      # = on when a packed row exceeds 8,192 tokens (stages/
+                                      # packed.py CHECKPOINT_ABOVE; docs/training.md), true, false
     max_failures: int = 3             # Ray Train restarts the workers from the newest complete
                                       # checkpoint (save_steps) this many times (-1 = forever)
     # --- placement on a cluster (engines, CPU tasks, Train workers) ---

@@ -100,6 +100,12 @@ def fit(loop, config: dict, resources, ctx) -> None:
     config["deepspeed"] = deepspeed_config(resources.zero_stage, resources.offload)
     config["use_gpu"] = resources.use_gpu
     config["cpus_per_worker"] = resources.cpus_per_worker
+    if resources.gradient_checkpointing not in ("auto", True, False):
+        from pipeline.errors import UserError
+
+        raise UserError(f"resources.{ctx.stage}.gradient_checkpointing: "
+                        f"{resources.gradient_checkpointing!r} (use auto, true or false)")
+    config["gradient_checkpointing"] = resources.gradient_checkpointing  # train_packed reads it
     config["stage"] = ctx.stage  # names the progress lines
     trainer = TorchTrainer(
         loop,

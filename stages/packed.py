@@ -418,6 +418,20 @@ def packed_trainer_class(loss_fn):
     return PackedTrainer
 
 
+# Gradient checkpointing ("auto") above this many tokens in a packed row: from there the decoder
+# layers' saved activations outgrow everything else a worker holds (docs/training.md derives it
+# from the measured bytes per token).
+CHECKPOINT_ABOVE = 8192
+
+
+def gradient_checkpointing(setting, rows) -> bool:
+    """resources.<stage>.gradient_checkpointing: true / false, or "auto" = on when the longest
+    packed row exceeds CHECKPOINT_ABOVE tokens."""
+    if setting == "auto":
+        return max(len(r["input_ids"]) for r in rows) > CHECKPOINT_ABOVE
+    return bool(setting)
+
+
 def train_packed(config: dict, loss_fn) -> None:
     """Build the trainer for packed rows, train (resuming if a checkpoint exists), save, report.
 
@@ -435,8 +449,13 @@ def train_packed(config: dict, loss_fn) -> None:
     rows = ray.get(config["rows"])
     checkpoint_dir = os.path.join(config["out_dir"], "checkpoints")
     use_gpu = config["use_gpu"]
+    checkpointing = gradient_checkpointing(config.get("gradient_checkpointing", "auto"), rows)
     args = TrainingArguments(
         output_dir=checkpoint_dir,
+        # each decoder layer recomputed in backward from its saved input (non-reentrant
+        # torch.utils.checkpoint: the reentrant one needs inputs that require grad)
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         per_device_train_batch_size=1,           # one packed row per worker per step
         gradient_accumulation_steps=1,
         num_train_epochs=config["epochs"],
@@ -488,6 +507,7 @@ def train_packed(config: dict, loss_fn) -> None:
         "train_s": round(elapsed, 2),
         "peak_memory_mb": peak_memory_mb(use_gpu),
         "workers": int(os.environ.get("WORLD_SIZE", "1")),
+        "gradient_checkpointing": checkpointing,
     }
     for key in config["metric_lists"]:
         stats[key.replace("/", "_")] = [round(h[key], 5) for h in history if key in h]

@@ -77,6 +77,32 @@ def test_flash_varlen_forward_matches_the_cpu_path(tiny_model):
     assert (out["cuda"] - out["cpu"]).abs().mean() < 0.05, (out["cuda"] - out["cpu"]).abs().max()
 
 
+def test_chunked_lm_head_on_the_flash_varlen_path(tiny_model):
+    """Issue 29 on CUDA: the chunked LM-head loss (stages/lib/lm_head.py, 7 positions a chunk)
+    against the unchunked one on the bf16 flash varlen path: loss and every gradient to bf16
+    precision (tests/test_lm_head.py checks fp32 to 1e-5 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.packed import ATTENTION, completion_logps, register_attention
+
+    register_attention()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in _packed_batch(AutoTokenizer.from_pretrained(tiny_model)).items()}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16,
+                                                 attn_implementation=ATTENTION).cuda()
+    runs = {}
+    for chunk in (0, 7):
+        model.zero_grad(set_to_none=True)
+        loss = -completion_logps(model, batch, chunk).mean()
+        loss.backward()
+        runs[chunk] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+    assert runs[7][0] == pytest.approx(runs[0][0], abs=1e-2)
+    for name, grad in runs[0][1].items():
+        scale = grad.abs().max().item() or 1.0
+        assert (runs[7][1][name] - grad).abs().max().item() <= 2e-2 * scale, name
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_sft_trains_on_one_gpu(tmp_path, tiny_model, ray_cluster, zero_stage):
     """A Ray Train worker with use_gpu (NCCL, bf16, flash varlen) under ZeRO-2 and ZeRO-3."""

@@ -92,6 +92,28 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(tiny_model, tied):
     assert (scored - ref[0]).abs().max().item() <= TOL
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    """Decoder layers recomputed in backward (non-reentrant, as train_packed turns it on) under
+    the chunked head: the same loss and gradients; and "auto" turns it on above 8,192 tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.packed import ATTENTION, CHECKPOINT_ABOVE, gradient_checkpointing, register_attention
+
+    register_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION,
+                                                 dtype=torch.float32).train()
+    batch = _packed_batch(model.config.vocab_size)
+    ref = _losses(model, batch, chunk=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _assert_same(_losses(model, batch, chunk=7), ref)
+
+    rows = [{"input_ids": [0] * CHECKPOINT_ABOVE}, {"input_ids": [0] * 10}]
+    assert not gradient_checkpointing("auto", rows)
+    assert gradient_checkpointing("auto", rows + [{"input_ids": [0] * (CHECKPOINT_ABOVE + 1)}])
+    assert gradient_checkpointing(True, rows) and not gradient_checkpointing(False, rows * 9)
+
+
 def test_head_with_bias_and_bf16_weights():
     """HeadLogps itself: a biased head (all three gradients) in fp32 against autograd, and a
     bf16 head against autograd's bf16 computation to bf16 precision."""
@@ -264,3 +286,38 @@ def test_peak_memory_at_8k_tokens_and_a_real_vocabulary(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["peak_rss_mb"] < PEAK_BOUND_MB_AT_8K, result
     assert result["completion_tokens"] == 8192 and result["vocab"] == 151936
+
+
+# --- the stages end to end at a real vocabulary -------------------------------------------------
+
+def test_sft_then_redi_train_at_a_real_vocabulary(tmp_path, ray_cluster):
+    """sft (2 gloo workers, ZeRO-2, gradient checkpointing forced on) and then redi from its
+    checkpoint (ZeRO-3: the partitioned LM head gathered by its hooks) on the 2-layer model with
+    Qwen2.5's 151,936-row vocabulary, two steps each."""
+    from test_sft import RECIPE, load_weights, sft_overrides, write_select
+
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+    from pipeline.tiny_model import build_tiny_model
+    from stages import STAGES
+
+    model = build_tiny_model(str(tmp_path / "model"), layers=2, vocab_to=151936)
+    data_root = str(tmp_path / "data")
+    write_select(data_root, n=16)
+    sft = run_stage("sft", load_recipe(RECIPE, sft_overrides(data_root, model) + [
+        "sft.max_steps=2", "sft.report_to=none", "resources.sft.gradient_checkpointing=true"],
+        STAGES))
+    stats = sft.manifest["stats"]
+    assert stats["steps"] == 2 and stats["gradient_checkpointing"] is True
+    # a random-init model over 151,936 rows starts near log(151,936) = 11.9 nats a token
+    assert all(0 < loss < 13 for loss in stats["loss"])
+    redi = run_stage("redi", load_recipe(RECIPE, [
+        f"data_root={data_root}", "redi.pairs_per_step=4", "redi.max_length=512",
+        "redi.max_steps=2", "redi.save_steps=0", "redi.report_to=none",
+        "resources.redi.zero_stage=3"], STAGES))
+    stats = redi.manifest["stats"]
+    assert stats["steps"] == 2 and stats["zero_stage"] == 3
+    assert stats["gradient_checkpointing"] is False  # "auto": these rows are far below 8,192
+    assert all(-13 < v < 0 for v in stats["logps_chosen"] + stats["logps_rejected"])
+    before, after = load_weights(sft.path), load_weights(redi.path)
+    assert before.keys() == after.keys() and any(not (before[k] == after[k]).all() for k in before)
