@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -46,9 +47,12 @@ class GenerateConfig:
     """Knobs of the generate stage (the "where" — replicas, GPUs — is in `resources.generate`).
 
     teacher: model id or local checkpoint folder (vllm), or the served model name (openai).
-      Filled from the recipe's top-level `teacher`.
-    backend: "vllm" (engines in Ray actors) or "openai" (an OpenAI-compatible server).
-    n: samples per problem.
+      Filled from the recipe's top-level `teacher`. backend import: a label for traces whose row
+      names no teacher (default: the file's name); its tokenizer counts tokens when it loads,
+      else the student's (docs/import.md).
+    backend: "vllm" (engines in Ray actors), "openai" (an OpenAI-compatible server) or "import"
+      (the traces of a file someone else generated: docs/import.md).
+    n: samples per problem (vllm, openai; an imported file has its own).
     temperature, top_p, top_k, max_tokens, seed, stop: sampling (see `Sampling`).
     system_prompt: optional system message ("" = none).
     problem_template: the user turn; "{problem}" is replaced by the problem text (plain text
@@ -67,6 +71,18 @@ class GenerateConfig:
     trust_remote_code: let transformers/vLLM run code shipped with the model (off by default).
     base_url, api_key_env, concurrency, request_timeout_s, max_retries, request_seed: the openai
       backend (see `Endpoint`).
+    import_path: backend import: the trace file (.jsonl, .json, .parquet, a folder of Parquet
+      shards, a datasets.save_to_disk folder). "" = the file the prompts version read, read as it
+      read it (its import_format, import_fields, import_keep, import_drop, split): the problems
+      and the traces then come from one file and are set once, in `prompts:`.
+    import_format, import_fields, import_keep, import_drop, import_split: backend import, with an
+      import_path of its own: how to read it (as `prompts.import_*`, stages/lib/ingest.py):
+      the layout (auto | openr1 | sharegpt | messages | flat), field renames
+      ({answer: ground_truth, correct_llama: correctness.llama_verification}), rows kept only
+      when a field equals one of the values ({problem_is_valid: [yes, Yes]}), rows dropped when
+      it does ({source: cn_k12}), the save_to_disk split. Each imported trace's problem must be
+      one of the prompts version's (else dropped, counted as problem_not_in_prompts); its
+      answer and source are the prompts version's. shard_size counts source rows here.
     """
 
     teacher: str = ""
@@ -92,6 +108,12 @@ class GenerateConfig:
     request_timeout_s: float = 600.0
     max_retries: int = 5
     request_seed: bool = False
+    import_path: str = ""
+    import_format: str = "auto"
+    import_fields: dict = field(default_factory=dict)
+    import_keep: dict = field(default_factory=dict)
+    import_drop: dict = field(default_factory=dict)
+    import_split: str = "train"
 
 
 def _percentile(sorted_values: list, q: float):
@@ -107,8 +129,10 @@ def run(cfg: GenerateConfig, inputs, ctx):
 
     from pipeline.store import Store
 
-    if cfg.backend not in ("vllm", "openai"):
-        raise UserError(f"generate.backend: '{cfg.backend}' is not 'vllm' or 'openai'")
+    if cfg.backend not in ("vllm", "openai", "import"):
+        raise UserError(f"generate.backend: '{cfg.backend}' is not 'vllm', 'openai' or 'import'")
+    if cfg.backend == "import":
+        return _run_import(cfg, inputs, ctx)
     if cfg.n < 1 or cfg.shard_size < 1:
         raise UserError("generate.n and generate.shard_size must be at least 1")
     if "{problem}" not in cfg.problem_template:
@@ -223,23 +247,12 @@ def run(cfg: GenerateConfig, inputs, ctx):
                            f"{table.num_rows} problems * n={cfg.n}")
     if len(set(full.column("trace_id").to_pylist())) != full.num_rows:
         raise RuntimeError("generate: duplicate trace_id")
-    lengths = sorted(full.column("completion_tokens").to_pylist())
-    reasons = full.column("finish_reason").to_pylist()
     ctx.stats.update({
         "problems": table.num_rows,
         "samples": full.num_rows,
         "shards": len(shards),
         "shards_generated_this_run": len(todo),
-        "total_completion_tokens": sum(lengths),
-        "total_prompt_tokens": sum(full.column("prompt_tokens").to_pylist()),
-        "completion_tokens_mean": round(sum(lengths) / len(lengths), 2),
-        "completion_tokens_p50": _percentile(lengths, 0.5),
-        "completion_tokens_p90": _percentile(lengths, 0.9),
-        "completion_tokens_p99": _percentile(lengths, 0.99),
-        "completion_tokens_max": lengths[-1],
-        "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
-        "reasoning_status": dict(collections.Counter(full.column("reasoning_status").to_pylist())),
-        "truncation_rate": round(reasons.count("length") / len(reasons), 4),
+        **_trace_stats(full),
         "this_run_output_tokens": new_tokens,
         "this_run_wall_s": round(wall, 3),
         # Output tokens of this run over its wall time, engine start-up included.
@@ -250,6 +263,24 @@ def run(cfg: GenerateConfig, inputs, ctx):
                                     if len(todo) > 1 and last > first[0] else None),
     })
     return None
+
+
+def _trace_stats(full) -> dict:
+    """Token totals, length percentiles, finish reasons and reasoning-tag statuses of a version."""
+    lengths = sorted(full.column("completion_tokens").to_pylist())
+    reasons = full.column("finish_reason").to_pylist()
+    return {
+        "total_completion_tokens": sum(lengths),
+        "total_prompt_tokens": sum(full.column("prompt_tokens").to_pylist()),
+        "completion_tokens_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
+        "completion_tokens_p50": _percentile(lengths, 0.5),
+        "completion_tokens_p90": _percentile(lengths, 0.9),
+        "completion_tokens_p99": _percentile(lengths, 0.99),
+        "completion_tokens_max": lengths[-1] if lengths else None,
+        "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+        "reasoning_status": dict(collections.Counter(full.column("reasoning_status").to_pylist())),
+        "truncation_rate": round(reasons.count("length") / len(reasons), 4) if reasons else None,
+    }
 
 
 def _finish_shard(t, cfg: GenerateConfig, opened: str = ""):
@@ -271,6 +302,200 @@ def _finish_shard(t, cfg: GenerateConfig, opened: str = ""):
     t = t.append_column("final", pa.array([f for _, f in split], type=pa.string()))
     return t.append_column("reasoning_status", pa.array(
         [tag_status(c or "", cfg.reasoning_tags) for c in completions], type=pa.string()))
+
+
+# --------------------------------------------------------------------------- backend import
+# A trace file someone else generated becomes a generate version with the usual columns, so
+# verify and everything after it run unchanged. Streamed: the file is read shard_size source rows
+# at a time and each shard written as it is done (the same resumable part-XXXXX layout as the
+# engines' shards: a rerun skips the finished ones), so memory is one shard whatever the file.
+
+def _import_spec(cfg: GenerateConfig, prompts):
+    from stages.lib.ingest import Spec
+
+    if cfg.import_path:
+        return Spec(path=cfg.import_path, format=cfg.import_format, fields=dict(cfg.import_fields),
+                    keep=dict(cfg.import_keep), drop=dict(cfg.import_drop),
+                    split=cfg.import_split, where="generate")
+    own = {"import_format": "auto", "import_fields": {}, "import_keep": {}, "import_drop": {},
+           "import_split": "train"}
+    set_here = [k for k, default in own.items() if getattr(cfg, k) != default]
+    if set_here:
+        raise UserError(f"generate.{set_here[0]}: with import_path empty the traces are read from "
+                        f"the file the prompts version read, as it read it: set "
+                        f"prompts.{set_here[0].replace('import_split', 'split')} instead (or "
+                        "generate.import_path)")
+    pcfg = prompts.manifest.get("config") or {}
+    if not pcfg.get("import_format"):
+        raise UserError(f"generate.import_path: empty, and {prompts.ref()} did not read a trace "
+                        f"file (its import_format is empty; path {pcfg.get('path')!r}): set "
+                        "prompts.import_format=auto (configs/import.yaml) or generate.import_path")
+    return Spec(path=pcfg["path"], format=pcfg["import_format"],
+                fields=dict(pcfg.get("import_fields") or {}), keep=dict(pcfg.get("import_keep") or {}),
+                drop=dict(pcfg.get("import_drop") or {}), split=pcfg.get("split", "train"),
+                where="prompts")
+
+
+def _import_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("problem_id", pa.string()), ("problem", pa.string()), ("answer", pa.string()),
+        ("source", pa.string()), ("trace_id", pa.string()), ("teacher", pa.string()),
+        ("sample_idx", pa.int64()), ("prompt_messages", messages_type()),
+        ("completion", pa.string()), ("reasoning", pa.string()), ("final", pa.string()),
+        ("reasoning_status", pa.string()), ("completion_tokens", pa.int64()),
+        ("prompt_tokens", pa.int64()), ("finish_reason", pa.string()), ("error", pa.string()),
+        ("source_correct_math_verify", pa.bool_()), ("source_correct_llama", pa.bool_()),
+        ("source_reasoning_complete", pa.bool_()), ("source_row", pa.int64())])
+
+
+def _import_rows(batch, start: int, spec, check, known: dict, cfg: GenerateConfig, label: str,
+                 counter, drops) -> list[dict]:
+    """One shard's source rows -> generate rows (token counts filled in by the caller)."""
+    from stages.lib import ingest
+
+    rows = []
+    for offset, (where, record) in enumerate(batch):
+        layout = check(record, where)
+        reason = ingest.passes(record, spec)
+        if reason:
+            drops[reason] += 1
+            continue
+        for k, t in enumerate(ingest.traces_of(record, layout, spec, where, cfg.reasoning_tags)):
+            pid = ingest.problem_id(t["problem"])
+            if pid not in known:
+                drops["problem_not_in_prompts"] += 1
+                continue
+            problem, answer, source = known[pid]
+            teacher = t["teacher"] or label
+            completion = t["completion"]
+            reasoning, final = split_think(completion, cfg.reasoning_tags)
+            status = tag_status(completion, cfg.reasoning_tags)
+            # The source's reason when it gives one; else an unclosed reasoning tag reads as a
+            # trace cut at its budget (verify then reads no answer out of its reasoning).
+            finish = t["finish_reason"] or ("length" if status == "unclosed" else "stop")
+            rows.append({
+                "problem_id": pid, "problem": problem, "answer": answer, "source": source,
+                "trace_id": trace_id(pid, teacher, k, ["row", start + offset]),
+                "teacher": teacher, "sample_idx": k,
+                "prompt_messages": t["prompt"] or prompt_messages(t["problem"], cfg),
+                "completion": completion, "reasoning": reasoning, "final": final,
+                "reasoning_status": status, "completion_tokens": 0, "prompt_tokens": 0,
+                "finish_reason": finish, "error": None,
+                "source_correct_math_verify": t["correct_math_verify"],
+                "source_correct_llama": t["correct_llama"],
+                "source_reasoning_complete": t["reasoning_complete"],
+                "source_row": start + offset})
+    return rows
+
+
+def _run_import(cfg: GenerateConfig, inputs, ctx):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.store import Store
+    from stages.lib import ingest
+
+    if cfg.shard_size < 1:
+        raise UserError("generate.shard_size must be at least 1")
+    reasoning_tags(cfg.reasoning_tags, "generate")
+    if "{problem}" not in cfg.problem_template:
+        raise UserError("generate.problem_template must contain {problem}")
+    spec = _import_spec(cfg, inputs["prompts"])
+    spec.check()
+    source = ingest.open_source(spec.path, spec.split, f"{spec.where}.path")
+    print(f"generate: importing {spec.path} ({len(source.files)} file(s), hashing)", flush=True)
+    hashes = ingest.file_hashes(source)
+    prompts = inputs["prompts"].read_table(columns=["problem_id", "problem", "answer", "source"])
+    known = {pid: (p, a, s) for pid, p, a, s in zip(*(prompts.column(c).to_pylist()
+                                                     for c in prompts.column_names))}
+    del prompts
+    counter = ingest.TokenCounter(cfg.teacher, ctx.student, "generate")
+    if counter.note:
+        print(f"generate: {counter.note}", flush=True)
+    label = cfg.teacher or f"import:{os.path.basename(spec.path.rstrip('/'))}"
+    schema = _import_schema()
+    store = Store(ctx.data_root)
+    fs = store.fs
+
+    def shard_path(k: int) -> str:
+        return posixpath.join(ctx.out_dir, f"part-{k:05d}.parquet")
+
+    check = ingest.LayoutCheck(spec, spec.path)
+    started, done_before, traces_new, rows_seen, k = time.time(), 0, 0, 0, -1
+    for k, batch in enumerate(ingest.iter_rows(source, batch_rows=cfg.shard_size)):
+        start = k * cfg.shard_size
+        rows_seen += len(batch)
+        if fs.exists(shard_path(k)):  # finished by an earlier, interrupted run
+            check(batch[0][1], batch[0][0])  # the layout the file has, for the rows after
+            done_before += 1
+            continue
+        drops = collections.Counter()
+        rows = _import_rows(batch, start, spec, check, known, cfg, label, counter, drops)
+        completions = counter.count([r["completion"] for r in rows])
+        prompts_text = {}
+        for r, n in zip(rows, completions):
+            r["completion_tokens"] = n
+            key = json.dumps(r["prompt_messages"])
+            if key not in prompts_text:
+                prompts_text[key] = counter.count([counter.prompt_text(r["prompt_messages"])])[0]
+            r["prompt_tokens"] = prompts_text[key]
+        table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
+            {"distillery.import": json.dumps({"source_rows": len(batch), "drops": drops})})
+        # Atomic: a hidden temp file, then a rename; a kill leaves no partial part-*.
+        tmp = posixpath.join(ctx.out_dir, f".part-{k:05d}.parquet.tmp")
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        fs.mv(tmp, shard_path(k))
+        traces_new += table.num_rows
+        elapsed = time.time() - started
+        print(f"generate: shard {k}: {table.num_rows} traces from {len(batch)} rows; "
+              f"{rows_seen} rows, {traces_new / max(elapsed, 1e-9):.0f} traces/s so far", flush=True)
+    if k < 0:
+        raise UserError(f"{spec.path}: no rows")
+    wall = time.time() - started
+
+    # Statistics over the whole version (shards of earlier, interrupted runs included): their
+    # drops and row counts travel in each shard's footer.
+    cols = ["completion_tokens", "prompt_tokens", "finish_reason", "trace_id", "reasoning_status",
+            "problem_id", "source_correct_math_verify", "source_correct_llama"]
+    parts, drops, source_rows = [], collections.Counter(), 0
+    for i in range(k + 1):
+        pf = pq.ParquetFile(shard_path(i), filesystem=store.arrow_fs())
+        meta = json.loads(pf.schema_arrow.metadata[b"distillery.import"])
+        drops.update(meta["drops"])
+        source_rows += meta["source_rows"]
+        parts.append(pf.read(columns=cols))
+    full = pa.concat_tables(parts)
+    if full.num_rows == 0:
+        raise UserError(f"{spec.path}: no trace left of {source_rows} rows (dropped: "
+                        f"{dict(drops)}); see import_keep / import_drop and the prompts version")
+    if len(set(full.column("trace_id").to_pylist())) != full.num_rows:
+        raise RuntimeError("generate: duplicate trace_id")
+    ctx.drops.update(drops)
+    ctx.rows_in = source_rows
+    verdicts = {c: sum(v is not None for v in full.column(c).to_pylist())
+                for c in ("source_correct_math_verify", "source_correct_llama")}
+    ctx.stats.update({
+        "backend": "import",
+        # The lineage of an imported version: the file(s) it was made from and their hashes.
+        "source_files": hashes,
+        "import_format": check.layout,
+        "source_rows": source_rows,
+        "problems": len(set(full.column("problem_id").to_pylist())),
+        "samples": full.num_rows,
+        "shards": k + 1,
+        "shards_generated_this_run": k + 1 - done_before,
+        "tokenizer": counter.name,
+        "source_verdicts": verdicts,
+        **_trace_stats(full),
+        "this_run_wall_s": round(wall, 3),
+        "traces_per_s": round(traces_new / wall, 1) if traces_new and wall > 0 else None,
+    })
+    return None
 
 
 STAGE = Stage(

@@ -10,13 +10,12 @@ unedited. Exact dedup on normalized text; optional n-gram decontamination agains
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
@@ -49,6 +48,17 @@ class PromptsConfig:
       word n-gram of length `decontaminate_ngram` with it are dropped ("contaminated").
     synthetic_*: the built-in generator (stages/synthetic.py): count, seed, terms per problem,
       largest operand.
+    import_format: "" = `path` is a table of problems (problem_field / answer_field); else it is
+      a trace file (docs/import.md) whose problems and answers are read, streamed: "auto" (the
+      layout read off the first row) or "openr1" | "sharegpt" | "messages" | "flat". A
+      generate with `backend: import` and no import_path of its own then imports the traces of
+      the same file, read with these same settings (configs/import.yaml).
+    import_fields: a trace file's field renames, logical field -> name or dotted path
+      ({answer: ground_truth}, {correct_llama: correctness.llama_verification}).
+    import_keep / import_drop: rows of a trace file kept only when a field (a name or dotted
+      path) equals one of the values ({problem_is_valid: [yes, Yes]}) / dropped when it does
+      ({source: cn_k12}); counted by reason. The source column is the row's `source` when it
+      has one, else the file name.
     """
 
     path: str = "synthetic"
@@ -66,14 +76,14 @@ class PromptsConfig:
     synthetic_min_terms: int = 2
     synthetic_max_terms: int = 4
     synthetic_max_operand: int = 99
+    import_format: str = ""
+    import_fields: dict = field(default_factory=dict)
+    import_keep: dict = field(default_factory=dict)
+    import_drop: dict = field(default_factory=dict)
 
 
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def problem_id(text: str) -> str:
-    return hashlib.sha256(normalize(text).encode()).hexdigest()[:16]
+# A problem's identity, shared with generate's import (stages/lib/ingest.py): one definition.
+from stages.lib.ingest import normalize, problem_id  # noqa: E402,F401
 
 
 def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
@@ -243,12 +253,18 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict, dict]:
         records = [(f"synthetic: row {i}", r) for i, r in enumerate(made)]
         source = cfg.source or "synthetic"
         problem_field, answer_field = "problem", "answer"
+    elif cfg.import_format:
+        records, filtered = _trace_file_problems(cfg)
+        drops.update(filtered)
+        source = cfg.source or os.path.basename(cfg.path.rstrip("/"))
+        problem_field, answer_field = "problem", "answer"
     else:
         records = read_records(cfg.path, cfg.split)
         source = cfg.source or os.path.basename(cfg.path.rstrip("/"))
         problem_field, answer_field = cfg.problem_field, cfg.answer_field
     if not records:
-        raise UserError(f"{cfg.path}: no rows")
+        kept_none = f" left (dropped: {drops})" if drops else ""
+        raise UserError(f"{cfg.path}: no rows{kept_none}")
 
     contaminated: set = set()
     if cfg.decontaminate:
@@ -285,7 +301,8 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict, dict]:
         if answer is None and answer_field and rec[answer_field] not in (None, ""):
             not_found += 1  # e.g. answer_from=last_boxed on a solution without a box
         rows.append({"problem_id": problem_id(norm), "problem": norm, "answer": answer,
-                     "source": source})
+                     "source": (cfg.source or rec.get("source") or source) if cfg.import_format
+                     else source})
     if not rows:  # every row dropped: a version of zero problems would only fail downstream
         raise UserError(f"{cfg.path}: no problems left of {len(records)} rows "
                         f"(dropped: {drops}); field '{problem_field}'")
@@ -294,6 +311,33 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict, dict]:
             drops["over_limit"] = len(rows) - cfg.limit
         rows = rows[:cfg.limit]
     return rows, drops, {"answer_not_found": not_found}
+
+
+def _trace_file_problems(cfg: PromptsConfig) -> tuple[list[tuple[str, dict]], dict]:
+    """[(where, {problem, answer, source})] of a trace file's rows that pass import_keep /
+    import_drop, and the rows filtered out by reason. Streamed: only the columns the problems
+    and the filters need are read (Parquet, Arrow), one batch at a time."""
+    import collections
+
+    from stages.lib import ingest
+
+    spec = ingest.Spec(path=cfg.path, format=cfg.import_format, fields=dict(cfg.import_fields),
+                       keep=dict(cfg.import_keep), drop=dict(cfg.import_drop), split=cfg.split)
+    spec.check()
+    source = ingest.open_source(cfg.path, cfg.split)
+    check = ingest.LayoutCheck(spec, cfg.path)
+    records, drops = [], collections.Counter()
+    columns = ingest.columns_for(spec, {"problem", "answer", "source", "system"})
+    for batch in ingest.iter_rows(source, columns=columns):
+        for where, record in batch:
+            layout = check(record, where)
+            reason = ingest.passes(record, spec)
+            if reason:
+                drops[reason] += 1
+                continue
+            problem, answer, row_source = ingest.problem_of(record, layout, spec, where)
+            records.append((where, {"problem": problem, "answer": answer, "source": row_source}))
+    return records, dict(drops)
 
 
 def run(cfg: PromptsConfig, inputs, ctx):

@@ -60,6 +60,13 @@ class VerifyConfig:
     skip_sources: rows whose `source` is listed are not checked (non-math data: code, chat);
       they get status no_reference and correct = null, and pass through.
     batch_size: rows per Ray map task batch.
+    correct_from: what `correct` is. "verify" (default): math-verify against the reference.
+      For imported traces that carry the source's own verdicts (generate's
+      source_correct_math_verify / source_correct_llama columns, docs/import.md):
+      "source_math_verify", "source_llama", or "source_both" (REDI's rule for OpenR1-Math: correct
+      only when both say so; a trace either calls wrong, or one leaves unjudged, is incorrect;
+      one neither judged is null). math-verify still runs: its verdict is kept as
+      `checked_correct` and the stats report how often it agrees with each source verdict.
     """
 
     answer_field: str = "final"
@@ -70,6 +77,7 @@ class VerifyConfig:
     medium_min_pass_rate: float = 0.3
     skip_sources: list = field(default_factory=list)
     batch_size: int = 256
+    correct_from: str = "verify"
 
 
 # --------------------------------------------------------------------------- answer extraction
@@ -491,6 +499,26 @@ def _check_config(cfg: VerifyConfig) -> None:
         raise UserError(f"verify.timeout_s: must be > 0, got {cfg.timeout_s}")
 
 
+CORRECT_FROM = {"verify": (), "source_math_verify": ("source_correct_math_verify",),
+                "source_llama": ("source_correct_llama",),
+                "source_both": ("source_correct_math_verify", "source_correct_llama")}
+
+
+def source_correct(verdicts: list[tuple]) -> list:
+    """Per row, correct from the source's verdicts: true when every one is true, null when none
+    was given, else false (a verdict of false, or one judge silent: not "both say so")."""
+    return [None if all(v is None for v in row) else all(v is True for v in row)
+            for row in verdicts]
+
+
+def agreement(ours: list, theirs: list) -> dict:
+    """How often math-verify's verdict and a source's agree, over rows where both exist."""
+    both = [(a, b) for a, b in zip(ours, theirs) if a is not None and b is not None]
+    agree = sum(a == b for a, b in both)
+    return {"compared": len(both), "agree": agree,
+            "rate": round(agree / len(both), 4) if both else None}
+
+
 def run(cfg: VerifyConfig, inputs, ctx):
     import collections
     import time
@@ -503,6 +531,16 @@ def run(cfg: VerifyConfig, inputs, ctx):
     from pipeline.progress import Progress
 
     _check_config(cfg)
+    if cfg.correct_from not in CORRECT_FROM:
+        raise UserError(f"verify.correct_from: '{cfg.correct_from}' is not one of "
+                        f"{list(CORRECT_FROM)}")
+    have = set(inputs["generate"].manifest.get("schema") or {})
+    verdict_cols = sorted(c for c in have if c.startswith("source_correct_"))
+    for col in CORRECT_FROM[cfg.correct_from]:
+        if col not in have:
+            raise UserError(f"verify.correct_from: {cfg.correct_from} needs the column '{col}', "
+                            f"which {inputs['generate'].ref()} does not have (the source's "
+                            "verdicts come with an imported file: docs/import.md)")
     if ctx.rows_in == 0:
         raise UserError(f"verify: {inputs['generate'].ref()} has no traces to verify "
                         f"({inputs['generate'].path})")
@@ -519,9 +557,14 @@ def run(cfg: VerifyConfig, inputs, ctx):
                            batch.column("answer").to_pylist(), cfg,
                            sources=batch.column("source").to_pylist(),
                            parts=answer_parts(finals, finish))
+        if cfg.correct_from != "verify":  # the source's verdict decides; ours stays beside it
+            cols["checked_correct"] = cols["correct"]
+            cols["correct"] = source_correct(list(zip(*(
+                batch.column(c).to_pylist() for c in CORRECT_FROM[cfg.correct_from]))))
         for name, typ in (("pred_answer", pa.string()), ("correct", pa.bool_()),
-                          ("verify_status", pa.string())):
-            batch = batch.append_column(name, pa.array(cols[name], typ))
+                          ("verify_status", pa.string()), ("checked_correct", pa.bool_())):
+            if name in cols:
+                batch = batch.append_column(name, pa.array(cols[name], typ))
         return batch
 
     ds = inputs["generate"].read_ray()
@@ -543,7 +586,9 @@ def run(cfg: VerifyConfig, inputs, ctx):
 
     # Per problem pass rates from three small columns, then joined back onto every row.
     light = pa.concat_tables(ray.get(
-        ds.select_columns(["problem_id", "correct", "verify_status"]).to_arrow_refs()))
+        ds.select_columns(["problem_id", "correct", "verify_status", *verdict_cols,
+                           *(["checked_correct"] if cfg.correct_from != "verify" else [])]
+                          ).to_arrow_refs()))
     verifiable = light.filter(pc.is_valid(light["correct"]))
     groups = verifiable.group_by("problem_id").aggregate([("correct", "sum"), ("correct", "count")])
     rates = {pid: n_ok / n for pid, n_ok, n in zip(groups["problem_id"].to_pylist(),
@@ -577,6 +622,11 @@ def run(cfg: VerifyConfig, inputs, ctx):
                               for lvl in ("easy", "medium", "hard")},
         "check_wall_s": round(wall, 3),
         "check_traces_per_s": round(light.num_rows / wall, 1) if wall else None,
+        "correct_from": cfg.correct_from,
+        # An imported file's own verdicts against math-verify's (ours, whatever correct_from).
+        "source_agreement": {c: agreement(
+            light["checked_correct" if cfg.correct_from != "verify" else "correct"].to_pylist(),
+            light[c].to_pylist()) for c in verdict_cols},
     })
     return out
 
