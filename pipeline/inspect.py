@@ -81,6 +81,9 @@ def format_description(d: dict) -> str:
 def lineage(store: Store, version: Version, depth: int = 0) -> list[str]:
     m = version.manifest
     lines = [f"{'  ' * depth}{version.ref()}  rows {m.get('rows_out')}  ({m.get('finished_at')})"]
+    source = (m.get("stats") or {}).get("source_files")
+    if source:  # an imported version was made from a file, not only from other versions
+        lines.append(f"{'  ' * (depth + 1)}file {source['path']}  sha256 {source['sha256']}")
     for stage, v in (m.get("inputs") or {}).items():
         parent = store.find(stage, v)
         if parent is None:

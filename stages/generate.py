@@ -424,6 +424,14 @@ def _run_import(cfg: GenerateConfig, inputs, ctx):
     def shard_path(k: int) -> str:
         return posixpath.join(ctx.out_dir, f"part-{k:05d}.parquet")
 
+    # Shards left by an interrupted run count only if they were cut from the same bytes: a file
+    # fixed in place (same path, so the same version) starts over.
+    marker = posixpath.join(ctx.out_dir, ".source.json")
+    if fs.exists(marker) and json.loads(fs.cat(marker))["sha256"] != hashes["sha256"]:
+        print(f"generate: {spec.path} changed since the interrupted run: starting over", flush=True)
+        for old in fs.glob(posixpath.join(ctx.out_dir, "part-*.parquet")):
+            fs.rm(old)
+    fs.pipe(marker, json.dumps({"sha256": hashes["sha256"]}).encode())
     check = ingest.LayoutCheck(spec, spec.path)
     started, done_before, traces_new, rows_seen, k = time.time(), 0, 0, 0, -1
     for k, batch in enumerate(ingest.iter_rows(source, batch_rows=cfg.shard_size)):
