@@ -318,6 +318,51 @@ def test_odd_but_valid_values_ingest(tmp_path, capsys):
     assert [r["answer"] for r in rows] == ["2", "0.5", "42", None, "3.14"]
 
 
+# --------------------------------------------------------------------- trace files (import)
+
+# (file in tests/bad_inputs/, the stage that refuses it, what the message must name). The traces
+# of a file go through prompts (its problems) and then generate's import (its traces).
+IMPORT_CASES = [
+    ("import_lists_differ.jsonl", "generate",
+     ["import_lists_differ.jsonl", "line 2", "field 'correctness_math_verify'", "1 values for 2"]),
+    ("import_trace_not_text.jsonl", "generate",
+     ["import_trace_not_text.jsonl", "line 2", "field 'generations.1'", "expected text"]),
+    ("import_unknown_layout.jsonl", "prompts",
+     ["import_unknown_layout.jsonl", "line 1", "unknown layout", "question"]),
+    ("import_mixed_layouts.jsonl", "prompts",
+     ["import_mixed_layouts.jsonl", "line 2", "field 'conversations'", "mixes layouts",
+      "line 1 was openr1"]),
+]
+
+
+@pytest.mark.parametrize("name,stage,needles", IMPORT_CASES, ids=[c[0] for c in IMPORT_CASES])
+def test_import_corpus(name, stage, needles, tmp_path, capsys, tiny_model):
+    """Exit 2, one line naming file, row and field; neither stage leaves a complete version (a
+    failed import keeps only its temp folder, which a rerun of a fixed file starts over)."""
+    data_root = str(tmp_path / "data")
+    code, out, err = run_cli(["run", "all", "--recipe", os.path.join(REPO, "configs/import.yaml"),
+                              f"data_root={data_root}", f"prompts.path={os.path.join(CORPUS, name)}",
+                              f"student={tiny_model}", "stages=[prompts, generate]"], capsys)
+    assert_user_error(code, err, data_root, "generate", *needles)
+    if stage == "prompts":
+        assert completes(data_root, "prompts") == []
+
+
+def test_unclosed_reasoning_tag_is_counted_not_fatal(tmp_path, capsys, tiny_model):
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2",
+                                "completion": "<think>\n1 + 1 is"}) + "\n")
+    data_root = str(tmp_path / "data")
+    code, out, err = run_cli(["run", "all", "--recipe", os.path.join(REPO, "configs/import.yaml"),
+                              f"data_root={data_root}", f"prompts.path={path}",
+                              f"student={tiny_model}", "stages=[prompts, generate]"], capsys)
+    assert code == 0, err
+    (version,) = completes(data_root, "generate")
+    manifest = json.load(open(os.path.join(data_root, "generate", version, MANIFEST)))
+    assert manifest["stats"]["reasoning_status"] == {"unclosed": 1}
+    assert manifest["stats"]["finish_reasons"] == {"length": 1}
+
+
 # --------------------------------------------------------------------- recipes and overrides
 
 RECIPE_CASES = [
