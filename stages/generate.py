@@ -79,10 +79,10 @@ class GenerateConfig:
       import_path of its own: how to read it (as `prompts.import_*`, stages/lib/ingest.py):
       the layout (auto | openr1 | sharegpt | messages | flat), field renames
       ({answer: ground_truth, correct_llama: correctness.llama_verification}), rows kept only
-      when a field equals one of the values ({problem_is_valid: [yes, Yes]}), rows dropped when
-      it does ({source: cn_k12}), the save_to_disk split. Each imported trace's problem must be
-      one of the prompts version's (else dropped, counted as problem_not_in_prompts); its
-      answer and source are the prompts version's. shard_size counts source rows here.
+      when a field equals one of the values ({problem_is_valid: ["yes", "Yes"]}, quoted: a bare
+      yes is YAML for true), rows dropped when it does ({source: cn_k12}), the save_to_disk
+      split. Each imported trace's problem must be one of the prompts version's (else dropped,
+      counted as problem_not_in_prompts); its answer and source are the prompts version's. shard_size counts source rows here.
     """
 
     teacher: str = ""

@@ -56,9 +56,9 @@ class PromptsConfig:
     import_fields: a trace file's field renames, logical field -> name or dotted path
       ({answer: ground_truth}, {correct_llama: correctness.llama_verification}).
     import_keep / import_drop: rows of a trace file kept only when a field (a name or dotted
-      path) equals one of the values ({problem_is_valid: [yes, Yes]}) / dropped when it does
-      ({source: cn_k12}); counted by reason. The source column is the row's `source` when it
-      has one, else the file name.
+      path) equals one of the values ({problem_is_valid: ["yes", "Yes"]}, quoted: a bare yes is
+      YAML for true) / dropped when it does ({source: cn_k12}); counted by reason. The source
+      column is the row's `source` when it has one, else the file name.
     """
 
     path: str = "synthetic"

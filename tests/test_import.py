@@ -241,7 +241,7 @@ def test_redi_openr1_recipe_counts(tmp_path, tiny_model, ray_cluster):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     long_problem = "What is 2 + 2? " + "Think about it. " * 300          # > 800 tokens
-    long_trace = boxed("step " * 20000, "8")                            # > 19,000 tokens
+    long_trace = boxed("step " * 20000, "9")                   # wrong, and > 19,000 tokens
     assert len(tok(long_problem)["input_ids"]) > 800
     assert len(tok(long_trace)["input_ids"]) > 19000
     rows = [
@@ -266,8 +266,9 @@ def test_redi_openr1_recipe_counts(tmp_path, tiny_model, ray_cluster):
     path = tmp_path / "raw" / "data" / "train-00000-of-00001.parquet"
     path.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
+    # A teacher label that is not a hub id: no network round trip to find it has no tokenizer.
     rec = recipe(REDI, tmp_path / "data", tiny_model, f"prompts.path={tmp_path / 'raw'}",
-                 "stages=[prompts, generate, verify, prune, provenance, select]")
+                 "teacher=DeepSeek-R1 (OpenR1-Math-Raw)", "stages=[prompts, generate, verify, prune, provenance, select]")
     got = run(rec.stages, rec)
 
     prompts = got["prompts"].manifest
@@ -312,14 +313,14 @@ def test_real_r1_distill_traces_through_sft(tmp_path, tiny_model, ray_cluster):
              "generations": [t["completion"]], "source": "gsm8k"} for t in tasks]
     path = write_jsonl(tmp_path / "r1.jsonl", rows)
     rec = recipe(IMPORT, tmp_path / "data", tiny_model, f"prompts.path={path}",
-                 "teacher=deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "sft.epochs=1",
+                 "teacher=DeepSeek-R1-Distill-Qwen-32B (gsm8k file)", "sft.epochs=1",
                  "sft.max_length=256", "sft.tokens_per_step=1024",
                  "resources.sft.num_workers=1",
                  "stages=[prompts, generate, verify, prune, provenance, select, sft]")
     got = run(rec.stages, rec)
     gen = got["generate"].read_table().to_pylist()
     assert len(gen) == 40 and {r["teacher"] for r in gen} == {
-        "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"}
+        "DeepSeek-R1-Distill-Qwen-32B (gsm8k file)"}
     # The completions close a reasoning they never opened (the prompt did): split at </think>.
     closed = [r for r in gen if "</think>" in r["completion"]]
     assert all(r["reasoning"] and r["final"] for r in closed)
