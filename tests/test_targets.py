@@ -244,6 +244,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.slow
 def test_r1_distill_student_trained_by_sft_reasons_then_stops_in_vllm(tmp_path, ray_cluster):
     """The later R1-Distill template opens <think> in the generation prompt. A tiny student
     trained by the real sft stage on such targets, sampled greedily by vLLM with the same
