@@ -1,7 +1,7 @@
 # Distillery — two commands set everything up on a fresh machine:
 #   make pipeline                          # the built-in demo (no TEACHER) or TEACHER=… STUDENT=…
 #   make test                              # the whole test suite, what CI runs (.ci/run)
-#   make test-fast                         # the same minus tests marked slow (<= 12 min here)
+#   make test-fast                         # the same minus the tests marked slow (development)
 #   make submit RECIPE=… ADDRESS=http://head:8265 [STAGE=all] [ARGS=…]   # a Ray job (docs/cluster.md)
 SHELL := /bin/bash
 PY ?= python3
@@ -45,8 +45,8 @@ endif
 test: install
 	$(VENV)/bin/python -m pytest $(ARGS)
 
-# The development loop: skips the `slow` marker's minutes-long runs (pyproject.toml lists what
-# they are); every behaviour they check has a faster test here too.
+# The development loop: skips the `slow` marker's minutes-long runs (pyproject.toml says which
+# kinds; docs/status.md lists them and the tiers' times). CI runs `make test`, slow ones included.
 test-fast: install
 	$(VENV)/bin/python -m pytest -m "not slow" $(ARGS)
 
