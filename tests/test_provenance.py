@@ -28,7 +28,8 @@ from test_verify import TEST_STAGES, trace, write_generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "The zebra quietly juggles seven violet lanterns."
-TRACE = ("<think>\nWe add the two numbers. " + SECRET + " So the sum is 4.\n</think>\n"
+# In select's stored form (stages/chat.py trace_text): each model's target is this + its stop token.
+TRACE = ("<think>\nWe add the two numbers. " + SECRET + " So the sum is 4.\n</think>\n\n"
          "The answer is \\boxed{4}.")
 
 
@@ -321,7 +322,10 @@ def test_different_tokenizers_compare_through_character_spans(tiny_model, other_
     spans = split_sentences(TRACE)
     assert row["sentence_spans"] == [list(s) for s in spans]
     for name, path in (("teacher", other_vocab), ("student", tiny_model)):
-        direct = _direct(path, PROMPTS[0], TRACE)
+        # what the model generates: the trace, then its stop token (scored at the trace's end)
+        direct = _direct(path, PROMPTS[0], TRACE + "<|im_end|>")
+        assert direct[-1][0][0] == len(TRACE)
+        direct[-1] = ((len(TRACE), len(TRACE)), direct[-1][1])
         means = sentence_means(spans, [o for o, _ in direct], [lp for _, lp in direct])
         want = [geometric_p(m) for m in means]
         assert row[f"sentence_p_{name}"] == pytest.approx(want, rel=1e-4)
