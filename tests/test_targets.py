@@ -179,7 +179,7 @@ def test_template_without_generation_prompt_is_exit_2_from_the_cli(tmp_path, tin
     assert "no generation prompt" in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("name", ["deepseek-r1-distill.later.jinja", "qwen2.5-7b-instruct.jinja"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_provenance_scores_each_model_on_its_own_form(name, tiny_model):
     """score_traces: the scored tokens are the target's (reasoning + close + answer + stop),
     their log-probs equal a direct transformers forward of prompt + target, and the offsets
