@@ -113,9 +113,12 @@ def _schema_columns(version: Version) -> list[str]:
     return list(schema)
 
 
-def resolve_inputs(stage: Stage, store: Store, pins: dict[str, str]) -> dict[str, Version]:
+def resolve_inputs(stage: Stage, store: Store, pins: dict[str, str], cfg=None) -> dict[str, Version]:
+    """The versions the stage reads: pinned, else LATEST; of `reads`, those `stage.uses(cfg)`
+    names (and any pinned one)."""
+    used = set(stage.reads) if stage.uses is None or cfg is None else stage.uses(cfg)
     inputs = {}
-    for name in stage.reads:
+    for name in [r for r in stage.reads if r in used or r in pins]:
         if name in pins:
             inputs[name] = store.get(name, pins[name])
         else:
@@ -124,7 +127,7 @@ def resolve_inputs(stage: Stage, store: Store, pins: dict[str, str]) -> dict[str
                 raise UserError(f"stage '{stage.name}' reads '{name}', which has no complete "
                                 f"version under {store.url}: run `distillery run {name}` first")
             inputs[name] = found
-    if stage.reads and stage.requires:
+    if stage.reads and stage.requires and stage.reads[0] in inputs:
         first = inputs[stage.reads[0]]
         have = set(_schema_columns(first))
         missing = [c for c in stage.requires if c not in have]
@@ -179,7 +182,7 @@ def run_stage(name: str, recipe: Recipe, pins: dict[str, str] | None = None,
     stage = stages[name]
     cfg = recipe.configs[name]
     store = Store(recipe.data_root)
-    inputs = resolve_inputs(stage, store, pins or {})
+    inputs = resolve_inputs(stage, store, pins or {}, cfg)
     version = version_hash(stage, cfg, inputs)
     existing = store.find(name, version)
     if existing is not None:
@@ -193,7 +196,7 @@ def run_stage(name: str, recipe: Recipe, pins: dict[str, str] | None = None,
     # the version folder exists: the stage then sees plain numbers.
     resources = fit_to_cluster(name, recipe.resources[name], log=log)
     out_dir = store.begin(name, version, clear=not stage.resumable)
-    first = inputs[stage.reads[0]] if stage.reads else None
+    first = inputs.get(stage.reads[0]) if stage.reads else None
     ctx = Context(stage=name, version=version, out_dir=out_dir, data_root=recipe.data_root,
                   teacher=recipe.teacher, student=recipe.student,
                   resources=resources, rows_in=first.rows if first else None)

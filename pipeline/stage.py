@@ -31,6 +31,9 @@ class Stage:
     # True: ctx.out_dir survives a crash and a rerun of the same version finds the shards it
     # already finished there (generate). False: the runner empties it before run.
     resumable: bool = False
+    # uses(cfg) -> the names of `reads` this config reads (None: all of them). evaluate of
+    # checkpoint paths alone needs no sft or redi version.
+    uses: Callable[[Any], set] | None = None
 
 
 @dataclass

@@ -281,7 +281,7 @@ def resolve_models(cfg: EvaluateConfig, inputs) -> dict[str, str]:
     if len(set(cfg.models)) != len(cfg.models):
         raise UserError(f"evaluate.models lists a model twice: {cfg.models}")
     found = {"teacher": cfg.teacher, "student": cfg.student,
-             "sft": inputs["sft"].path, "redi": inputs["redi"].path}
+             **{name: inputs[name].path for name in ("sft", "redi") if name in inputs}}
     from pipeline.config import absolute_if_local
 
     out = {}
@@ -419,6 +419,9 @@ STAGE = Stage(
     name="evaluate",
     config=EvaluateConfig,
     reads=("prompts", "sft", "redi"),
+    # the training prompts only to decontaminate; sft / redi only when evaluated by name
+    uses=lambda cfg: ({"prompts"} if cfg.decontaminate else set())
+    | (set(cfg.models) & {"sft", "redi"}),
     requires=("problem",),
     adds=("model", "problem_id", "correct", "completion_tokens", "pass_at_1", "pass_at_k",
           "mean_completion_tokens"),

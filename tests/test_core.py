@@ -363,3 +363,22 @@ def test_cli_run_twice_inspect_lineage(tmp_path):
     lin = subprocess.run(CLI + ["lineage", f"prompts@{listed[0]['version']}", f"data_root={root}"],
                          cwd=REPO, capture_output=True, text=True, check=True)
     assert lin.stdout.startswith(f"prompts@{listed[0]['version']}")
+
+
+def test_evaluate_of_paths_alone_needs_no_sft_or_redi_version(tmp_path):
+    """evaluate reads sft / redi only when it evaluates them by name, and the training prompts
+    only to decontaminate: checkpoint paths alone resolve on an empty data root."""
+    from pipeline.errors import UserError
+    from pipeline.runner import resolve_inputs
+    from pipeline.store import Store
+    from stages import STAGES
+    from stages.evaluate import EvaluateConfig
+
+    store, stage = Store(str(tmp_path)), STAGES["evaluate"]
+    paths = EvaluateConfig(models=["/models/a", "/models/b"], decontaminate=False)
+    assert resolve_inputs(stage, store, {}, paths) == {}
+    with pytest.raises(UserError, match="reads 'sft', which has no complete version"):
+        resolve_inputs(stage, store, {}, EvaluateConfig(models=["/models/a", "sft"],
+                                                        decontaminate=False))
+    with pytest.raises(UserError, match="reads 'prompts'"):
+        resolve_inputs(stage, store, {}, EvaluateConfig(models=["/models/a"]))
