@@ -1,8 +1,10 @@
-"""How a problem becomes a chat, and a completion becomes reasoning + answer.
+"""How a problem becomes a chat, a completion becomes reasoning + answer, and a trace becomes
+the text a model trains on and is scored on (its prompt, then the trace as it writes it).
 
 One place for the conventions every stage shares: the user turn (open-r1's), the message list
-sent to a model, the `<think>` split, and the trace id. generate, prune, select and evaluate
-import these; a stage file is a stage, not a library for other stages.
+sent to a model, the reasoning tags and their split, training / scoring targets, the trace id.
+generate, prune, select, sft, redi, provenance and evaluate import these; a stage file is a
+stage, not a library for other stages.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def trace_id(problem_id: str, teacher: str, sample_idx: int, seed: int) -> str:
 # `reasoning_tags` (filled into each stage's field of that name, as `teacher` is).
 #   think:   DeepSeek-R1, QwQ, Qwen3, R1-Distill:  <think>\n…\n</think>\n\nanswer
 #   thought: Sky-T1, Bespoke-Stratos, OpenThoughts:
-#            <|begin_of_thought|>\n\n…\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\nanswer\n\n<|end_of_solution|>
+#            <|begin_of_thought|>\n\n…\n\n<|end_of_thought|>\n\n
+#            <|begin_of_solution|>\n\nanswer\n\n<|end_of_solution|>
 
 
 @dataclass(frozen=True)

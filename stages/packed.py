@@ -66,7 +66,8 @@ def upstream_drops(version, data_root: str) -> str:
     return "; ".join(parts)
 
 
-def encode(tokenizer, prompt: list[dict], trace: str, fmt: TargetFormat) -> tuple[list[int], list[int]]:
+def encode(tokenizer, prompt: list[dict], trace: str,
+           fmt: TargetFormat) -> tuple[list[int], list[int]]:
     """Token ids of the rendered prompt (with the generation prompt) and of the target: the trace
     as this model writes it after that prompt, ending with its stop token (stages/chat.py,
     target_texts). Training sees exactly what vLLM sees and what the model must generate."""
@@ -339,7 +340,8 @@ def score_traces(model, tokenizer, messages: list[list[dict]], traces: list[str]
         segments = _trace_segments(trace, len(target), parts, fmt.tags)
         mapped, edge = [], 0  # offsets stay in order: sentences are found by bisection
         for a, b in entry["offsets"]:
-            ts, te, ss, se, kind = next(g for g in segments if g[0] <= a < g[1] or g == segments[-1])
+            ts, te, ss, se, kind = next(g for g in segments
+                                        if g[0] <= a < g[1] or g == segments[-1])
             if kind == "part":
                 mapped.append((ss + a - ts, ss + min(b, te) - ts))
             else:
