@@ -314,10 +314,14 @@ def test_sft_then_redi_train_at_a_real_vocabulary(tmp_path, ray_cluster):
     redi = run_stage("redi", load_recipe(RECIPE, [
         f"data_root={data_root}", "redi.pairs_per_step=4", "redi.max_length=512",
         "redi.max_steps=2", "redi.save_steps=0", "redi.report_to=none",
+        "redi.learning_rate=0.0001",
         "resources.redi.zero_stage=3"], STAGES))
     stats = redi.manifest["stats"]
     assert stats["steps"] == 2 and stats["zero_stage"] == 3
     assert stats["gradient_checkpointing"] is False  # "auto": these rows are far below 8,192
     assert all(-13 < v < 0 for v in stats["logps_chosen"] + stats["logps_rejected"])
     before, after = load_weights(sft.path), load_weights(redi.path)
-    assert before.keys() == after.keys() and any(not (before[k] == after[k]).all() for k in before)
+    # the ZeRO-3 save writes the tied head once (as the embedding), the ZeRO-2 one both names
+    shared = before.keys() & after.keys()
+    assert "model.embed_tokens.weight" in shared
+    assert any(not (before[k] == after[k]).all() for k in shared)
