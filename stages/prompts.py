@@ -83,7 +83,7 @@ class PromptsConfig:
 
 
 # A problem's identity, shared with generate's import (stages/lib/ingest.py): one definition.
-from stages.lib.ingest import normalize, problem_id  # noqa: E402,F401
+from stages.lib.ingest import json_lines, normalize, problem_id  # noqa: E402,F401
 
 
 def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
@@ -104,27 +104,11 @@ def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
             ds = ds[split]
         return [(f"{path}: row {i}", r) for i, r in enumerate(ds.to_list())]
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".jsonl", ".json", ".csv", ".tsv"):
+    if ext in (".json", ".csv", ".tsv"):
         # A UTF-8 (or UTF-16) byte-order mark and CRLF line ends are accepted (pipeline/textfile.py).
         text = read_text(path)
-    if ext == ".jsonl":
-        out = []
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
-            except RecursionError:
-                raise UserError(f"{path}: line {lineno}: JSON nested too deeply") from None
-            except ValueError as e:  # e.g. an integer of more than 4300 digits
-                raise UserError(f"{path}: line {lineno}: {e}") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}: line {lineno}: expected a JSON object, "
-                                f"got {type(rec).__name__}")
-            out.append((f"{path}: line {lineno}", rec))
-        return out
+    if ext == ".jsonl":  # line by line (stages/lib/ingest.py): BOM, CRLF, UTF-16 as above
+        return list(json_lines(path))
     if ext == ".json":
         try:
             data = json.loads(text) if text.strip() else []

@@ -294,7 +294,7 @@ def file_hashes(source: Source) -> dict:
     return {"path": os.path.abspath(source.path), "sha256": total, "files": files}
 
 
-def _json_lines(path: str):
+def json_lines(path: str):
     """(line number, record) per non-blank line, one line in memory at a time. A UTF-8 BOM and
     CRLF are fine; UTF-16 with a BOM is decoded as such."""
     import codecs
@@ -391,7 +391,7 @@ def iter_rows(source: Source, columns: set | None = None, batch_rows: int = 256)
     `columns`: the top-level columns to read from Parquet / Arrow (None: all)."""
     for path in source.files:
         if source.kind in ("jsonl", "json"):
-            items = _json_lines(path) if source.kind == "jsonl" else _json_items(path)
+            items = json_lines(path) if source.kind == "jsonl" else _json_items(path)
             batch = []
             for item in items:
                 batch.append(item)
