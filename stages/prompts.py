@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.lib.latex import matching_braces
 from pipeline.textfile import read_text
 
 
@@ -164,7 +165,6 @@ ANSWER_FROM = ("auto", "last_boxed", "field")
 # every prompts version to verify's code, and a verify edit would then regenerate every trace.
 # Reference solutions are well formed: braces balance, and a box's content is its braces'.
 _REF_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_BRACES = re.compile(r"[{}]")
 # "2,125", "1,450,000", "-1,234.5": GSM8K's thousands separators (14 of its test answers).
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
@@ -175,12 +175,7 @@ def reference_box(text: str) -> str | None:
     opens = [m.end() - 1 for m in _REF_BOX.finditer(text)]
     if not opens:
         return None
-    closes, stack = {}, []
-    for m in _BRACES.finditer(text):
-        if m.group() == "{":
-            stack.append(m.start())
-        elif stack:
-            closes[stack.pop()] = m.start()
+    closes = matching_braces(text)
     for i in reversed(opens):
         if i in closes:
             return text[i + 1:closes[i]].strip() or None

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.lib.latex import matching_braces
 
 FALLBACKS = ("answer_is", "last_number", "math_verify")
 # What verify and evaluate try after \boxed{}, unless the recipe says otherwise.
@@ -89,7 +90,6 @@ class VerifyConfig:
 # not only fast). Same answers as before on 600k random strings of these pieces.
 
 _BOX = re.compile(r"\\(boxed|fbox)( *)")
-_BRACE = re.compile(r"[{}]")
 _BARE = re.compile(r"[^\s$]+")  # "\boxed 5": up to the next space or '$'
 _ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
 _SKIP = re.compile(r"[:\s]*")
@@ -98,24 +98,13 @@ _TAIL = re.compile(r"\s*\.?\s*")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 
 
-def _matching_braces(text: str) -> dict[int, int]:
-    """{index of '{': index of its '}'} for every closed brace (escaped ones count too)."""
-    closes, stack = {}, []
-    for m in _BRACE.finditer(text):
-        if m.group() == "{":
-            stack.append(m.start())
-        elif stack:
-            closes[stack.pop()] = m.start()
-    return closes
-
-
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if absent. An
     unclosed last one falls back to the one before it (a truncated last line)."""
     boxes = list(_BOX.finditer(text))
     if not boxes:
         return None
-    closes = _matching_braces(text)
+    closes = matching_braces(text)
     for m in reversed(boxes):
         i = m.end()
         if i < len(text) and text[i] == "{":
