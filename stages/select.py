@@ -123,7 +123,8 @@ def run(cfg: SelectConfig, inputs, ctx):
         "problem_id": r["problem_id"],
         "trace_id": r["trace_id"],
         "messages": list(r["prompt_messages"]) + [
-            {"role": "assistant", "content": assistant_text(r["pruned_completion"], cfg.reasoning_tags)}],
+            {"role": "assistant",
+             "content": assistant_text(r["pruned_completion"], cfg.reasoning_tags)}],
         "difficulty": r["difficulty"],
         "source": r["source"],
     } for r in sft], schema=pa.schema([("problem_id", pa.string()), ("trace_id", pa.string()),
@@ -132,8 +133,10 @@ def run(cfg: SelectConfig, inputs, ctx):
     pairs_table = pa.Table.from_pylist([{
         "problem_id": c["problem_id"],
         "prompt": list(c["prompt_messages"]),
-        "chosen": [{"role": "assistant", "content": assistant_text(c["pruned_completion"], cfg.reasoning_tags)}],
-        "rejected": [{"role": "assistant", "content": assistant_text(r["pruned_completion"], cfg.reasoning_tags)}],
+        "chosen": [{"role": "assistant",
+                    "content": assistant_text(c["pruned_completion"], cfg.reasoning_tags)}],
+        "rejected": [{"role": "assistant",
+                      "content": assistant_text(r["pruned_completion"], cfg.reasoning_tags)}],
         "chosen_trace_id": c["trace_id"],
         "rejected_trace_id": r["trace_id"],
     } for c, r in pairs], schema=pa.schema([
