@@ -3,7 +3,7 @@ r"""Benchmark: generate with 1 vs 2 engine replicas on a local 2-node Ray cluste
     .venv/bin/python bench/cluster_generate.py                       # tiny model, defaults
     .venv/bin/python bench/cluster_generate.py --problems 512 --max-tokens 256
 
-A SIMULATION OF SCALING, not a measurement of it: both Ray nodes (cluster/local.py: a head and a
+A SIMULATION OF SCALING, not a measurement of it: both Ray nodes (cluster/two_node_testbed.py: a head and a
 second node, 2 logical CPUs each) run on this one machine and share its cores. Each engine asks
 for 2 CPUs, so Ray places the 2-replica run's engines one per node (as on two real machines),
 but on a 2-core box they divide the same cores: the ratio shows what the distribution costs
@@ -83,11 +83,11 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=512)
     args = p.parse_args()
     if not args.model:
-        from pipeline.tiny_model import build_tiny_model
+        from pipeline.apps.tiny_model import build_tiny_model
 
         args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-tiny-"))
 
-    from cluster.local import TwoNodes
+    from cluster.two_node_testbed import TwoNodes
 
     a = stock(args)
     nodes = TwoNodes(num_cpus=2)

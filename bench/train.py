@@ -151,7 +151,8 @@ def our_sft(args, rows, attention: str):
     """
     from transformers import TrainingArguments
 
-    from stages.packed import ATTENTION, collate, packed_trainer_class, register_attention
+    from stages.lib.packed import ATTENTION, collate, register_attention
+    from stages.lib.trainer import packed_trainer_class
     from stages.sft import sft_loss
 
     register_attention()
@@ -168,8 +169,8 @@ def our_sft(args, rows, attention: str):
 
 
 def pairs_data(tok, convs_good, convs_bad):
-    from stages.chat import target_format
-    from stages.packed import encode
+    from stages.lib.chat import target_format
+    from stages.lib.packed import encode
 
     fmt = target_format(tok, "bench", "", "chat", "think", "bench")
     out = []
@@ -186,7 +187,8 @@ def our_redi(args, pairs):
     from transformers import TrainingArguments
 
     from stages.redi import CollapseWatch, redi_batch_loss
-    from stages.packed import ATTENTION, collate, packed_row, packed_trainer_class, register_attention
+    from stages.lib.packed import ATTENTION, collate, packed_row, register_attention
+    from stages.lib.trainer import packed_trainer_class
 
     register_attention()
     k = args.pairs_per_step
@@ -236,14 +238,14 @@ def flops_per_token(config, context: float) -> float:
 
 
 def main():
-    from pipeline.tiny_model import SHAPES
+    from pipeline.apps.tiny_model import SHAPES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="model folder (default: build the tiny one)")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--shape", default="", choices=["", *SHAPES],
                         help="without --model: a random-init model of "
-                        "this real shape (pipeline/tiny_model.py SHAPES: qwen2.5-0.5b)")
+                        "this real shape (pipeline/apps/tiny_model.py SHAPES: qwen2.5-0.5b)")
     parser.add_argument("--liger", action="store_true", help="TRL best with liger (GPU)")
     parser.add_argument("--median", type=int, default=250, help="median trace tokens")
     parser.add_argument("--cap", type=int, default=1024, help="max length")
@@ -256,13 +258,13 @@ def main():
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from stages.chat import target_format
-    from stages.packed import encode, pack, packed_row
+    from stages.lib.chat import target_format
+    from stages.lib.packed import encode, pack, packed_row
 
     if not args.gpu:
         torch.set_num_threads(os.cpu_count())
     if not args.model:
-        from pipeline.tiny_model import build_tiny_model
+        from pipeline.apps.tiny_model import build_tiny_model
 
         args.model = build_tiny_model(tempfile.mkdtemp(prefix="bench-model-"),
                                       **(SHAPES[args.shape] if args.shape else {}))

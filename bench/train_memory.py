@@ -5,12 +5,12 @@ TRL's SFTTrainer, one packed row, loss + backward, in one run.
     .venv/bin/python bench/train_memory.py --tokens 2048 --variants chunked,today
 
 Model: 2 layers, hidden 256 (head_dim 64), intermediate 1024, random init, Qwen2.5's vocabulary
-of 151,936 rows (pipeline/tiny_model.py, vocab_to), tied embeddings, fp32 on CPU. Row: samples
+of 151,936 rows (pipeline/apps/tiny_model.py, vocab_to), tied embeddings, fp32 on CPU. Row: samples
 of 1,024 completion tokens after a 32-token prompt, back to back, so a row of N completion
 tokens holds N / 1,024 samples and N + 32 N / 1,024 tokens. Variants, each in its own process
 (peak RSS = that process's ru_maxrss, model load included; "step" = loss + backward, no
 optimizer):
-  today:   stages/packed.py completion_logps with chunk=0 — the K completion positions through
+  today:   stages/lib/packed.py completion_logps with chunk=0 — the K completion positions through
            the LM head at once (logits_to_keep), fp32 cross-entropy: what training did before
   chunked: completion_logps as training runs it now (stages/lib/lm_head.py, 1,024 positions a
            chunk, the logits recomputed in backward)
@@ -42,7 +42,7 @@ PROMPT, COMPLETION = 32, 1024  # tokens per sample
 
 
 def build_model(model_dir: str) -> str:
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.apps.tiny_model import build_tiny_model
 
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         build_tiny_model(model_dir, layers=2, hidden=256, heads=4, kv_heads=2, intermediate=1024,
@@ -76,7 +76,7 @@ def child(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
+    from stages.lib.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
 
     torch.set_num_threads(args.threads or os.cpu_count())
     register_attention()
@@ -125,7 +125,7 @@ def layers_child(args) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from stages.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
+    from stages.lib.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
 
     torch.set_num_threads(args.threads or os.cpu_count())
     register_attention()

@@ -139,7 +139,7 @@ def main() -> int:
     print(f"load average at start: {os.getloadavg()}")
     print("fresh-interpreter imports (s):", fresh_imports())
 
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.apps.tiny_model import build_tiny_model
     from test_sft import RECIPE, write_select
 
     tmp = tempfile.mkdtemp(prefix="train-overhead-")

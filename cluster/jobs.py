@@ -4,7 +4,7 @@
         data_root=s3://bucket/run1
     distillery jobs list | status ID | logs ID [--follow] | stop ID
 
-`submit` ships this repository (cluster/runtime_env.yaml: the code, never .venv or data) and runs
+`submit` ships this repository (cluster/deploy/runtime_env.yaml: the code, never .venv or data) and runs
 `python -m pipeline.cli run STAGE …` as the job's entrypoint. Inside the job Ray sets
 RAY_ADDRESS, so every stage joins the cluster — the same code path as a laptop run (DESIGN.md
 rule 4). The logs stream back until the job ends; the exit code is the job's (2 for a user
@@ -52,8 +52,8 @@ def client(address: str):
 
 
 def runtime_env() -> dict:
-    """cluster/runtime_env.yaml with its working_dir resolved against the repository root."""
-    with open(os.path.join(HERE, "runtime_env.yaml"), encoding="utf-8") as f:
+    """cluster/deploy/runtime_env.yaml with its working_dir resolved against the repository root."""
+    with open(os.path.join(HERE, "deploy", "runtime_env.yaml"), encoding="utf-8") as f:
         env = yaml.safe_load(f)
     env["working_dir"] = os.path.normpath(os.path.join(REPO, env["working_dir"]))
     return env

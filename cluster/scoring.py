@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from cluster.resources import claim, placement
+from pipeline.resources import claim, placement
 
 
 class _Scorer:
@@ -62,11 +62,11 @@ def score_batches(ds, *, models: dict, score_fn, resources, ctx, batch_size: int
     models: {name: model path or hub id}, all loaded by every actor.
     prepare: a no-argument function run in each actor before loading (module-level, picklable).
     cpu_model_hook: model -> model, applied to each loaded model when the pool runs on CPU
-      (e.g. stages/packed.py's onednn_linears).
+      (e.g. stages/lib/packed.py's onednn_linears).
     """
     import ray.data
 
-    ctx.ensure_ray()
+    # Ray is up: `ds` is a Ray Dataset, and whoever made it started Ray (ctx.ensure_ray).
     r = resources
     claim(ctx.stage, r, "engines")  # refused (fixed cluster) or waited for (autoscaler) now
     use_gpu = r.gpus_per_replica > 0

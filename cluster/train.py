@@ -85,9 +85,13 @@ def fit(loop, config: dict, resources, ctx) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.resources import claim
+    from pipeline.resources import claim
 
-    ctx.ensure_ray()
+    import ray
+
+    ctx.ensure_ray()  # the one start of Ray for a training stage
+    # The packed rows once in the object store, not pickled into every worker's config.
+    config = {**config, "rows": ray.put(config["rows"])}
     # More GPU workers than the cluster has would leave Ray Train waiting for them forever:
     # refused now on a fixed cluster, waited for (resources.wait_s) on an autoscaling one.
     claim(ctx.stage, resources, "workers")

@@ -108,7 +108,7 @@ def cmd_lineage(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from pipeline.tiny_model import SHAPES, build_tiny_model
+    from pipeline.apps.tiny_model import SHAPES, build_tiny_model
 
     sizes = dict(layers=args.layers, hidden=args.hidden, heads=args.heads,
                  kv_heads=args.kv_heads, intermediate=args.intermediate)
@@ -120,7 +120,11 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipeline.demo import main as demo_main
+    if args.ablations:  # the ablations build on the demo (its models, its data): not its part
+        from pipeline.apps.ablations import main as ablations_main
+
+        return ablations_main(args)
+    from pipeline.apps.demo import main as demo_main
 
     return demo_main(args)
 
@@ -139,7 +143,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import write_report
+    from pipeline.apps.report import write_report
 
     store = _store(args, args.items)
     path = write_report(store, args.out)
@@ -149,7 +153,7 @@ def cmd_report(args) -> int:
 
 def cmd_view(args) -> int:
     from pipeline.store import Store
-    from pipeline.viewer.server import serve
+    from pipeline.apps.viewer.server import serve
     from stages import STAGES
 
     scheme = args.data_root.split("://", 1)[0] if "://" in args.data_root else "file"
@@ -186,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="run STAGE (or `all`) on a Ray cluster as a Ray job",
                        description="Submit `distillery run STAGE ...` as a Ray job (Ray's Job "
-                       "SDK; the repository is shipped per cluster/runtime_env.yaml) and stream "
+                       "SDK; the repository is shipped per cluster/deploy/runtime_env.yaml) and stream "
                        "its logs; the exit code is the job's. Token auth: as `ray job submit`.")
     s.add_argument("stage", help="stage name or `all`")
     with_recipe(s)
@@ -226,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("items", nargs="*", metavar="data_root=...")
     l.set_defaults(func=cmd_lineage)
 
-    from pipeline.tiny_model import SHAPES  # a dict of sizes: no torch import
+    from pipeline.apps.tiny_model import SHAPES  # a dict of sizes: no torch import
 
     t = sub.add_parser("tiny-model", help="build a tiny random-init Qwen2 model + local tokenizer")
     t.add_argument("out")

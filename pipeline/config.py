@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from cluster.resources import StageResources
+from pipeline.resources import StageResources
 from pipeline.errors import UserError
 from pipeline.textfile import read_text
 

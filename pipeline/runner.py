@@ -13,7 +13,7 @@ import posixpath
 import sys
 import time
 
-from cluster.resources import fit_to_cluster
+from pipeline.resources import fit_to_cluster
 from pipeline.config import Recipe
 from pipeline.errors import UserError
 from pipeline.stage import Context, Stage, check_storage
@@ -87,7 +87,7 @@ def code_sources(stage: Stage) -> dict[str, str]:
 
 def code_version(stage: Stage) -> str:
     """Package version + a hash of the stage's module and of every project module it imports,
-    transitively (stages/packed.py, cluster/inference.py, pipeline/textfile.py, …): editing any
+    transitively (stages/lib/packed.py, cluster/inference.py, pipeline/textfile.py, …): editing any
     of them makes new versions."""
     sources = code_sources(stage)
     blob = "\n".join(f"{name}\n{sources[name]}" for name in sorted(sources)).encode()

@@ -46,7 +46,7 @@ class Context:
     data_root: str
     teacher: str                   # the recipe's teacher (hub id or local path)
     student: str                   # the recipe's student
-    resources: Any                 # cluster.resources.StageResources for this stage ("where")
+    resources: Any                 # pipeline.resources.StageResources for this stage ("where")
     stats: dict = field(default_factory=dict)             # -> manifest["stats"]
     drops: collections.Counter = field(default_factory=collections.Counter)  # reason -> rows
     rows_in: int | None = None     # rows of the first input (set by the runner)

@@ -8,7 +8,7 @@ Reads evaluate's `samples` split: the completions the distilled student D (`dist
 held-out problems. Each completion is scored, in the prompt evaluate asked it with, under the
 teacher T, the original student S and D itself (cluster/scoring.py's actor pool, one packed
 forward per model), split into sentences, and every sentence labelled with four classes
-(stages/sentences.py's label_four): shared if |p_S - p_D|, |p_T - p_D| and |p_T - p_S| are all
+(stages/lib/sentences.py's label_four): shared if |p_S - p_D|, |p_T - p_D| and |p_T - p_S| are all
 <= alpha; teacher if p_T - p_S > beta; student if p_S - p_T > beta; otherwise boosted.
 
 Reported (manifest stats, `distillery report`): the share of teacher-originated sentences in D's
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.sentences import (completion_mean, geometric_p, label_four, scored_end,
+from stages.lib.sentences import (completion_mean, geometric_p, label_four, scored_end,
                               sentence_means, split_sentences)
 
 CLASSES = ("shared", "teacher", "student", "boosted", "unscored")
@@ -63,8 +63,8 @@ def score_batch(models: dict, batch, cfg: AttributionConfig, prompt_cfg: dict, t
     """Pool actor's call: the samples + the attribution columns."""
     import pyarrow as pa
 
-    from stages.chat import prompt_messages, target_format
-    from stages.packed import score_traces
+    from stages.lib.chat import prompt_messages, target_format
+    from stages.lib.packed import score_traces
 
     texts = [t or "" for t in batch.column("completion").to_pylist()]
     ask = types.SimpleNamespace(**prompt_cfg)
@@ -124,8 +124,8 @@ def run(cfg: AttributionConfig, inputs, ctx):
     import ray.data
 
     from cluster.scoring import score_batches
-    from stages.chat import check_chat_format
-    from stages.packed import ATTENTION, check_student, onednn_linears, register_attention
+    from stages.lib.chat import check_chat_format
+    from stages.lib.packed import ATTENTION, onednn_linears, register_attention
 
     if cfg.alpha < 0 or cfg.beta < 0:
         raise UserError("attribution.alpha and attribution.beta must be >= 0")
@@ -145,7 +145,6 @@ def run(cfg: AttributionConfig, inputs, ctx):
     template = ""
     for role, path in (("teacher", cfg.teacher), ("student", cfg.student),
                        ("distilled", distilled_path)):
-        check_student(path, "attribution", role)
         template = check_chat_format(path, prompt_cfg["chat_template"],
                                      prompt_cfg["prompt_format"], "attribution", role)
 

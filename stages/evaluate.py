@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.chat import PROBLEM_TEMPLATE
-from stages.verify import DEFAULT_FALLBACKS
+from stages.lib.chat import PROBLEM_TEMPLATE
+from stages.lib.answers import DEFAULT_FALLBACKS
 
 # Names that mean "the model this recipe/run already has"; anything else is a path or hub id.
 NAMED = ("teacher", "student", "sft", "redi")
@@ -48,7 +48,7 @@ class EvaluateConfig:
     models: what to evaluate, in table order: "teacher", "student" (the base student), "sft",
       "redi" (the versions this run reads; pin them with sft@<version>), or a checkpoint folder /
       hub id. Duplicates are an error.
-    eval_path: "synthetic" (held-out problems made by stages/synthetic.py with `synthetic_seed`)
+    eval_path: "synthetic" (held-out problems made by stages/lib/synthetic.py with `synthetic_seed`)
       or a .jsonl/.json/.csv/.parquet file or save_to_disk folder (as `prompts` reads them).
     problem_field / answer_field / difficulty_field: columns of that file ("" difficulty_field
       = no per-level rows). Synthetic problems carry their number of operations as difficulty.
@@ -71,7 +71,7 @@ class EvaluateConfig:
       them equal to generate's, so the models are asked as the teacher was.
     chat_template / prompt_format: how that chat becomes the prompt text, for every model in
       `models` ("" / "chat" = each model's own template; "raw" = the problem template alone, for
-      base models; see generate and stages/chat.py).
+      base models; see generate and stages/lib/chat.py).
     verify_answer_field / verify_fallbacks / verify_timeout_s: as verify's answer_field,
       fallbacks and timeout_s ("final" = the text after the reasoning).
     reasoning_tags: how the models mark their reasoning (the recipe's top-level `reasoning_tags`).
@@ -241,10 +241,11 @@ def format_groups(by_group: dict[str, list[dict]]) -> str:
 def load_eval_problems(cfg: EvaluateConfig) -> list[dict]:
     """[{problem, answer, difficulty, groups}] from the synthetic generator or a file; groups:
     {field: value} of cfg.group_fields the row has."""
-    from stages.prompts import ANSWER_FROM, _answer_text, normalize, read_records
+    from stages.lib.ingest import normalize, read_records
+    from stages.lib.references import ANSWER_FROM, reference_answer
 
     if cfg.eval_path == "synthetic":
-        from stages.synthetic import make_problems
+        from stages.lib.synthetic import make_problems
 
         made = make_problems(cfg.synthetic_n, seed=cfg.synthetic_seed,
                              min_terms=cfg.synthetic_min_terms, max_terms=cfg.synthetic_max_terms,
@@ -265,7 +266,7 @@ def load_eval_problems(cfg: EvaluateConfig) -> list[dict]:
                 raise UserError(f"{where}: field '{cfg.problem_field}': expected text")
             level = rec.get(cfg.difficulty_field) if cfg.difficulty_field else None
             rows.append({"problem": normalize(rec[cfg.problem_field]),
-                         "answer": _answer_text(rec[cfg.answer_field], where, cfg.answer_field,
+                         "answer": reference_answer(rec[cfg.answer_field], where, cfg.answer_field,
                                                 cfg.answer_from),
                          "difficulty": None if level is None else str(level),
                          "groups": {name: group_value(rec.get(name)) for name in cfg.group_fields
@@ -301,11 +302,11 @@ def run(cfg: EvaluateConfig, inputs, ctx):
     import pyarrow.compute as pc
     import ray.data
 
-    from cluster.inference import Sampling, check_model, complete_chats, iter_samples
-    from stages.chat import (check_chat_format, load_tokenizer, opened_reasoning,
+    from cluster.inference import Sampling, complete_chats, iter_samples
+    from stages.lib.chat import (check_chat_format, load_tokenizer, opened_reasoning,
                              prompt_messages, render_prompt, split_think)
-    from stages.prompts import normalize, problem_id
-    from stages.verify import VerifyConfig, answer_parts, verify_rows
+    from stages.lib.ingest import normalize, problem_id
+    from stages.lib.answers import VerifyConfig, answer_parts, verify_rows
 
     if cfg.samples < 1 or not 1 <= cfg.pass_k <= cfg.samples:
         raise UserError(f"evaluate: need samples >= 1 and 1 <= pass_k <= samples, got "
@@ -314,8 +315,7 @@ def run(cfg: EvaluateConfig, inputs, ctx):
         raise UserError("evaluate.problem_template must contain {problem}")
     models = resolve_models(cfg, inputs)
     template = ""
-    for name, path in models.items():  # before Ray starts: stages/chat.py
-        check_model(path)
+    for name, path in models.items():  # before Ray starts: stages/lib/chat.py
         template = check_chat_format(path, cfg.chat_template, cfg.prompt_format, "evaluate",
                                      role=f"models[{name}]")
     render = functools.partial(render_prompt, chat_template=template,

@@ -33,11 +33,12 @@ import posixpath
 import time
 from dataclasses import dataclass, field
 
-from cluster.inference import Endpoint, Sampling, check_model, complete_chats
+from cluster.inference import Endpoint, Sampling, complete_chats
 from pipeline.errors import UserError
 from pipeline.progress import Progress
+from pipeline.shards import Shards, tagged
 from pipeline.stage import Stage
-from stages.chat import (PROBLEM_TEMPLATE, check_chat_format, load_tokenizer, messages_type,
+from stages.lib.chat import (PROBLEM_TEMPLATE, check_chat_format, load_tokenizer, messages_type,
                          opened_reasoning, prompt_messages, reasoning_tags, render_prompt,
                          split_think, tag_status, trace_id)
 
@@ -60,7 +61,7 @@ class GenerateConfig:
     chat_template: "" = the teacher's own; else Jinja text or a path to a .jinja file (a base
       model has none). vllm backend only.
     prompt_format: "chat" (rendered with the chat template) or "raw" (the problem template is the
-      whole prompt: base models, R1-style raw prompts). stages/chat.py, "rendering a prompt".
+      whole prompt: base models, R1-style raw prompts). stages/lib/chat.py, "rendering a prompt".
     shard_size: problems per shard: the unit of resume and of one engine batch
       (256 problems * n=8 = 2048 sequences in flight keeps an engine's continuous batching full).
     max_model_len: the engine's context length (0 = the model's); a prompt longer than it is not
@@ -124,7 +125,6 @@ def _percentile(sorted_values: list, q: float):
 
 def run(cfg: GenerateConfig, inputs, ctx):
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.store import Store
@@ -140,9 +140,9 @@ def run(cfg: GenerateConfig, inputs, ctx):
     reasoning_tags(cfg.reasoning_tags, "generate")
     render, opened = None, ""
     if cfg.backend == "vllm":
-        check_model(cfg.teacher)  # before Ray starts: a wrong path is the user's, and instant
-        # ... and so is a teacher without a chat template (a base model), a config that is not a
-        # causal LM, truncated weights: answered here, not as a traceback from an engine actor.
+        # Before Ray starts: a wrong path, a teacher without a chat template (a base model), a
+        # config that is not a causal LM, truncated weights are the user's, answered here, not
+        # as a traceback from an engine actor.
         template = check_chat_format(cfg.teacher, cfg.chat_template, cfg.prompt_format,
                                      "generate")
         render = functools.partial(render_prompt, chat_template=template,
@@ -169,12 +169,8 @@ def run(cfg: GenerateConfig, inputs, ctx):
     shards = [table.slice(start, cfg.shard_size)
               for start in range(0, table.num_rows, cfg.shard_size)]
     store = Store(ctx.data_root)
-    fs = store.fs
-
-    def shard_path(k: int) -> str:
-        return posixpath.join(ctx.out_dir, f"part-{k:05d}.parquet")
-
-    todo = [k for k in range(len(shards)) if not fs.exists(shard_path(k))]
+    parts = Shards(store.fs, ctx.out_dir)
+    todo = parts.todo(len(shards))
     print(f"generate: {table.num_rows} problems in {len(shards)} shards of {cfg.shard_size}; "
           f"{len(shards) - len(todo)} already done, {len(todo)} to generate", flush=True)
 
@@ -188,59 +184,38 @@ def run(cfg: GenerateConfig, inputs, ctx):
         import ray.data
 
         msg_type = messages_type()
-        blocks = []
+        pieces = {}
         for k in todo:
-            shard = shards[k]
-            msgs = [prompt_messages(p, cfg) for p in shard.column("problem").to_pylist()]
-            shard = shard.append_column(pa.field("prompt_messages", msg_type),
-                                        pa.array(msgs, type=msg_type))
-            blocks.append(shard.append_column("_shard", pa.array([k] * shard.num_rows,
-                                                                 type=pa.int32())))
+            msgs = [prompt_messages(p, cfg) for p in shards[k].column("problem").to_pylist()]
+            pieces[k] = shards[k].append_column(pa.field("prompt_messages", msg_type),
+                                                pa.array(msgs, type=msg_type))
+        # batch_size = shard_size: one engine call per shard (batch_size=None would let Ray
+        # bundle several blocks into one task and hold their output until its end).
         ctx.ensure_ray()
-        # One block per shard and batch_size = shard_size: every shard but the last (in index
-        # order, so it comes last) has exactly shard_size rows, so each engine call is exactly
-        # one shard and each Ray task returns as soon as its shard is done (batch_size=None
-        # lets Ray bundle several blocks into one task and hold their output until its end).
-        ds = ray.data.from_arrow(blocks)
+        ds = ray.data.from_arrow(tagged(pieces))
         out = complete_chats(ds, model=cfg.teacher, messages_column="prompt_messages",
                              sampling=sampling, n=cfg.n, endpoint=endpoint,
                              resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
                              max_model_len=cfg.max_model_len,
                              trust_remote_code=cfg.trust_remote_code, render=render)
-        pending: dict[int, list] = {}
-        # prefetch_batches=0: with prefetching, a finished shard reaches this loop only when the
-        # next one is done too (measured: one shard late), and a kill then loses both.
-        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow",
-                                      prefetch_batches=0):
-            for k in set(batch.column("_shard").to_pylist()):
-                pending.setdefault(k, []).append(
-                    batch.filter(pc.equal(batch.column("_shard"), k)))
-                have = sum(t.num_rows for t in pending[k])
-                if have < shards[k].num_rows * cfg.n:
-                    continue
-                done = _finish_shard(pa.concat_tables(pending.pop(k)).drop(["_shard"]), cfg,
-                                     opened)
-                # Atomic: write a hidden temp file, then rename; a kill leaves no partial part-*.
-                tmp = posixpath.join(ctx.out_dir, f".part-{k:05d}.parquet.tmp")
-                with fs.open(tmp, "wb") as f:
-                    pq.write_table(done, f)
-                fs.mv(tmp, shard_path(k))
-                shard_tokens = sum(done.column("completion_tokens").to_pylist())
-                new_tokens += shard_tokens
-                elapsed = time.time() - started
-                if first is None:  # engine start-up and the first shard lie before this point
-                    first = (elapsed, new_tokens)
-                last = elapsed
-                progress.update(done.num_rows, tokens=shard_tokens,
-                                errors=done.column("finish_reason").to_pylist().count("error"))
-        if pending:
-            raise RuntimeError(f"generate: shards {sorted(pending)} came back incomplete")
+        expected = {k: shards[k].num_rows * cfg.n for k in todo}
+        for k, samples in parts.gather(out, expected, "generate"):
+            done = _finish_shard(samples, cfg, opened)
+            parts.write(k, done)
+            shard_tokens = sum(done.column("completion_tokens").to_pylist())
+            new_tokens += shard_tokens
+            elapsed = time.time() - started
+            if first is None:  # engine start-up and the first shard lie before this point
+                first = (elapsed, new_tokens)
+            last = elapsed
+            progress.update(done.num_rows, tokens=shard_tokens,
+                            errors=done.column("finish_reason").to_pylist().count("error"))
     progress.close()
     wall = time.time() - started
 
     # Statistics over the whole version (shards from earlier, interrupted runs included).
     cols = ["completion_tokens", "prompt_tokens", "finish_reason", "trace_id", "reasoning_status"]
-    full = pa.concat_tables([pq.read_table(shard_path(k), filesystem=store.arrow_fs(),
+    full = pa.concat_tables([pq.read_table(parts.path(k), filesystem=store.arrow_fs(),
                                            columns=cols) for k in range(len(shards))])
     if full.num_rows != table.num_rows * cfg.n:
         raise RuntimeError(f"generate: {full.num_rows} rows, expected "
@@ -420,10 +395,7 @@ def _run_import(cfg: GenerateConfig, inputs, ctx):
     schema = _import_schema()
     store = Store(ctx.data_root)
     fs = store.fs
-
-    def shard_path(k: int) -> str:
-        return posixpath.join(ctx.out_dir, f"part-{k:05d}.parquet")
-
+    parts = Shards(fs, ctx.out_dir)
     # Shards left by an interrupted run count only if they were cut from the same bytes: a file
     # fixed in place (same path, so the same version) starts over.
     marker = posixpath.join(ctx.out_dir, ".source.json")
@@ -437,7 +409,7 @@ def _run_import(cfg: GenerateConfig, inputs, ctx):
     for k, batch in enumerate(ingest.iter_rows(source, batch_rows=cfg.shard_size)):
         start = k * cfg.shard_size
         rows_seen += len(batch)
-        if fs.exists(shard_path(k)):  # finished by an earlier, interrupted run
+        if parts.done(k):  # finished by an earlier, interrupted run
             check(batch[0][1], batch[0][0])  # the layout the file has, for the rows after
             done_before += 1
             continue
@@ -453,11 +425,7 @@ def _run_import(cfg: GenerateConfig, inputs, ctx):
             r["prompt_tokens"] = prompts_text[key]
         table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
             {"distillery.import": json.dumps({"source_rows": len(batch), "drops": drops})})
-        # Atomic: a hidden temp file, then a rename; a kill leaves no partial part-*.
-        tmp = posixpath.join(ctx.out_dir, f".part-{k:05d}.parquet.tmp")
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        fs.mv(tmp, shard_path(k))
+        parts.write(k, table)
         traces_new += table.num_rows
         elapsed = time.time() - started
         print(f"generate: shard {k}: {table.num_rows} traces from {len(batch)} rows; "
@@ -472,7 +440,7 @@ def _run_import(cfg: GenerateConfig, inputs, ctx):
             "problem_id", "source_correct_math_verify", "source_correct_llama"]
     parts, drops, source_rows = [], collections.Counter(), 0
     for i in range(k + 1):
-        pf = pq.ParquetFile(shard_path(i), filesystem=store.arrow_fs())
+        pf = pq.ParquetFile(parts.path(i), filesystem=store.arrow_fs())
         meta = json.loads(pf.schema_arrow.metadata[b"distillery.import"])
         drops.update(meta["drops"])
         source_rows += meta["source_rows"]

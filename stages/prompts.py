@@ -9,18 +9,13 @@ unedited. Exact dedup on normalized text; optional n-gram decontamination agains
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.lib.latex import matching_braces
-from pipeline.textfile import read_text
+from stages.lib.ingest import normalize, problem_id, read_records
+from stages.lib.references import ANSWER_FROM, reference_answer
 
 
 @dataclass
@@ -47,7 +42,7 @@ class PromptsConfig:
     dedup: drop exact duplicates of the normalized text (whitespace collapsed, ends stripped).
     decontaminate: an eval file (same formats, same problem_field); problems sharing any
       word n-gram of length `decontaminate_ngram` with it are dropped ("contaminated").
-    synthetic_*: the built-in generator (stages/synthetic.py): count, seed, terms per problem,
+    synthetic_*: the built-in generator (stages/lib/synthetic.py): count, seed, terms per problem,
       largest operand.
     import_format: "" = `path` is a table of problems (problem_field / answer_field); else it is
       a trace file (docs/import.md) whose problems and answers are read, streamed: "auto" (the
@@ -83,131 +78,6 @@ class PromptsConfig:
     import_drop: dict = field(default_factory=dict)
 
 
-# A problem's identity, shared with generate's import (stages/lib/ingest.py): one definition.
-from stages.lib.ingest import json_lines, normalize, problem_id  # noqa: E402,F401
-
-
-def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
-    """[(where, record)] with `where` like "file.jsonl:line 3" for error messages."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file or folder")
-    if os.path.isdir(path):
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(path)
-        except Exception as e:  # not a save_to_disk folder
-            raise UserError(f"{path}: not a datasets.save_to_disk folder ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise UserError(f"{path}: no split '{split}' (splits: {list(ds)}); "
-                                "set prompts.split")
-            ds = ds[split]
-        return [(f"{path}: row {i}", r) for i, r in enumerate(ds.to_list())]
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".json", ".csv", ".tsv"):
-        # A UTF-8 (or UTF-16) byte-order mark and CRLF line ends are accepted (pipeline/textfile.py).
-        text = read_text(path)
-    if ext == ".jsonl":  # line by line (stages/lib/ingest.py): BOM, CRLF, UTF-16 as above
-        return list(json_lines(path))
-    if ext == ".json":
-        try:
-            data = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise UserError(f"{path}: JSON nested too deeply") from None
-        except ValueError as e:  # e.g. an integer of more than 4300 digits
-            raise UserError(f"{path}: {e}") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
-        for i, rec in enumerate(data):
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}: item {i}: expected a JSON object, got {type(rec).__name__}")
-        return [(f"{path}: item {i}", r) for i, r in enumerate(data)]
-    if ext in (".csv", ".tsv"):
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if ext == ".csv" else "\t")
-        try:
-            header = next(reader, None)
-            if header is None:
-                return []
-            if len(set(header)) != len(header):
-                twice = sorted({h for h in header if header.count(h) > 1})
-                raise UserError(f"{path}: line 1: the header names {twice} more than once")
-            out = []
-            for row in reader:
-                if not row:  # a blank line
-                    continue
-                if len(row) != len(header):
-                    raise UserError(f"{path}: line {reader.line_num}: {len(row)} fields, the "
-                                    f"header has {len(header)} ({header})")
-                out.append((f"{path}: line {reader.line_num}", dict(zip(header, row))))
-        except csv.Error as e:
-            raise UserError(f"{path}: line {reader.line_num}: not valid {ext[1:].upper()} ({e})") from None
-        return out
-    if ext == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise UserError(f"{path}: not a readable Parquet file ({e})") from None
-        return [(f"{path}: row {i}", r) for i, r in enumerate(table.to_pylist())]
-    raise UserError(f"{path}: unknown format '{ext}' (use .jsonl, .json, .csv, .tsv, .parquet, "
-                    "a datasets.save_to_disk folder, or 'synthetic')")
-
-
-ANSWER_FROM = ("auto", "last_boxed", "field")
-
-# The reference's last box. Not verify's extractor (stages/verify.py): importing it would tie
-# every prompts version to verify's code, and a verify edit would then regenerate every trace.
-# Reference solutions are well formed: braces balance, and a box's content is its braces'.
-_REF_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# "2,125", "1,450,000", "-1,234.5": GSM8K's thousands separators (14 of its test answers).
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-
-
-def reference_box(text: str) -> str | None:
-    """The content of the last closed \\boxed{...} / \\fbox{...} of a reference solution; None
-    if none. Linear: the braces are matched once (a stack), whatever the number of boxes."""
-    opens = [m.end() - 1 for m in _REF_BOX.finditer(text)]
-    if not opens:
-        return None
-    closes = matching_braces(text)
-    for i in reversed(opens):
-        if i in closes:
-            return text[i + 1:closes[i]].strip() or None
-    return None
-
-
-def _answer_text(value, where: str, field: str, answer_from: str = "auto") -> str | None:
-    """The reference answer in a row's `field` value, read as `answer_from` says (see
-    PromptsConfig); None when there is none."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise UserError(f"{where}: field '{field}': expected text or a number, "
-                        f"got {type(value).__name__}")
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise UserError(f"{where}: field '{field}': {value} is not an answer")
-        # 27.0 is the integer 27 (AMC23 stores every answer as a float): "27", not "27.0".
-        text = str(int(value)) if value.is_integer() else repr(value)
-    else:
-        text = str(value)
-    if answer_from == "field":
-        return text.strip() or None
-    if answer_from == "last_boxed" or (answer_from == "auto" and "####" not in text
-                                       and _REF_BOX.search(text)):
-        return reference_box(text)
-    if "####" in text:  # GSM8K: the reference answer follows "####"
-        text = text.rsplit("####", 1)[1].strip()
-        if _THOUSANDS.fullmatch(text):
-            text = text.replace(",", "")
-    text = text.strip()
-    return text or None
 
 
 def _ngrams(text: str, n: int) -> set:
@@ -224,7 +94,7 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict, dict]:
     if cfg.answer_from not in ANSWER_FROM:
         raise UserError(f"prompts.answer_from: '{cfg.answer_from}' is not one of {ANSWER_FROM}")
     if cfg.path == "synthetic":
-        from stages.synthetic import make_problems
+        from stages.lib.synthetic import make_problems
 
         made = make_problems(cfg.synthetic_n, seed=cfg.synthetic_seed,
                              min_terms=cfg.synthetic_min_terms, max_terms=cfg.synthetic_max_terms,
@@ -264,7 +134,7 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict, dict]:
         if answer_field and answer_field not in rec:
             raise UserError(f"{where}: no field '{answer_field}' (fields: {sorted(rec)}); "
                             "set prompts.answer_field, or prompts.answer_field='' for none")
-        answer = (_answer_text(rec[answer_field], where, answer_field, cfg.answer_from)
+        answer = (reference_answer(rec[answer_field], where, answer_field, cfg.answer_from)
                   if answer_field else None)
         norm = normalize(text)
         if not norm:

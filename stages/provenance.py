@@ -5,9 +5,9 @@ should train on (METHODS.md, "Provenance tracing"; arXiv 2512.20908).
 
 Every prune row's `pruned_completion` is scored as the assistant turn after its prompt
 (`prompt_messages`, rendered with each model's own chat template) under the teacher and the
-original student: one packed forward per model (stages/packed.py's score_completions) on a Ray
+original student: one packed forward per model (stages/lib/packed.py's score_completions) on a Ray
 Data actor pool (cluster/scoring.py; `resources.provenance` decides replicas and GPUs). The text is
-split into sentences (stages/sentences.py); per sentence p = exp(mean token log-prob) over the
+split into sentences (stages/lib/sentences.py); per sentence p = exp(mean token log-prob) over the
 tokens overlapping its character span, each model with its own tokenizer; label teacher / student
 / common with margin beta. Per trace: teacher_sentences, teacher_share, lp_teacher, lp_student and
 provenance_score = lp_teacher - lp_student (docs/provenance.md says how tokens are weighted).
@@ -36,8 +36,9 @@ import time
 from dataclasses import dataclass
 
 from pipeline.errors import UserError
+from pipeline.shards import Shards, tagged
 from pipeline.stage import Stage
-from stages.sentences import (completion_mean, geometric_p, label_two, scored_end,
+from stages.lib.sentences import (completion_mean, geometric_p, label_two, scored_end,
                               sentence_means, split_sentences)
 
 METHODS = ("score", "none")
@@ -66,7 +67,7 @@ class ProvenanceConfig:
       meet, the LM head runs `chunk` positions at a time.
     chunk: positions per LM-head chunk (1,024 x 152k vocab x 4 B = 0.6 GB of fp32 logits).
     shard_size: traces per shard, the unit of resume and of one actor call.
-    chat_template / prompt_format: how the prompt is rendered for both models (stages/chat.py:
+    chat_template / prompt_format: how the prompt is rendered for both models (stages/lib/chat.py:
       "" = each model's own template; "raw" = the problem text alone), as generate asked.
       Each model scores the trace as it would write it after its own prompt (score_traces).
     reasoning_tags: how traces mark their reasoning (the recipe's top-level `reasoning_tags`).
@@ -108,12 +109,10 @@ def check_config(cfg: ProvenanceConfig) -> str:
         raise UserError("provenance.max_length (>= 2), shard_size and chunk (>= 1) must be positive")
     if cfg.method == "none":
         return ""
-    from stages.chat import check_chat_format
-    from stages.packed import check_student
+    from stages.lib.chat import check_chat_format
 
     template = ""
     for role, path in (("teacher", cfg.teacher), ("student", cfg.student)):
-        check_student(path, "provenance", role)
         template = check_chat_format(path, cfg.chat_template, cfg.prompt_format, "provenance",
                                      role)
     return template
@@ -162,8 +161,8 @@ def score_batch(models: dict, batch, cfg: ProvenanceConfig, template: str = ""):
     template: the chat template text check_config returned ("" = each model's own)."""
     import pyarrow as pa
 
-    from stages.chat import target_format
-    from stages.packed import score_traces
+    from stages.lib.chat import target_format
+    from stages.lib.packed import score_traces
 
     texts = [t or "" for t in batch.column("pruned_completion").to_pylist()]
     messages = batch.column("prompt_messages").to_pylist()
@@ -254,7 +253,6 @@ def _score_or_floor(score: float | None) -> float:
 
 def run(cfg: ProvenanceConfig, inputs, ctx):
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.store import Store
@@ -267,22 +265,13 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
     store = Store(ctx.data_root)
     fs = store.fs
     scored_dir = posixpath.join(ctx.out_dir, ".scored")
-
-    def scored_path(k: int) -> str:
-        return posixpath.join(scored_dir, f"part-{k:05d}.parquet")
-
-    def write(t, path: str) -> None:
-        # Atomic: a hidden temp file, then rename; a kill leaves no partial part-*.
-        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(t, f)
-        fs.mv(tmp, path)
+    out = Shards(fs, ctx.out_dir)  # the final parts, written once every shard is scored
 
     started = time.time()
     todo, new_tokens = [], 0
     if cfg.method == "score":
-        fs.makedirs(scored_dir, exist_ok=True)
-        todo = [k for k in range(len(shards)) if not fs.exists(scored_path(k))]
+        scored = Shards(fs, scored_dir)
+        todo = scored.todo(len(shards))
         print(f"provenance: {table.num_rows} traces in {len(shards)} shards of {cfg.shard_size}; "
               f"{len(shards) - len(todo)} already scored, {len(todo)} to score", flush=True)
     if todo:
@@ -292,14 +281,10 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
 
         from cluster.scoring import score_batches
         from pipeline.progress import Progress
-        from stages.packed import ATTENTION, onednn_linears, register_attention
+        from stages.lib.packed import ATTENTION, onednn_linears, register_attention
 
-        blocks = [shards[k].append_column("_shard", pa.array([k] * shards[k].num_rows, pa.int32()))
-                  for k in todo]
         ctx.ensure_ray()
-        # One block per shard, batch_size = shard_size: each actor call is one shard (the last
-        # shard, the only short one, comes last), as in generate.
-        out = score_batches(ray.data.from_arrow(blocks),
+        scores = score_batches(ray.data.from_arrow(tagged({k: shards[k] for k in todo})),
                             models={"teacher": cfg.teacher, "student": cfg.student},
                             score_fn=functools.partial(score_batch, cfg=cfg, template=template),
                             resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
@@ -309,28 +294,18 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
         progress = Progress("provenance", total=table.num_rows, unit="traces", errors=False,
                             tokens_label="scored tok/s",
                             done=table.num_rows - sum(shards[k].num_rows for k in todo))
-        pending: dict[int, list] = {}
-        # prefetch_batches=0: a finished shard is written as soon as it arrives (generate.py).
-        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow",
-                                      prefetch_batches=0):
-            for k in set(batch.column("_shard").to_pylist()):
-                pending.setdefault(k, []).append(batch.filter(pc.equal(batch.column("_shard"), k)))
-                if sum(t.num_rows for t in pending[k]) < shards[k].num_rows:
-                    continue
-                done = pa.concat_tables(pending.pop(k)).drop(["_shard"])
-                write(done.sort_by([("problem_id", "ascending"), ("trace_id", "ascending")]),
-                      scored_path(k))
-                shard_tokens = (sum(done.column("scored_tokens_teacher").to_pylist())
-                                + sum(done.column("scored_tokens_student").to_pylist()))
-                new_tokens += shard_tokens
-                progress.update(done.num_rows, tokens=shard_tokens)
-        if pending:
-            raise RuntimeError(f"provenance: shards {sorted(pending)} came back incomplete")
+        for k, done in scored.gather(scores, {k: shards[k].num_rows for k in todo},
+                                     "provenance"):
+            scored.write(k, done.sort_by([("problem_id", "ascending"), ("trace_id", "ascending")]))
+            shard_tokens = (sum(done.column("scored_tokens_teacher").to_pylist())
+                            + sum(done.column("scored_tokens_student").to_pylist()))
+            new_tokens += shard_tokens
+            progress.update(done.num_rows, tokens=shard_tokens)
         progress.close()
     score_s = time.time() - started
 
     if cfg.method == "score":
-        parts = [pq.read_table(scored_path(k), filesystem=store.arrow_fs())
+        parts = [pq.read_table(scored.path(k), filesystem=store.arrow_fs())
                  for k in range(len(shards))]
     else:
         parts = [null_columns(s) for s in shards]
@@ -342,14 +317,14 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
         part = part.append_column("selected", pa.array([plan[t][0] for t in ids], pa.bool_()))
         part = part.append_column("select_reason", pa.array([plan[t][1] for t in ids],
                                                             pa.string()))
-        write(part, posixpath.join(ctx.out_dir, f"part-{k:05d}.parquet"))
+        out.write(k, part)
     if fs.exists(scored_dir):
         fs.rm(scored_dir, recursive=True)
     if not parts:  # no rows: readers still need the schema
         empty = null_columns(table.slice(0, 0))
         empty = empty.append_column("selected", pa.array([], pa.bool_()))
         empty = empty.append_column("select_reason", pa.array([], pa.string()))
-        write(empty, posixpath.join(ctx.out_dir, "part-00000.parquet"))
+        out.write(0, empty)
     ctx.stats.update(_stats(parts, plan, cfg, todo, new_tokens, score_s))
     return None
 

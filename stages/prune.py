@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.dap_prompts import (JUDGED, PROMPTS_DIR, fill_dap_prompt, load_dap_prompts,
+from stages.lib.dap_prompts import (JUDGED, PROMPTS_DIR, fill_dap_prompt, load_dap_prompts,
                                 parse_rewrite)
 
 LEVELS = ("easy", "medium", "hard")             # verify's pass-rate levels
@@ -48,11 +48,11 @@ class PruneConfig:
     max_model_len: the engine's context length (0 = the model's); the prompt holds the trace.
     temperature / seed: sampling of the rewrite call (0 = greedy).
     chat_template / prompt_format: rewrite mode, vllm backend: how the judge prompt is rendered
-      for the teacher ("" / "chat" = its own chat template; see generate and stages/chat.py).
+      for the teacher ("" / "chat" = its own chat template; see generate and stages/lib/chat.py).
     on_reject: rewrite mode: a rewrite that fails re-verification keeps the original trace
       ("keep") or drops the row ("drop").
     reasoning_tags: rewrite mode: the stored form of a rewrite (the recipe's top-level
-      `reasoning_tags`; stages/chat.py trace_text).
+      `reasoning_tags`; stages/lib/chat.py trace_text).
     """
 
     mode: str = "budget"
@@ -180,8 +180,8 @@ def judge_rewrites(rows: list[dict], outputs: dict, vcfg, count_tokens, checker=
     A rewrite is accepted ("rewritten") only if the same verifier finds the reference answer in
     it; otherwise the status names the reason and the original text is carried.
     """
-    from stages.chat import split_think
-    from stages.verify import verify_rows
+    from stages.lib.chat import split_think
+    from stages.lib.answers import verify_rows
 
     out = []
     for r in rows:
@@ -235,9 +235,9 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
 
     from pipeline.config import build_config
     from cluster.inference import Endpoint, Sampling, complete_chats, iter_samples
-    from stages.chat import check_chat_format
-    from stages.chat import render_prompt as render_chat
-    from stages.verify import VerifyConfig
+    from stages.lib.chat import check_chat_format
+    from stages.lib.chat import render_prompt as render_chat
+    from stages.lib.answers import VerifyConfig
 
     # Re-verify with exactly the settings the verify version used.
     vcfg = build_config(VerifyConfig, inputs["verify"].manifest["config"],
@@ -245,7 +245,7 @@ def run_rewrite(cfg: PruneConfig, inputs, ctx):
     prompts = load_dap_prompts(cfg.prompts_dir or PROMPTS_DIR)
     tokenizer = cfg.tokenizer or cfg.teacher
     render = None
-    if cfg.backend == "vllm":  # before Ray starts (a base-model teacher: stages/chat.py)
+    if cfg.backend == "vllm":  # before Ray starts (a base-model teacher: stages/lib/chat.py)
         template = check_chat_format(cfg.teacher, cfg.chat_template, cfg.prompt_format, "prune")
         render = functools.partial(render_chat, chat_template=template,
                                    prompt_format=cfg.prompt_format)

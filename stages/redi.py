@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.packed import stop_on_end_of_turn
+from stages.lib.trainer import stop_on_end_of_turn
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def pair_logps(model, batch):
     """
     import torch
 
-    from stages.packed import completion_logps
+    from stages.lib.packed import completion_logps
 
     token_logps = completion_logps(model, batch)                         # [K]
     n = batch["n_seqs"]
@@ -139,7 +139,7 @@ class CollapseWatch:
 
 
 def redi_batch_loss(model, batch, alpha: float, watch: CollapseWatch):
-    from stages.packed import global_sum
+    from stages.lib.trainer import global_sum
 
     chosen, chosen_len, rejected, rejected_len = pair_logps(model, batch)
     loss = redi_loss(chosen, chosen_len, rejected, rejected_len, alpha)
@@ -152,7 +152,7 @@ def redi_batch_loss(model, batch, alpha: float, watch: CollapseWatch):
 
 
 def redi_worker(config: dict) -> None:
-    from stages.packed import train_packed
+    from stages.lib.trainer import train_packed
 
     loss_fn = functools.partial(redi_batch_loss, alpha=config["alpha"],
                                 watch=CollapseWatch(config["collapse_margin"]))
@@ -238,8 +238,9 @@ def run(cfg: REDIConfig, inputs, ctx):
     from transformers import AutoTokenizer
 
     from cluster.train import fit
-    from stages.chat import check_chat_format, target_format, target_texts
-    from stages.packed import encode, fit_length, packed_row, read_stats, upstream_drops, worker_config
+    from stages.lib.chat import check_chat_format, target_format, target_texts
+    from stages.lib.packed import encode, fit_length, packed_row
+    from stages.lib.trainer import read_stats, upstream_drops, worker_config
 
     if cfg.loss not in ("redi", "dpo", "simpo"):
         raise UserError(f"redi.loss: '{cfg.loss}' (use 'redi', 'dpo' or 'simpo')")

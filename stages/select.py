@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.chat import reasoning_tags, split_think, trace_text
+from stages.lib.chat import reasoning_tags, split_think, trace_text
 
 
 @dataclass
@@ -51,7 +51,7 @@ class SelectConfig:
 
 
 def assistant_text(completion: str, tags: str) -> str:
-    """The trace in its stored form ("<think>\n{reasoning}\n</think>\n\n{final}", stages/chat.py
+    """The trace in its stored form ("<think>\n{reasoning}\n</think>\n\n{final}", stages/lib/chat.py
     trace_text), however the completion marked its reasoning (only the closing tag, both, an
     unclosed opening tag, none). sft and redi build each student's own target from it."""
     return trace_text(*split_think(completion or "", tags), tags)

@@ -7,7 +7,7 @@ tokenizer + chat template) as its version.
 
     distillery run sft --recipe configs/tiny.yaml student=/tmp/tiny sft.epochs=2
 
-The training step is ours, not TRL's: the packed, padding-free forward of stages/packed.py
+The training step is ours, not TRL's: the packed, padding-free forward of stages/lib/packed.py
 (shared with redi and provenance). bench/train.py measures it against TRL's SFTTrainer;
 docs/training.md is the guide.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.chat import check_chat_format, target_format
-from stages.packed import (check_student, completion_logps, encode, fit_length, global_sum, pack,
-                           packed_row, read_stats, train_packed, upstream_drops, worker_config)
+from stages.lib.chat import check_chat_format, target_format
+from stages.lib.packed import completion_logps, encode, fit_length, pack, packed_row
+from stages.lib.trainer import global_sum, read_stats, train_packed, upstream_drops, worker_config
 
 
 @dataclass
@@ -52,7 +52,7 @@ class SFTConfig:
       student writes it after its prompt, ending with its stop token (docs/training.md).
     reasoning_tags: how traces mark their reasoning ("think": <think>…</think>; "thought":
       Sky-T1 / Bespoke-Stratos' <|begin_of_thought|>…); the recipe's top-level
-      `reasoning_tags` fills it (stages/chat.py, REASONING_TAGS).
+      `reasoning_tags` fills it (stages/lib/chat.py, REASONING_TAGS).
     """
 
     student: str = ""
@@ -109,7 +109,7 @@ def run(cfg: SFTConfig, inputs, ctx):
         raise UserError(f"sft.tokens_per_step={cfg.tokens_per_step} over {workers} workers gives "
                         f"{capacity}-token rows, shorter than sft.max_length={cfg.max_length}: "
                         f"raise tokens_per_step to at least {cfg.max_length * workers}")
-    student = check_student(cfg.student, "sft")
+    student = cfg.student
     template = check_chat_format(student, cfg.chat_template, cfg.prompt_format, "sft", "student")
     tokenizer = AutoTokenizer.from_pretrained(student)
     fmt = target_format(tokenizer, student, template, cfg.prompt_format, cfg.reasoning_tags,

@@ -34,7 +34,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A random-init 4-layer Qwen2 (head_dim 64) + local tokenizer; vLLM and transformers load it."""
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.apps.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-model")))
 

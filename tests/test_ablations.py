@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from pipeline.ablations import (COMPARISONS, PAIR_ARMS, PAIR_START, SFT_ARMS, AblationPlan,
+from pipeline.apps.ablations import (COMPARISONS, PAIR_ARMS, PAIR_START, SFT_ARMS, AblationPlan,
                                 format_summary, mean_sd, summarize, targets)
 from stages import STAGES
 
@@ -99,8 +99,8 @@ def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
     load as a recipe (the real load_recipe via demo.load) and set what the arm says; every stage
     gets every input it reads pinned to the version made for that arm; the pair arms start from
     the `all` arm's select and sft; one evaluate holds every model."""
-    from pipeline import demo, runner
-    from pipeline.ablations import main
+    from pipeline.apps import demo, runner
+    from pipeline.apps.ablations import main
     from pipeline.config import parse_override
 
     calls = []
@@ -174,7 +174,7 @@ TINY = ["prompts.synthetic_n=40", "generate.n=4", "generate.shard_size=80",
 
 @pytest.mark.slow
 def test_shortened_ablations_run_every_arm(tmp_path, ray_cluster, capsys):
-    from pipeline.ablations import main
+    from pipeline.apps.ablations import main
 
     root = str(tmp_path / "data")
     args = argparse.Namespace(recipe=os.path.join(ROOT, "configs", "tiny.yaml"),
@@ -197,7 +197,7 @@ def test_shortened_ablations_run_every_arm(tmp_path, ray_cluster, capsys):
     assert "paired difference" in out and "REDI - SFT continued" in out
     assert len(result["targets"]) == 5
 
-    from pipeline.report import write_report
+    from pipeline.apps.report import write_report
     from pipeline.store import Store
 
     html = open(write_report(Store(root), str(tmp_path / "report.html"))).read()
@@ -205,7 +205,7 @@ def test_shortened_ablations_run_every_arm(tmp_path, ray_cluster, capsys):
 
 
 def test_redi_sweep_picks_the_largest_margin_over_alpha_0_at_the_same_lr():
-    from pipeline.sweeps import pick_redi as pick
+    from pipeline.apps.sweeps import pick_redi as pick
 
     runs = [{"learning_rate": 1e-5, "alpha": 0.0, "pass_at_1": 0.30},
             {"learning_rate": 1e-5, "alpha": 0.5, "pass_at_1": 0.32},   # +0.02
@@ -218,7 +218,7 @@ def test_redi_sweep_picks_the_largest_margin_over_alpha_0_at_the_same_lr():
 
 
 def test_dap_sweep_picks_the_loosest_budgets_that_meet_the_target():
-    from pipeline.sweeps import pick_dap
+    from pipeline.apps.sweeps import pick_dap
 
     random_arm = {"mean_sft_tokens": 50.0, "pass_at_1": 0.20}
     runs = [{"budgets": "loose", "mean_sft_tokens": 40.0, "pass_at_1": 0.30},   # cut 20%

@@ -102,7 +102,7 @@ def test_recipe_dap_prompts_and_eval_set_with_bom_and_crlf(tmp_path, capsys):
     from pipeline.config import load_recipe
     from stages import STAGES
     from stages.evaluate import EvaluateConfig, load_eval_problems
-    from stages.dap_prompts import load_dap_prompts
+    from stages.lib.dap_prompts import load_dap_prompts
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes(_windows(f"data_root: {tmp_path / 'data'}\nprompts:\n  synthetic_n: 5\n"))
@@ -456,7 +456,7 @@ def test_verifier_bombs_through_the_cli(tmp_path, capsys, ray_cluster):
     import pyarrow as pa
 
     from pipeline.store import Store
-    from stages.prompts import problem_id
+    from stages.lib.ingest import problem_id
 
     bombs = ["\\boxed{(" * 20000, "\\boxed{10^{10^{10^{10}}}}", "\\boxed{" + "9" * 100_000 + "}",
              "The answer is" + " " * 100_000 + "x", "\\boxed{" + "{" * 30_000]

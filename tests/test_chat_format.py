@@ -139,8 +139,8 @@ def test_raw_format_training_rows_keep_the_prompt_as_a_prefix(base_model):
     and the answer ends with EOS (the model learns to stop)."""
     from transformers import AutoTokenizer
 
-    from stages.chat import check_chat_format, target_format
-    from stages.packed import encode
+    from stages.lib.chat import check_chat_format, target_format
+    from stages.lib.packed import encode
 
     tok = AutoTokenizer.from_pretrained(base_model)
     prompt = [{"role": "user", "content": "What is 2 + 2?\n\nPut the answer in \\boxed{}."}]

@@ -11,7 +11,7 @@ newest checkpoint.
 
 Ray maps --node-ip-address 127.0.0.1 to the machine's own address (ray/_private/services.py,
 resolve_ip_for_localhost); the dashboard / job server binds 127.0.0.1. Token auth stays on.
-Teardown kills only the processes this module started (cluster/local.py: those whose command
+Teardown kills only the processes this module started (cluster/two_node_testbed.py: those whose command
 line names its temp dirs) — `ray stop` would kill every Ray on the machine.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 import pytest
 import yaml
 
-from cluster.local import TwoNodes
+from cluster.two_node_testbed import TwoNodes
 from pipeline.store import Store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -327,7 +327,7 @@ def test_ray_cluster_yaml_passes_rays_own_schema():
     import jsonschema
     import ray
 
-    with open(os.path.join(REPO, "cluster", "ray-cluster.yaml"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "cluster", "deploy", "ray-cluster.yaml"), encoding="utf-8") as f:
         config = yaml.safe_load(f)
     schema_path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
     with open(schema_path, encoding="utf-8") as f:
@@ -341,12 +341,12 @@ def test_ray_cluster_yaml_passes_rays_own_schema():
     # Token auth on, dashboard on localhost; no secret values in the file.
     head = " ".join(config["head_start_ray_commands"])
     assert "RAY_AUTH_MODE=token" in head and "--dashboard-host=127.0.0.1" in head
-    with open(os.path.join(REPO, "cluster", "ray-cluster.yaml"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "cluster", "deploy", "ray-cluster.yaml"), encoding="utf-8") as f:
         assert f.readline().startswith("#") and "ray up" in f.read(2000)
 
 
 def test_kuberay_rayjob_has_the_fields_kuberay_requires():
-    path = os.path.join(REPO, "cluster", "kuberay", "rayjob.yaml")
+    path = os.path.join(REPO, "cluster", "deploy", "kuberay", "rayjob.yaml")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     job = yaml.safe_load(text)

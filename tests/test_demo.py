@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import random
 
-from pipeline.demo import (DAP_DEMO_PROMPTS, STYLE_MIX, TASK, effects, ensure_models,
+from pipeline.apps.demo import (DAP_DEMO_PROMPTS, STYLE_MIX, TASK, effects, ensure_models,
                            rewrite_draw, trace_draw)
-from stages.synthetic import make_problems
+from stages.lib.synthetic import make_problems
 
 TINY = dict(steps=4, student_steps=2, batch=8, lr=1e-3, seed=0, train_n=200, train_seed=1,
             shape=dict(layers=1, hidden=128, heads=2, kv_heads=1, intermediate=256, vocab=512))
@@ -46,7 +46,7 @@ def test_teacher_student_trained_once_and_cached(tmp_path):
 
 
 def test_phase_draws_balance_levels_and_mix_styles_and_rewrites():
-    from stages.dap_prompts import load_dap_prompts
+    from stages.lib.dap_prompts import load_dap_prompts
 
     problems = make_problems(3000, seed=1, **TASK)
     rng = random.Random(0)

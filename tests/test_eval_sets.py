@@ -13,7 +13,7 @@ from pipeline.config import load_recipe
 from pipeline.runner import run_stage
 from stages import STAGES
 from stages.evaluate import EvaluateConfig, format_groups, load_eval_problems, summarize_groups
-from stages.prompts import problem_id
+from stages.lib.ingest import problem_id
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_SETS = os.path.join(REPO, "..", "shared", "real", "eval_sets")
@@ -107,7 +107,7 @@ def test_answer_from_last_boxed_and_field(tmp_path):
 
 def test_gsm8k_separated_references_grade_every_form():
     """A reference read from "#### 2,125" is 2125, and every way a model writes it is correct."""
-    from stages.verify import Checker, VerifyConfig, verify_rows
+    from stages.lib.answers import Checker, VerifyConfig, verify_rows
 
     problems = load_eval_problems(EvaluateConfig(
         eval_path=os.path.join(EVAL_SETS, "gsm8k_openai/test.jsonl"), problem_field="question"))

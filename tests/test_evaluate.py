@@ -141,7 +141,7 @@ def test_evaluate_stage_on_vllm(ray_cluster, tiny_model, data_root, tmp_path):
 def test_evaluate_asks_exactly_as_generate_does():
     """One renderer, one default: a template copied from generate (with \\boxed{}) works."""
     from stages.evaluate import EvaluateConfig
-    from stages.chat import prompt_messages
+    from stages.lib.chat import prompt_messages
     from stages.generate import GenerateConfig
 
     problem = "Compute {x} + 2."  # braces in the problem must survive too
@@ -160,9 +160,9 @@ def test_one_engine_actor_serves_each_batch_its_own_model(ray_cluster, tiny_mode
     import ray.data
 
     from cluster.inference import Sampling, complete_chats
-    from cluster.resources import StageResources
+    from pipeline.resources import StageResources
     from pipeline.stage import Context
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.apps.tiny_model import build_tiny_model
 
     other = build_tiny_model(str(tmp_path / "other"), seed=1)
     chats = [[{"role": "user", "content": f"Compute {i} + 2."}] for i in range(3)]

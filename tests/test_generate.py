@@ -22,8 +22,9 @@ from pipeline.config import load_recipe
 from pipeline.errors import UserError
 from pipeline.runner import run_stage
 from pipeline.store import Store
-from cluster.inference import Endpoint, Sampling, check_endpoint, check_model, complete_chats
-from stages.chat import prompt_messages, split_think, trace_id
+from cluster.inference import Endpoint, Sampling, check_endpoint, complete_chats
+from stages.lib.models import check_model
+from stages.lib.chat import prompt_messages, split_think, trace_id
 from stages.generate import GenerateConfig
 from stages import STAGES
 
@@ -86,11 +87,11 @@ def test_prompt_messages_system_and_template():
 
 def test_bad_teacher_paths(tmp_path):
     with pytest.raises(UserError, match="no such model folder"):
-        check_model(str(tmp_path / "missing"))
+        check_model(str(tmp_path / "missing"), "generate.teacher")
     with pytest.raises(UserError, match="not a model folder"):
-        check_model(str(tmp_path))
+        check_model(str(tmp_path), "generate.teacher")
     with pytest.raises(UserError, match="no teacher"):
-        check_model("")
+        check_model("", "generate.teacher")
 
 
 def test_cli_missing_teacher_exits_2(tmp_path):
@@ -289,7 +290,7 @@ def test_openai_failed_request_is_recorded_not_dropped(server, ray_cluster, tmp_
     """A timeout that outlasts the retries: the sample stays, finish_reason 'error' + message."""
     import ray.data
 
-    from cluster.resources import StageResources
+    from pipeline.resources import StageResources
     from pipeline.stage import Context
 
     monkeypatch.setenv("DISTILLERY_TEST_KEY", "test-secret-123")
@@ -322,7 +323,7 @@ def test_a_pool_holding_every_cpu_still_gets_its_input(server, ray_cluster, tmp_
     import pyarrow.parquet as pq
     import ray.data
 
-    from cluster.resources import StageResources
+    from pipeline.resources import StageResources
     from pipeline.stage import Context
 
     monkeypatch.setenv("DISTILLERY_TEST_KEY", "test-secret-123")

@@ -41,8 +41,8 @@ def _packed_batch(tokenizer):
     """One packed row of four samples of unequal length, through the real packing + collate."""
     from test_sft import _trace
 
-    from stages.chat import target_format
-    from stages.packed import collate, encode, packed_row
+    from stages.lib.chat import target_format
+    from stages.lib.packed import collate, encode, packed_row
 
     fmt = target_format(tokenizer, "tiny", "", "chat", "think", "sft.student")
     samples = []
@@ -60,7 +60,7 @@ def test_flash_varlen_forward_matches_the_cpu_path(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.packed import ATTENTION, completion_logps, register_attention
+    from stages.lib.packed import ATTENTION, completion_logps, register_attention
 
     register_attention()
     batch = _packed_batch(AutoTokenizer.from_pretrained(tiny_model))
@@ -84,7 +84,7 @@ def test_chunked_lm_head_on_the_flash_varlen_path(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.packed import ATTENTION, completion_logps, register_attention
+    from stages.lib.packed import ATTENTION, completion_logps, register_attention
 
     register_attention()
     batch = {k: v.cuda() if torch.is_tensor(v) else v
@@ -182,7 +182,7 @@ def test_evaluate_swaps_models_on_two_gpu_engines(tmp_path, ray_cluster, tiny_mo
     from test_evaluate import evaluate_inputs
 
     from pipeline.runner import run_stage
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.apps.tiny_model import build_tiny_model
 
     other = build_tiny_model(str(tmp_path / "other"), seed=1)   # other weights: a real swap
     recipe, sft_path = evaluate_inputs(

@@ -28,7 +28,7 @@ def _packed_batch(vocab: int, lengths=((40, 5), (90, 20), (13, 3), (70, 1), (31,
     """One packed row of several samples of unequal length and prompt length (random ids)."""
     import torch
 
-    from stages.packed import collate, packed_row
+    from stages.lib.packed import collate, packed_row
 
     g = torch.Generator().manual_seed(0)
     seqs = [(torch.randint(5, vocab, (n,), generator=g).tolist(), p) for n, p in lengths]
@@ -39,7 +39,7 @@ def _losses(model, batch, chunk):
     """(log-probs, SFT token-mean loss, REDI loss, gradients) of our path with `chunk`."""
     import torch
 
-    from stages.packed import completion_logps
+    from stages.lib.packed import completion_logps
     from stages.redi import redi_loss
 
     model.zero_grad()
@@ -73,7 +73,7 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(tiny_model, tied):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.packed import ATTENTION, completion_logps_chunked, register_attention
+    from stages.lib.packed import ATTENTION, completion_logps_chunked, register_attention
 
     register_attention()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION,
@@ -98,7 +98,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.packed import ATTENTION, CHECKPOINT_ABOVE, gradient_checkpointing, register_attention
+    from stages.lib.packed import ATTENTION, register_attention
+    from stages.lib.trainer import CHECKPOINT_ABOVE, gradient_checkpointing
 
     register_attention()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION,
@@ -147,7 +148,7 @@ def test_soft_capped_logits_fall_back_with_a_warning(caplog):
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from stages.packed import ATTENTION, register_attention
+    from stages.lib.packed import ATTENTION, register_attention
 
     register_attention()
     torch.manual_seed(0)
@@ -168,7 +169,7 @@ def test_logits_changed_after_the_head_are_detected(tiny_model, caplog):
     caught by the output check (its logits are not the tensor the head returned)."""
     from transformers import AutoModelForCausalLM
 
-    from stages.packed import ATTENTION, register_attention
+    from stages.lib.packed import ATTENTION, register_attention
 
     register_attention()
     base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION)
@@ -199,7 +200,7 @@ def _zero_rank(rank: int, world: int, port: int, model_path: str, out: str) -> N
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from stages.packed import ATTENTION, completion_logps, register_attention
+    from stages.lib.packed import ATTENTION, completion_logps, register_attention
 
     torch.set_num_threads(1)
     register_attention()
@@ -240,7 +241,7 @@ def test_chunked_loss_under_zero2_and_zero3_on_two_gloo_ranks(tiny_model, tmp_pa
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.packed import ATTENTION, completion_logps, register_attention
+    from stages.lib.packed import ATTENTION, completion_logps, register_attention
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -298,7 +299,7 @@ def test_sft_then_redi_train_at_a_real_vocabulary(tmp_path, ray_cluster):
 
     from pipeline.config import load_recipe
     from pipeline.runner import run_stage
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.apps.tiny_model import build_tiny_model
     from stages import STAGES
 
     model = build_tiny_model(str(tmp_path / "model"), layers=2, vocab_to=151936)

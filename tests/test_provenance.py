@@ -23,12 +23,12 @@ from pipeline.errors import UserError
 from pipeline.runner import run_stage
 from stages.provenance import (ProvenanceConfig, check_config, score_batch, select_plan,
                                trace_columns)
-from stages.sentences import label_four, label_two, sentence_means, split_sentences
+from stages.lib.sentences import label_four, label_two, sentence_means, split_sentences
 from test_verify import TEST_STAGES, trace, write_generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "The zebra quietly juggles seven violet lanterns."
-# In select's stored form (stages/chat.py trace_text): each model's target is this + its stop token.
+# In select's stored form (stages/lib/chat.py trace_text): each model's target is this + its stop token.
 TRACE = ("<think>\nWe add the two numbers. " + SECRET + " So the sum is 4.\n</think>\n\n"
          "The answer is \\boxed{4}.")
 
@@ -164,7 +164,7 @@ def teacher(tiny_model, tmp_path_factory) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tiny_model import save_model
+    from pipeline.apps.tiny_model import save_model
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -186,7 +186,7 @@ def teacher(tiny_model, tmp_path_factory) -> str:
 def other_vocab(tmp_path_factory) -> str:
     """A tiny model with another vocabulary (400 tokens: fewer BPE merges than the 540 the
     default corpus saturates at) and other weights."""
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.apps.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("other-vocab")), vocab_size=400, seed=1)
 
@@ -195,7 +195,7 @@ def _load(path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.packed import ATTENTION, onednn_linears, register_attention
+    from stages.lib.packed import ATTENTION, onednn_linears, register_attention
 
     register_attention()
     # As the stage's CPU pool loads it: varlen attention, oneDNN linears.
@@ -231,7 +231,7 @@ PROMPTS = [[{"role": "user", "content": f"Compute {i} + {i}."}] for i in range(l
 def test_logps_equal_a_direct_transformers_forward(tiny_model):
     """Packed rows (several traces per row, varlen attention, chunked LM head) = plain forward,
     <= 1e-4 per token; a trace longer than max_length is scored on its first tokens."""
-    from stages.packed import score_completions
+    from stages.lib.packed import score_completions
 
     model, tok = _load(tiny_model)
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
@@ -274,7 +274,7 @@ def test_logps_match_vllm_prompt_logprobs(tiny_model, tmp_path):
     fp32 model in bf16: then 1e-2.)"""
     import torch
 
-    from stages.packed import score_completions
+    from stages.lib.packed import score_completions
 
     model, tok = _load(tiny_model)
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
@@ -308,7 +308,7 @@ def test_different_tokenizers_compare_through_character_spans(tiny_model, other_
     sentence p's equal a direct per-model computation mapped through character offsets."""
     import pyarrow as pa
 
-    from stages.sentences import geometric_p
+    from stages.lib.sentences import geometric_p
 
     models = {"teacher": _load(other_vocab), "student": _load(tiny_model)}
     ids_t = models["teacher"][1](TRACE, add_special_tokens=False)["input_ids"]
@@ -578,7 +578,7 @@ def test_attribution_four_classes_and_shares(tmp_path, ray_cluster, teacher, tin
     assert stats["correct"]["teacher_share_pooled"] > stats["incorrect"]["teacher_share_pooled"]
     assert stats["incorrect"]["classes"]["teacher"] == 0
     assert stats["all"]["sentences"] == sum(len(r["sentence_labels"]) for r in rows)
-    from pipeline.report import write_report
+    from pipeline.apps.report import write_report
     from pipeline.store import Store
 
     with open(write_report(Store(data), str(tmp_path / "report.html")), encoding="utf-8") as f:

@@ -81,7 +81,7 @@ def test_budget_mode_rejects_missing_level(tmp_path, ray_cluster):
 def test_judge_rewrites_accepts_only_reverified_rewrites(tiny_model):
     """Hand-written teacher outputs through the real verifier and the teacher's tokenizer."""
     from stages.prune import _token_counter, judge_rewrites
-    from stages.verify import Checker, VerifyConfig
+    from stages.lib.answers import Checker, VerifyConfig
 
     base = {"answer": "0.5", "completion": "<think>\nlong long\n</think>\n\\boxed{1/2}",
             "completion_tokens": 400}

@@ -38,11 +38,12 @@ def r1_tasks() -> tuple[dict, ...]:
 
 def r1_generate_rows(count_tokens=None) -> list[dict]:
     """The 500 completions as generate writes its rows. The generation prompt opened the
-    reasoning, so the split reads `<think>\\n` + completion (stages/chat.py split_think): a
+    reasoning, so the split reads `<think>\\n` + completion (stages/lib/chat.py split_think): a
     completion without `</think>` is all reasoning, cut at max_tokens ("length"). Token counts:
     `count_tokens(text)`, or words when None."""
-    from stages.chat import split_think
-    from stages.prompts import _answer_text, normalize, problem_id
+    from stages.lib.chat import split_think
+    from stages.lib.ingest import normalize, problem_id
+    from stages.lib.references import reference_answer
 
     rows = []
     for i, t in enumerate(r1_tasks()):
@@ -51,7 +52,7 @@ def r1_generate_rows(count_tokens=None) -> list[dict]:
         pid = problem_id(t["question"])
         rows.append({
             "problem_id": pid, "problem": normalize(t["question"]),
-            "answer": _answer_text(t["correct_answer"], f"{R1_GSM8K}: task {i}", "correct_answer"),
+            "answer": reference_answer(t["correct_answer"], f"{R1_GSM8K}: task {i}", "correct_answer"),
             "source": "r1distill_gsm8k", "trace_id": f"{pid}-r1", "teacher": "r1-distill-32b",
             "sample_idx": 0, "completion": completion, "reasoning": reasoning, "final": final,
             "completion_tokens": (count_tokens or (lambda s: len(s.split())))(completion),
@@ -101,7 +102,7 @@ def test_r1_sentences_cover_the_text_and_keep_displays_whole():
     """split_sentences on 500 real traces: spans in order, trimmed, covering every
     non-space character; no boundary inside a LaTeX display; every markdown list item (outside
     a display) starts a sentence."""
-    from stages.sentences import split_sentences
+    from stages.lib.sentences import split_sentences
 
     for t in r1_tasks():
         text = t["completion"]
@@ -131,7 +132,7 @@ def test_r1_sentences_cover_the_text_and_keep_displays_whole():
 def r1_counted(tmp_path_factory):
     """(rows with completion_tokens counted by prune's own tokenizer counter, the counter) —
     the tiny model's byte-level BPE stands in for the teacher's tokenizer (no download)."""
-    from pipeline.tiny_model import build_tokenizer
+    from pipeline.apps.tiny_model import build_tokenizer
     from stages.prune import _token_counter
 
     folder = str(tmp_path_factory.mktemp("r1-tokenizer"))
@@ -188,7 +189,7 @@ def test_r1_viewer_serves_the_rows(tmp_path, ray_cluster):
     from starlette.testclient import TestClient
 
     from pipeline.store import Store
-    from pipeline.viewer.server import Viewer, make_app
+    from pipeline.apps.viewer.server import Viewer, make_app
     from stages import STAGES
     from test_verify import run, write_generate
 

@@ -36,9 +36,9 @@ def fixed_pairs(tokenizer):
     """[(prompt_ids, chosen_ids, rejected_ids)] for three fixed problems."""
     from test_sft import _trace
 
-    from stages.packed import encode
+    from stages.lib.packed import encode
 
-    from stages.chat import target_format
+    from stages.lib.chat import target_format
 
     fmt = target_format(tokenizer, "tiny", "", "chat", "think", "redi.student")
     out = []
@@ -54,7 +54,7 @@ def fixed_pairs(tokenizer):
 def models(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.packed import ATTENTION, register_attention
+    from stages.lib.packed import ATTENTION, register_attention
 
     register_attention()
     return (AutoTokenizer.from_pretrained(tiny_model),
@@ -67,7 +67,7 @@ def packed_redi(model, pairs, alpha):
     import torch
 
     from stages.redi import pair_logps, redi_loss
-    from stages.packed import collate, packed_row
+    from stages.lib.packed import collate, packed_row
 
     seqs = [s for p, c, r in pairs for s in ((p + c, len(p)), (p + r, len(p)))]
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_redi_loss_on_a_fixed_batch_equals_the_formula_computed_directly(models)
 def test_alpha_zero_equals_the_sft_loss_on_the_positives(models):
     import torch
 
-    from stages.packed import collate, packed_row
+    from stages.lib.packed import collate, packed_row
     from stages.sft import sft_loss
 
     tok, ours, _ = models

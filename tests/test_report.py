@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.report import SECTIONS, write_report
+from pipeline.apps.report import SECTIONS, write_report
 from pipeline.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,4 +1,4 @@
-"""Sizing stages to the cluster they run on (cluster/resources.py).
+"""Sizing stages to the cluster they run on (pipeline/resources.py).
 
 The arithmetic of `auto` and of "does the cluster hold this request" on hand-made clusters (pure
 logic, no Ray); then the real thing on this machine's local Ray, which has no GPU and no
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from cluster.resources import (AUTO, Cluster, Node, StageResources, asks_for, claim,
+from pipeline.resources import (AUTO, Cluster, Node, StageResources, asks_for, claim,
                                fit_to_cluster, has_autoscaler, room, shortfall, size)
 from pipeline.errors import UserError
 

@@ -118,7 +118,7 @@ def test_verify_prune_select_on_real_generated_traces(tmp_path, ray_cluster, tin
     as teacher and student) -> select, real stages."""
     from pipeline.config import load_recipe
     from pipeline.runner import run_stage
-    from stages.verify import DEFAULT_FALLBACKS, extract_answer
+    from stages.lib.answers import DEFAULT_FALLBACKS, extract_answer
 
     recipe = load_recipe("configs/tiny.yaml", [
         f"data_root={tmp_path / 'data'}", f"teacher={tiny_model}", f"student={tiny_model}",

@@ -18,7 +18,7 @@ import time
 
 import pytest
 from stages import STAGES
-from stages.chat import target_format
+from stages.lib.chat import target_format
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -95,7 +95,7 @@ def load_weights(path: str) -> dict:
 # --- pure logic --------------------------------------------------------------------------------
 
 def test_pack_best_fit_places_every_sample_once_within_capacity():
-    from stages.packed import pack
+    from stages.lib.packed import pack
 
     rng = random.Random(0)
     lengths = [min(1024, int(rng.lognormvariate(5.5, 0.8)) + 1) for _ in range(500)]
@@ -107,7 +107,7 @@ def test_pack_best_fit_places_every_sample_once_within_capacity():
 
 
 def test_packed_row_marks_only_completion_positions():
-    from stages.packed import packed_row
+    from stages.lib.packed import packed_row
 
     row = packed_row([([10, 11, 12, 13], 2), ([20, 21, 22], 1)])
     assert row["input_ids"].tolist() == [10, 11, 12, 13, 20, 21, 22]
@@ -121,7 +121,7 @@ def test_packed_row_marks_only_completion_positions():
 
 
 def test_fit_length_truncates_or_drops_overlong():
-    from stages.packed import fit_length
+    from stages.lib.packed import fit_length
 
     assert fit_length([1, 2], [3, 4, 5], 5, "truncate") == ([1, 2, 3, 4, 5], 2, "ok")
     assert fit_length([1, 2], [3, 4, 5, 6], 5, "truncate") == ([1, 2, 3, 4, 5], 2, "truncated")
@@ -141,7 +141,7 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model, problems, p
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.packed import ATTENTION, encode, packed_row, register_attention
+    from stages.lib.packed import ATTENTION, encode, packed_row, register_attention
     from stages.sft import sft_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -157,7 +157,7 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model, problems, p
     assert (len(lengths) * max(lengths) ** 2 <= 3 * sum(n * n for n in lengths)) == padded_call
     register_attention()
     ours = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION)
-    from stages.packed import collate
+    from stages.lib.packed import collate
 
     batch = collate([packed_row(samples)])
     with torch.no_grad():
@@ -177,8 +177,8 @@ def test_packed_loss_equals_per_sample_transformers_loss(tiny_model, problems, p
 def test_encode_keeps_think_and_trains_up_to_eos(tiny_model):
     from transformers import AutoTokenizer
 
-    from stages.chat import target_format
-    from stages.packed import encode
+    from stages.lib.chat import target_format
+    from stages.lib.packed import encode
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     conv = [{"role": "user", "content": "Compute 1 + 2."},
@@ -371,10 +371,10 @@ def test_empty_sft_split_names_the_upstream_drop(tmp_path, tiny_model):
 
 def test_student_that_is_not_a_causal_lm_is_a_user_error(tmp_path):
     from pipeline.errors import UserError
-    from stages.packed import check_student
+    from stages.lib.models import check_model
 
     with pytest.raises(UserError, match="not a model folder"):
-        check_student(str(tmp_path), "sft")
+        check_model(str(tmp_path), "sft.student")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     with pytest.raises(UserError, match="not a causal language model"):
-        check_student(str(tmp_path), "sft")
+        check_model(str(tmp_path), "sft.student")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import random
 import statistics
 
-from stages.synthetic import (TRACE_STYLES, hard_steps, make_problems, make_traces, parse_problem,
+from stages.lib.synthetic import (TRACE_STYLES, hard_steps, make_problems, make_traces, parse_problem,
                               slipped, worked_trace)
-from stages.verify import extract_answer
+from stages.lib.answers import extract_answer
 
 TASK = dict(min_terms=3, max_terms=6, max_operand=9)
 
@@ -62,8 +62,8 @@ def test_lengths_spread_like_long_cot_and_errors_grow_with_hard_steps():
 def test_rewrite_examples_show_a_correct_trace_and_ask_for_the_concise_one():
     import os
 
-    from stages.dap_prompts import load_dap_prompts, parse_rewrite
-    from stages.synthetic import judged_level, rewrite_examples
+    from stages.lib.dap_prompts import load_dap_prompts, parse_rewrite
+    from stages.lib.synthetic import judged_level, rewrite_examples
 
     assert [judged_level(p) for p in ("Compute 3 + 4.", "Compute 8 - 5.",
                                       "Compute 18 - 5 - 7.")] == ["simple", "moderate", "complex"]

@@ -53,7 +53,7 @@ FORMS = {"tagged": f"<think>\n{REASONING}\n</think>\n\n{ANSWER}",
 def real_tokenizer(name: str):
     """A tiny byte-level tokenizer with the special tokens, BOS / EOS and chat template of the
     model family `name` ships."""
-    from pipeline.tiny_model import build_tokenizer
+    from pipeline.apps.tiny_model import build_tokenizer
 
     family = FAMILIES[name][0]
     tok = build_tokenizer()
@@ -79,8 +79,8 @@ def test_every_real_template_is_covered():
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_sft_and_pair_targets_are_what_the_model_generates(name, form):
-    from stages.chat import end_of_turn, generation_prompt, target_format, target_texts
-    from stages.packed import encode
+    from stages.lib.chat import end_of_turn, generation_prompt, target_format, target_texts
+    from stages.lib.packed import encode
 
     tok = real_tokenizer(name)
     _, gen, stop = FAMILIES[name]
@@ -109,7 +109,7 @@ def test_r1_distill_template_would_have_dropped_the_reasoning():
 
 
 def test_thought_tags_sky_t1_form():
-    from stages.chat import split_think, target_format, target_texts, trace_text
+    from stages.lib.chat import split_think, target_format, target_texts, trace_text
 
     tok = real_tokenizer("qwen2.5-7b-instruct.jinja")
     stored = ("<|begin_of_thought|>\n\nstep one\n\nstep two\n\n<|end_of_thought|>\n\n"
@@ -124,8 +124,8 @@ def test_thought_tags_sky_t1_form():
 def test_traces_without_tags_and_raw_prompts_keep_working(tiny_model):
     from transformers import AutoTokenizer
 
-    from stages.chat import target_format
-    from stages.packed import encode
+    from stages.lib.chat import target_format
+    from stages.lib.packed import encode
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     fmt = target_format(tok, tiny_model, "", "raw", "think", "sft.student")
@@ -139,7 +139,7 @@ def test_traces_without_tags_and_raw_prompts_keep_working(tiny_model):
 
 
 def test_unbalanced_tags_are_counted_never_a_crash():
-    from stages.chat import split_think, tag_status, trace_text
+    from stages.lib.chat import split_think, tag_status, trace_text
 
     unclosed = "<think>\nstill thinking when the budget ran out"
     assert split_think(unclosed) == ("still thinking when the budget ran out", "")
@@ -151,7 +151,7 @@ def test_unbalanced_tags_are_counted_never_a_crash():
 
 
 def test_template_without_a_generation_prompt_is_exit_2_naming_model_and_template():
-    from stages.chat import generation_prompt, target_format
+    from stages.lib.chat import generation_prompt, target_format
 
     tok = real_tokenizer("qwen2.5-7b-instruct.jinja")
     no_prompt = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -187,8 +187,8 @@ def test_provenance_scores_each_model_on_its_own_form(name, tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.chat import target_format, target_texts
-    from stages.packed import register_attention, ATTENTION, score_traces
+    from stages.lib.chat import target_format, target_texts
+    from stages.lib.packed import register_attention, ATTENTION, score_traces
 
     tok = real_tokenizer(name)
     register_attention()
@@ -251,7 +251,7 @@ def test_r1_distill_student_trained_by_sft_reasons_then_stops_in_vllm(tmp_path, 
     template, writes the reasoning, closes it, answers and stops on <｜end▁of▁sentence｜>."""
     from pipeline.config import load_recipe
     from pipeline.runner import run_stage
-    from pipeline.tiny_model import build_tiny_model, save_model
+    from pipeline.apps.tiny_model import build_tiny_model, save_model
     from stages import STAGES
     from test_sft import write_select
     from transformers import AutoModelForCausalLM
@@ -303,8 +303,8 @@ def test_real_r1_distill_completions_through_provenance_scoring(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.chat import target_format, target_texts
-    from stages.packed import ATTENTION, register_attention, score_traces
+    from stages.lib.chat import target_format, target_texts
+    from stages.lib.packed import ATTENTION, register_attention, score_traces
     from stages.provenance import trace_columns
     from test_real_traces import r1_tasks
 

@@ -17,7 +17,7 @@ from pipeline.config import load_recipe
 from pipeline.runner import run_stage
 from pipeline.stage import Stage
 from stages import provenance, prune, select, verify
-from stages.verify import Checker, VerifyConfig, extract_answer, verify_rows
+from stages.lib.answers import Checker, VerifyConfig, extract_answer, verify_rows
 
 
 # --------------------------------------------------------------------- a generate-shaped upstream

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from stages.verify import Checker, VerifyConfig, extract_answer, verify_rows
+from stages.lib.answers import Checker, VerifyConfig, extract_answer, verify_rows
 
 MB = 1 << 20
 

@@ -102,7 +102,7 @@ def _free_port() -> int:
 def server(built):
     import uvicorn
 
-    from pipeline.viewer.server import Viewer, make_app
+    from pipeline.apps.viewer.server import Viewer, make_app
     from stages import STAGES
 
     port = _free_port()
@@ -302,7 +302,7 @@ def test_sql_box_is_one_select_over_this_version_only(built, server, tmp_path):
 
 
 def test_sql_box_time_limit_interrupts(built):
-    from pipeline.viewer.server import Viewer, ViewError, ViewerLimits
+    from pipeline.apps.viewer.server import Viewer, ViewError, ViewerLimits
 
     viewer = Viewer(built["store"], [], ViewerLimits(sql_seconds=0.5))
     src = viewer.source("verify", built["verify"].version, None)

@@ -20,14 +20,17 @@ Errors (UserError, exit 2) name the file, the row (or line) and the field; nothi
 """
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
+import io
 import json
 import os
 import re
 from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
+from pipeline.textfile import read_text
 
 FORMATS = ("auto", "openr1", "sharegpt", "messages", "flat")
 
@@ -506,7 +509,7 @@ def traces_of(record, layout: str, spec: Spec, where: str, tags: str) -> list[di
     """Every trace of a row: {problem, answer, source, teacher, prompt (messages or None),
     completion, finish_reason (or None: unknown), correct_math_verify, correct_llama,
     reasoning_complete}. A trace that is not text, parallel lists of other lengths: UserError."""
-    from stages.chat import REASONING_TAGS, trace_text
+    from stages.lib.chat import REASONING_TAGS, trace_text
 
     problem, answer, source = problem_of(record, layout, spec, where)
     teacher, _ = _get(record, layout, "teacher", spec, where)
@@ -615,3 +618,77 @@ class TokenCounter:
             except Exception:  # a template that rejects this chat (e.g. no system role)
                 pass
         return "\n\n".join(m["content"] for m in messages)
+
+
+# --------------------------------------------------------------------------- problem files
+
+def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
+    """[(where, record)] with `where` like "file.jsonl:line 3" for error messages."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:  # not a save_to_disk folder
+            raise UserError(f"{path}: not a datasets.save_to_disk folder ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise UserError(f"{path}: no split '{split}' (splits: {list(ds)}); "
+                                "set prompts.split")
+            ds = ds[split]
+        return [(f"{path}: row {i}", r) for i, r in enumerate(ds.to_list())]
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".json", ".csv", ".tsv"):
+        # A UTF-8 (or UTF-16) byte-order mark and CRLF line ends are accepted (pipeline/textfile.py).
+        text = read_text(path)
+    if ext == ".jsonl":  # line by line (stages/lib/ingest.py): BOM, CRLF, UTF-16 as above
+        return list(json_lines(path))
+    if ext == ".json":
+        try:
+            data = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}: JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise UserError(f"{path}: {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}: item {i}: expected a JSON object, got {type(rec).__name__}")
+        return [(f"{path}: item {i}", r) for i, r in enumerate(data)]
+    if ext in (".csv", ".tsv"):
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if ext == ".csv" else "\t")
+        try:
+            header = next(reader, None)
+            if header is None:
+                return []
+            if len(set(header)) != len(header):
+                twice = sorted({h for h in header if header.count(h) > 1})
+                raise UserError(f"{path}: line 1: the header names {twice} more than once")
+            out = []
+            for row in reader:
+                if not row:  # a blank line
+                    continue
+                if len(row) != len(header):
+                    raise UserError(f"{path}: line {reader.line_num}: {len(row)} fields, the "
+                                    f"header has {len(header)} ({header})")
+                out.append((f"{path}: line {reader.line_num}", dict(zip(header, row))))
+        except csv.Error as e:
+            raise UserError(f"{path}: line {reader.line_num}: not valid {ext[1:].upper()} ({e})") from None
+        return out
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+        return [(f"{path}: row {i}", r) for i, r in enumerate(table.to_pylist())]
+    raise UserError(f"{path}: unknown format '{ext}' (use .jsonl, .json, .csv, .tsv, .parquet, "
+                    "a datasets.save_to_disk folder, or 'synthetic')")

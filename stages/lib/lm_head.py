@@ -8,7 +8,7 @@ docs/performance.md measures it). Here the head runs on `chunk` positions at a t
 0.62 GB of fp32 logits per chunk), forward and backward, whatever K is.
 
     completion_logps(model, forward, targets, chunk) -> [K] log-probs of `targets`
-      `forward()` runs the model with logits_to_keep = the K positions (stages/packed.py)
+      `forward()` runs the model with logits_to_keep = the K positions (stages/lib/packed.py)
 
 How: for the duration of `forward()` the model's own LM-head module returns, instead of logits,
 the log-probs of the targets of the positions it is given (`HeadLogps`, a custom autograd
@@ -29,7 +29,7 @@ model's forward, and everything wrapped around it, runs exactly as before:
   returned. Both fall back to the unchunked computation, with a warning (once per reason).
   Scaling the head's *input* (MiniCPM) is covered: the head sees the scaled hidden states.
 - Without gradients (scoring) the head's own forward runs on each chunk, so a replaced head
-  module (stages/packed.py onednn_linears) keeps its speed.
+  module (stages/lib/packed.py onednn_linears) keeps its speed.
 """
 from __future__ import annotations
 
@@ -103,72 +103,144 @@ def chunk_logps(project, hidden, targets, chunk: int):
 class HeadLogps:
     """torch.autograd.Function: log-probs [K] of `targets` under logits = hidden @ weight.T + bias.
 
-    Forward keeps hidden [K, H] (the model keeps it anyway) and the [K] log-sum-exps. Backward,
-    per chunk: recompute the logits z, p = exp(z - lse) in place, then with g the incoming
-    gradient, dL/dz = g * (onehot(target) - p), again in place; dL/dhidden = dz @ W and
-    dL/dW += dz.T @ hidden (accumulated in fp32 over the chunks; a bf16 model gets it cast
-    back). Cost: one more [K, H] x [H, vocab] matmul than autograd's (the recomputed logits:
-    4 instead of 3), for peak logits memory of one chunk.
+    Two ways to get the gradients, the same log-probs forward:
+
+    - `weights` None (recompute): forward keeps hidden [K, H] (the model keeps it anyway) and the
+      [K] log-sum-exps. Backward, per chunk: recompute the logits z, p = exp(z - lse) in place,
+      then with g the incoming gradient, dL/dz = g * (onehot(target) - p), again in place;
+      dL/dhidden = dz @ W and dL/dW += dz.T @ hidden (accumulated in fp32 over the chunks; a bf16
+      model gets it cast back). Any downstream use of the log-probs. Cost: 4 [K, H] x [H, vocab]
+      matmuls where autograd's unchunked head does 3 (the logits are computed twice).
+    - `weights` [K] given (fused): the caller promises that the gradient its loss sends to the
+      log-probs is c * weights for one scalar c (true of any loss linear in the log-probs: SFT's
+      token mean, REDI's per-sample means; c absorbs the trainer's loss scaling and gradient
+      accumulation). Forward then takes d(sum weights * logps) for hidden, W and bias in the same
+      chunk loop that computes the log-probs — 3 matmuls, as unchunked — and backward only
+      scales them by c. It keeps dL/dhidden [K, H] and dL/dW [vocab, H] (in the weight's dtype)
+      from forward to backward. Backward checks the promise (|g - c w| <= 1e-5 max |g|, O(K));
+      a gradient that breaks it is computed the recompute way instead, so the result is right
+      whatever the caller does with the log-probs, only slower (6 matmuls).
     """
 
     _fn = None
 
     @classmethod
-    def apply(cls, hidden, weight, bias, targets, chunk: int):
+    def apply(cls, hidden, weight, bias, targets, chunk: int, weights=None):
         if cls._fn is None:
             cls._fn = _build_function()
-        return cls._fn.apply(hidden, weight, bias, targets, chunk)
+        return cls._fn.apply(hidden, weight, bias, targets, chunk, weights)
+
+
+PROPORTIONAL_TOL = 1e-5  # |g - c w| / max |g|: fp32 rounding of the loss's own arithmetic is ~1e-7
+
+
+def _grad_scale(grad, weights):
+    """c with grad == c * weights (to PROPORTIONAL_TOL), or None when there is none."""
+    import torch
+
+    top = grad.abs().max()
+    if top == 0:
+        return 0.0
+    ww = torch.dot(weights, weights)
+    if ww == 0:
+        return None
+    c = torch.dot(grad, weights) / ww
+    if (grad - c * weights).abs().max() > PROPORTIONAL_TOL * top:
+        return None
+    return c.item()
 
 
 def _build_function():
     import torch
     import torch.nn.functional as F
 
+    def head_grads(hidden, weight, bias, targets, g, chunk, need, probs_of):
+        """(dL/dhidden, dL/dW fp32, dL/dbias fp32) for dL/dlogps = g, chunk by chunk;
+        probs_of(a) gives the softmax of chunk a's logits in fp32, a buffer of its own."""
+        need_h, need_w, need_b = need
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if need_b and bias is not None else None
+        for a in range(0, hidden.shape[0], chunk):
+            h, gc, t = hidden[a:a + chunk], g[a:a + chunk], targets[a:a + chunk]
+            z = probs_of(a).mul_(-gc[:, None])                              # -g * softmax
+            z[torch.arange(len(t), device=z.device), t] += gc              # + g * onehot
+            if grad_b is not None:
+                grad_b += z.sum(0)
+            dz = z.to(weight.dtype)
+            if grad_h is not None:
+                torch.mm(dz, weight, out=grad_h[a:a + chunk])
+            if grad_w is not None:
+                if dz.dtype == torch.float32:
+                    grad_w.addmm_(dz.t(), h)
+                else:
+                    grad_w += (dz.t() @ h).float()
+            del z, dz
+        return grad_h, grad_w, grad_b
+
+    def recomputed_probs(hidden, weight, bias, lse, chunk):
+        def probs_of(a):
+            z = F.linear(hidden[a:a + chunk], weight, bias).float()         # [chunk, vocab]
+            return z.sub_(lse[a:a + chunk, None]).exp_()
+        return probs_of
+
     class _HeadLogps(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, weight, bias, targets, chunk):
-            logps, lse = chunk_logps(lambda h: F.linear(h, weight, bias), hidden, targets, chunk)
+        def forward(ctx, hidden, weight, bias, targets, chunk, weights):
+            need = tuple(ctx.needs_input_grad[:3])
+            ctx.chunk, ctx.fused = chunk, None
+            if weights is None:
+                logps, lse = chunk_logps(lambda h: F.linear(h, weight, bias), hidden, targets,
+                                         chunk)
+            else:
+                # One pass: each chunk's logits give its log-probs and, with the weights as the
+                # incoming gradient, its share of the three gradients, before the next chunk.
+                n = hidden.shape[0]
+                logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+                lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+
+                def probs_of(a):  # the log-probs of chunk a on the way to its softmax
+                    z = F.linear(hidden[a:a + chunk], weight, bias).float()  # [chunk, vocab]
+                    picked = z.gather(1, targets[a:a + chunk, None])[:, 0]
+                    top = z.amax(dim=-1)
+                    total = z.sub_(top[:, None]).exp_().sum(dim=-1)
+                    lse[a:a + chunk] = total.log() + top
+                    logps[a:a + chunk] = picked - lse[a:a + chunk]
+                    return z.div_(total[:, None])
+
+                w = weights.to(torch.float32)
+                gh, gw, gb = head_grads(hidden, weight, bias, targets, w, chunk, need, probs_of)
+                ctx.fused = (w, gh, None if gw is None else gw.to(weight.dtype),
+                             None if gb is None else gb.to(bias.dtype))
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
-            ctx.chunk = chunk
             return logps
 
         @staticmethod
         def backward(ctx, grad):
-            hidden, weight, bias, targets, lse = ctx.saved_tensors
-            need_h, need_w, need_b = ctx.needs_input_grad[:3]
-            grad_h = torch.empty_like(hidden) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-                if need_w else None
-            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
-                if need_b and bias is not None else None
             grad = grad.float()
-            for a in range(0, hidden.shape[0], ctx.chunk):
-                h, g, t = hidden[a:a + ctx.chunk], grad[a:a + ctx.chunk], targets[a:a + ctx.chunk]
-                z = F.linear(h, weight, bias).float()                      # [chunk, vocab]
-                z.sub_(lse[a:a + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax
-                z[torch.arange(len(t), device=z.device), t] += g           # + g * onehot
-                if grad_b is not None:
-                    grad_b += z.sum(0)
-                dz = z.to(weight.dtype)
-                if grad_h is not None:
-                    torch.mm(dz, weight, out=grad_h[a:a + ctx.chunk])
-                if grad_w is not None:
-                    if dz.dtype == torch.float32:
-                        grad_w.addmm_(dz.t(), h)
-                    else:
-                        grad_w += (dz.t() @ h).float()
-            return (grad_h,
-                    None if grad_w is None else grad_w.to(weight.dtype),
-                    None if grad_b is None else grad_b.to(bias.dtype),
-                    None, None)
+            if ctx.fused is not None:
+                w, gh, gw, gb = ctx.fused
+                c = _grad_scale(grad, w)
+                if c is not None:
+                    return (*(None if x is None else (x if c == 1 else x * c)
+                              for x in (gh, gw, gb)), None, None, None)
+            hidden, weight, bias, targets, lse = ctx.saved_tensors
+            gh, gw, gb = head_grads(hidden, weight, bias, targets, grad, ctx.chunk,
+                                    ctx.needs_input_grad[:3],
+                                    recomputed_probs(hidden, weight, bias, lse, ctx.chunk))
+            return (gh, None if gw is None else gw.to(weight.dtype),
+                    None if gb is None else gb.to(bias.dtype), None, None, None)
 
     return _HeadLogps
 
 
 @contextlib.contextmanager
-def _head_returns_logps(head, targets, chunk: int, produced: list):
+def _head_returns_logps(head, targets, chunk: int, produced: list, weights=None):
     """Within the block, calling `head` on [..., K, H] returns the [..., K] log-probs of
-    `targets`; the tensors it returned go into `produced`."""
+    `targets` (HeadLogps, fused when `weights` are given); the tensors it returned go into
+    `produced`."""
     import torch
 
     own = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook)
@@ -180,7 +252,7 @@ def _head_returns_logps(head, targets, chunk: int, produced: list):
             raise ValueError(f"LM head got {flat.shape[0]} positions for {targets.shape[0]} "
                              "targets: run the model with logits_to_keep = the target positions")
         if torch.is_grad_enabled() and (flat.requires_grad or head.weight.requires_grad):
-            out = HeadLogps.apply(flat, head.weight, head.bias, targets, chunk)
+            out = HeadLogps.apply(flat, head.weight, head.bias, targets, chunk, weights)
         else:
             out = chunk_logps(original, flat, targets, chunk)[0]
         out = out.view(x.shape[:-1])
@@ -197,19 +269,25 @@ def _head_returns_logps(head, targets, chunk: int, produced: list):
             head.forward = own
 
 
-def completion_logps(model, forward, targets, chunk: int = DEFAULT_CHUNK):
+def completion_logps(model, forward, targets, chunk: int = DEFAULT_CHUNK, weights=None):
     """Log-probs [K] of `targets` (with gradients when grad mode is on): `forward()` runs `model`
     (a transformers causal LM, or a DeepSpeed engine around one) with logits_to_keep = the K
     positions that predict them. The LM head runs `chunk` positions at a time; a model whose
     logits are more than one linear layer's output gets the unchunked computation (a warning),
-    and so does chunk=0 (silently: the reference the tests and the benchmark compare with)."""
+    and so does chunk=0 (silently: the reference the tests and the benchmark compare with).
+
+    `weights` [K]: the loss's gradient with respect to the log-probs is proportional to them
+    (a loss linear in the log-probs, e.g. SFT's -sum / n: all equal). The head's gradients are
+    then taken in the forward's chunk loop (HeadLogps, fused: 3 head matmuls instead of 4);
+    a loss that turns out not to match them still gets exact gradients, recomputed."""
     import torch
     import torch.nn.functional as F
 
     reason = unchunked_reason(model, torch.is_grad_enabled()) if chunk else None
     if chunk and reason is None:
         produced: list = []
-        with _head_returns_logps(model.get_output_embeddings(), targets, chunk, produced):
+        with _head_returns_logps(model.get_output_embeddings(), targets, chunk, produced,
+                                 weights):
             out = forward()
         if len(produced) == 1 and out.logits is produced[0]:
             return out.logits.reshape(-1)

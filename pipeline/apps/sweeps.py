@@ -1,7 +1,7 @@
-"""The settings sweeps behind the ablations: `python -m pipeline.sweeps redi|dap [key=value …]`.
+"""The settings sweeps behind the ablations: `python -m pipeline.apps.sweeps redi|dap [key=value …]`.
 
 Both choose settings on data the ablations never report, so the ablations' seeds stay unpicked:
-  - their own seed (TUNING_SEED, not in pipeline/ablations.py SEEDS) for select / SFT / REDI /
+  - their own seed (TUNING_SEED, not in pipeline/apps/ablations.py SEEDS) for select / SFT / REDI /
     evaluate sampling;
   - their own problems (VALIDATION_SEED instead of the held-out set's synthetic_seed; still
     decontaminated against the training prompts by evaluate).
@@ -55,8 +55,8 @@ def pick_dap(runs: list[dict], random_arm: dict) -> dict | None:
 
 
 def _setup(argv: list[str], prog: str):
-    """The ablations' start (pipeline/ablations.py shared_setup) with the tuning seed last."""
-    from pipeline import ablations
+    """The ablations' start (pipeline/apps/ablations.py shared_setup) with the tuning seed last."""
+    from pipeline.apps import ablations
 
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--recipe", default="configs/tiny.yaml")
@@ -96,11 +96,11 @@ def _write(shared, name: str, result: dict) -> str:
 
 
 def redi(argv: list[str]) -> int:
-    from pipeline import ablations
+    from pipeline.apps import ablations
     from pipeline.runner import run_stage
 
     started = time.time()
-    recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.sweeps redi")
+    recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.apps.sweeps redi")
     start_arm = ablations.SFT_ARMS[ablations.PAIR_START]
     select, sft = ablations.sft_arm(recipe_for(*start_arm), verify)
     paths, last = {}, None
@@ -130,10 +130,10 @@ def redi(argv: list[str]) -> int:
 
 
 def dap(argv: list[str]) -> int:
-    from pipeline import ablations
+    from pipeline.apps import ablations
 
     started = time.time()
-    recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.sweeps dap")
+    recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.apps.sweeps dap")
     arms = {}
     select, sft = ablations.sft_arm(recipe_for(*ablations.SFT_ARMS["random"]), verify)
     arms["random"] = (None, select, sft)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sweeps = {"redi": redi, "dap": dap}
     if not argv or argv[0] not in sweeps:
-        print("usage: python -m pipeline.sweeps redi|dap [--recipe …] [key=value …]",
+        print("usage: python -m pipeline.apps.sweeps redi|dap [--recipe …] [key=value …]",
               file=sys.stderr)
         return 2
     from pipeline.cli import run_guarded

@@ -26,7 +26,7 @@ CHAT_TEMPLATE = (
 
 
 def _corpus(n: int = 4000) -> list[str]:
-    from stages.synthetic import make_problems
+    from stages.lib.synthetic import make_problems
 
     words = ("the answer is compute solve find let we so then first next step total value "
              "number sum difference product result check because therefore thus add subtract "

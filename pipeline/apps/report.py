@@ -291,8 +291,15 @@ def _evaluation_section(store: Store, latest: dict[str, Version]) -> str:
             + _table(["model", "checkpoint"], [[n, p] for n, p in paths.items()]))
 
 
+def mean_sd_text(pair, digits: int = 3) -> str:
+    """"0.512 ± 0.013" (mean ± sd), "0.512" with one seed, "-" with none."""
+    mean, sd = pair
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
 def _ablations_section(store: Store) -> str:
-    from pipeline.ablations import mean_sd_text
 
     import posixpath
 

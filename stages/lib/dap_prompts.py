@@ -2,7 +2,7 @@
 folder, filling it for one trace, and parsing the teacher's answer.
 
 Shared by the prune stage (mode rewrite) and the built-in demo, which trains its tiny teacher on
-exactly the prompts prune sends (pipeline/demo.py, configs/dap-demo/).
+exactly the prompts prune sends (pipeline/apps/demo.py, configs/dap-demo/).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pipeline.errors import UserError
 from pipeline.textfile import read_text
 
 JUDGED = ("simple", "moderate", "complex")      # the teacher's levels in rewrite mode
-PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "dap")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROMPTS_DIR = os.path.join(REPO, "configs", "dap")
 
 
 def load_dap_prompts(folder: str) -> dict:
@@ -41,11 +41,11 @@ def fill_dap_prompt(prompts: dict, problem: str, trace: str) -> str:
 
 
 def parse_rewrite(text: str, tags: str = "think") -> tuple[str | None, str]:
-    """(judged level or None, the rewrite in the stored form of `tags`, stages/chat.py
+    """(judged level or None, the rewrite in the stored form of `tags`, stages/lib/chat.py
     trace_text). The judge prompts ask for <think> tags, so that is how the answer is read."""
     import re
 
-    from stages.chat import split_think, trace_text
+    from stages.lib.chat import split_think, trace_text
 
     m = re.search(r"difficulty\W{0,4}(simple|moderate|complex)", text[:300], re.IGNORECASE)
     level = m.group(1).lower() if m else None

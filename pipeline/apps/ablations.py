@@ -1,6 +1,6 @@
 """`distillery demo --ablations` — the method comparisons on the demo's task, over fixed seeds.
 
-One teacher, one student, one generated + verified set (the demo's, pipeline/demo.py); then, per
+One teacher, one student, one generated + verified set (the demo's, pipeline/apps/demo.py); then, per
 seed, every arm below through the real stages (pipeline.runner.run_stage, each arm its own
 versions, chained by pins), and ONE evaluate per seed holding every model of that seed, on the
 same held-out problems:
@@ -14,7 +14,7 @@ same held-out problems:
     provenance   the paper's rule: per problem the correct trace with the most teacher sentences
     all          every correct trace (larger: the "how much does selection cost" reference)
   pair arms (each from the `all` SFT model, on its select version's REDI pairs, same steps):
-    redi         REDI, alpha 0.2 (chosen by pipeline/sweeps.py on a tuning seed)
+    redi         REDI, alpha 0.2 (chosen by pipeline/apps/sweeps.py on a tuning seed)
     dpo          TRL DPOTrainer (sigmoid, frozen reference)
     simpo        TRL CPOTrainer, loss_type simpo
     sft_cont     REDI's loss with alpha 0: the chosen traces only, the same steps and LR — the
@@ -33,9 +33,11 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from pipeline.apps.report import mean_sd_text
+
 SEEDS = (0, 1, 2)
 
-# Overrides per arm, on top of the demo's (pipeline/demo.py DEMO_OVERRIDES). "Unpruned" is prune's
+# Overrides per arm, on top of the demo's (pipeline/apps/demo.py DEMO_OVERRIDES). "Unpruned" is prune's
 # budget mode with budgets no trace reaches and no per-problem cap: every row passes.
 UNPRUNED = ["prune.mode=budget", "prune.budgets={easy: 100000, medium: 100000, hard: 100000}",
             "prune.keep_per_problem=0"]
@@ -52,7 +54,7 @@ SFT_ARMS = {
 }
 PAIR_START = "all"
 PAIR_ARMS = {
-    # alpha (and every pair arm's LR, the demo's redi.learning_rate) from pipeline/sweeps.py
+    # alpha (and every pair arm's LR, the demo's redi.learning_rate) from pipeline/apps/sweeps.py
     "redi": ["redi.loss=redi", "redi.alpha=0.2"],
     "dpo": ["redi.loss=dpo"],
     "simpo": ["redi.loss=simpo"],
@@ -78,7 +80,7 @@ class AblationPlan:
     extra: overrides applied after the demo's and before the user's. The full run: SFT 2
       epochs (vs the demo's 3), to fit 10 SFT/pair models x 3 seeds in an hour on 2 cores;
       tests: tiny counts.
-    teacher: the demo's teacher settings (pipeline/demo.py TEACHER) or smaller ones.
+    teacher: the demo's teacher settings (pipeline/apps/demo.py TEACHER) or smaller ones.
     """
 
     seeds: tuple = SEEDS
@@ -117,14 +119,6 @@ def summarize(runs: dict[int, dict[str, dict]]) -> dict:
             row["per_seed"][m] = [round(d, 4) for d in diffs]
         comparisons.append(row)
     return {"arms": table, "comparisons": comparisons}
-
-
-def mean_sd_text(pair, digits: int = 3) -> str:
-    """"0.512 ± 0.013" (mean ± sd), "0.512" with one seed, "-" with none."""
-    mean, sd = pair
-    if mean is None:
-        return "-"
-    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
 def format_summary(summary: dict, k: int) -> str:
@@ -206,8 +200,8 @@ def shared_setup(recipe_path: str, items: list[str], plan: AblationPlan, last: t
     """The demo's teacher and student (cached), and prompts -> generate -> verify once:
     (recipe_for, shared recipe, prompts, verify, teacher training info). recipe_for(*overrides)
     = the demo's overrides + plan.extra + overrides + `last` + the models + the user's items.
-    Also pipeline/sweeps.py's start."""
-    from pipeline import demo
+    Also pipeline/apps/sweeps.py's start."""
+    from pipeline.apps import demo
     from pipeline.runner import run_stage
 
     items = list(items)
