@@ -98,10 +98,13 @@ def gradient_checkpointing(setting, rows) -> bool:
     return bool(setting)
 
 
-def train_packed(config: dict, loss_fn) -> None:
+def train_packed(config: dict, loss_fn, collate_fn=collate, callbacks=()) -> None:
     """Build the trainer for packed rows, train (resuming if a checkpoint exists), save, report.
 
     `loss_fn(model, batch) -> (loss, {metric: float})` (see packed_trainer_class).
+    `collate_fn(items) -> batch`: packed.collate, or a stage's own that adds per-token arrays
+    of its rows (kd: the teacher's top-k). `callbacks`: more transformers TrainerCallbacks (kd's
+    TAID schedule, saved in each checkpoint's trainer_state.json).
     """
     from cluster.train import (deepspeed_for_worker, finish, last_checkpoint, peak_memory_mb,
                                progress_callback, worker_env)
@@ -151,8 +154,9 @@ def train_packed(config: dict, loss_fn) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
 
     PackedTrainer = packed_trainer_class(loss_fn)
-    trainer = PackedTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
-                            processing_class=tokenizer, callbacks=[progress_callback(config["stage"])])
+    trainer = PackedTrainer(model=model, args=args, train_dataset=rows, data_collator=collate_fn,
+                            processing_class=tokenizer,
+                            callbacks=[progress_callback(config["stage"]), *callbacks])
     resume = last_checkpoint(checkpoint_dir)
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - (PackedTrainer.started or time.perf_counter())
