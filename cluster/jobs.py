@@ -4,11 +4,11 @@
         data_root=s3://bucket/run1
     distillery jobs list | status ID | logs ID [--follow] | stop ID
 
-`submit` ships this repository (cluster/deploy/runtime_env.yaml: the code, never .venv or data) and runs
-`python -m pipeline.cli run STAGE …` as the job's entrypoint. Inside the job Ray sets
-RAY_ADDRESS, so every stage joins the cluster — the same code path as a laptop run (DESIGN.md
-rule 4). The logs stream back until the job ends; the exit code is the job's (2 for a user
-error, as on a laptop).
+`submit` ships this repository (cluster/deploy/runtime_env.yaml: the code, never .venv or data) and
+runs `python -m pipeline.cli run STAGE …` as the job's entrypoint. Inside the job Ray sets
+RAY_ADDRESS, so every stage joins the cluster — the same code path as a laptop run
+(docs/architecture.md, "Ray: local or cluster"). The logs stream back until the job ends; the exit
+code is the job's (2 for a user error, as on a laptop).
 
 Token authentication (Ray 2.60's `ray start` default) stays on: the client sends the token the
 way `ray job submit` does — with RAY_AUTH_MODE=token it reads $RAY_AUTH_TOKEN, the file named by
@@ -16,6 +16,8 @@ $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (copy it from the head node: `ray get
 """
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import os
 import shlex
 
@@ -52,7 +54,7 @@ def client(address: str):
 
 
 def runtime_env() -> dict:
-    """cluster/deploy/runtime_env.yaml with its working_dir resolved against the repository root."""
+    """cluster/deploy/runtime_env.yaml, its working_dir resolved against the repository root."""
     with open(os.path.join(HERE, "deploy", "runtime_env.yaml"), encoding="utf-8") as f:
         env = yaml.safe_load(f)
     env["working_dir"] = os.path.normpath(os.path.join(REPO, env["working_dir"]))
@@ -89,7 +91,6 @@ def submit(address: str, stage: str, recipe: str, items: list[str], no_wait: boo
 def follow(c, job_id: str, log=print) -> int:
     """Print the job's logs as they come until it ends; 0 if it succeeded, else its driver's
     exit code (1 when it has none: stopped, or lost with its node)."""
-    import asyncio
 
     from ray.job_submission import JobStatus
 
@@ -109,7 +110,6 @@ def follow(c, job_id: str, log=print) -> int:
 
 def jobs(address: str, action: str, job_id: str | None, follow_logs: bool, log=print) -> int:
     """`distillery jobs list | status ID | logs ID | stop ID`."""
-    import datetime as dt
 
     if action != "list" and not job_id:
         raise UserError(f"distillery jobs {action}: which job? (distillery jobs {action} ID; "

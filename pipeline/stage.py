@@ -1,6 +1,6 @@
 """The stage record and the context a stage runs in.
 
-A stage is a plain record (DESIGN.md, "The stage contract"): no base class, no registry.
+A stage is a plain record (docs/architecture.md, "The stage contract"): no base class, no registry.
 `stages/__init__.py` holds the explicit `STAGES = {...}` dict in pipeline order.
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=True)  # joins that cluster
         return
     # A fresh temp dir per local run: a `ray stop`-ed cluster leaves ray_current_cluster behind
-    # in the default one and a later ray.init() then tries to connect to it (STACK.md).
+    # in the default one and a later ray.init() then tries to connect to it (docs/stack.md).
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir=os.environ.get("DISTILLERY_RAY_TMP", "/tmp"))
     ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=True)
 
@@ -86,7 +88,6 @@ def check_storage(data_root: str) -> None:
     DISTILLERY_SHARED_FS=1). Only a run joining a cluster (RAY_ADDRESS, as inside a Ray job)
     is checked: a local Ray started on demand is one node.
     """
-    from pipeline.errors import UserError
 
     if "://" in data_root and not data_root.startswith("file://"):
         return

@@ -1,4 +1,4 @@
-"""Versioned datasets on disk (DESIGN.md, "Versioned datasets on disk").
+"""Versioned datasets on disk (docs/architecture.md, "Versioned datasets on disk").
 
     <data_root>/<stage>/<version>/part-*.parquet  (+ <split>/part-*.parquet, or a checkpoint)
     <data_root>/<stage>/<version>/.manifest.json   written LAST: a folder without it is incomplete

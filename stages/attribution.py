@@ -1,5 +1,5 @@
 """Stage `attribution` — where the sentences of a distilled student's own answers come from
-(the paper's analysis, METHODS.md "Provenance tracing"; arXiv 2512.20908).
+(the paper's analysis, docs/methods.md "Provenance tracing"; arXiv 2512.20908).
 
     distillery run attribution --recipe configs/tiny.yaml attribution.distilled=sft
 
@@ -22,13 +22,17 @@ answers: minutes); not in configs/tiny.yaml's default run.
 """
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass
 
+from cluster.scoring import score_batches
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.lib.chat import check_chat_format, prompt_messages, target_format
+from stages.lib.packed import ATTENTION, onednn_linears, register_attention, score_traces
 from stages.lib.sentences import (completion_mean, geometric_p, label_four, scored_end,
-                              sentence_means, split_sentences)
+                                  sentence_means, split_sentences)
 
 CLASSES = ("shared", "teacher", "student", "boosted", "unscored")
 ROLES = ("teacher", "student", "distilled")
@@ -62,9 +66,6 @@ class AttributionConfig:
 def score_batch(models: dict, batch, cfg: AttributionConfig, prompt_cfg: dict, template: str):
     """Pool actor's call: the samples + the attribution columns."""
     import pyarrow as pa
-
-    from stages.lib.chat import prompt_messages, target_format
-    from stages.lib.packed import score_traces
 
     texts = [t or "" for t in batch.column("completion").to_pylist()]
     ask = types.SimpleNamespace(**prompt_cfg)
@@ -117,15 +118,9 @@ def shares(rows: list[dict]) -> dict:
 
 
 def run(cfg: AttributionConfig, inputs, ctx):
-    import functools
-
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray.data
-
-    from cluster.scoring import score_batches
-    from stages.lib.chat import check_chat_format
-    from stages.lib.packed import ATTENTION, onednn_linears, register_attention
 
     if cfg.alpha < 0 or cfg.beta < 0:
         raise UserError("attribution.alpha and attribution.beta must be >= 0")

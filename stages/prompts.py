@@ -9,13 +9,16 @@ unedited. Exact dedup on normalized text; optional n-gram decontamination agains
 """
 from __future__ import annotations
 
+import collections
 import os
 from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.lib import ingest
 from stages.lib.ingest import normalize, problem_id, read_records
 from stages.lib.references import ANSWER_FROM, reference_answer
+from stages.lib.synthetic import make_problems
 
 
 @dataclass
@@ -94,7 +97,6 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict, dict]:
     if cfg.answer_from not in ANSWER_FROM:
         raise UserError(f"prompts.answer_from: '{cfg.answer_from}' is not one of {ANSWER_FROM}")
     if cfg.path == "synthetic":
-        from stages.lib.synthetic import make_problems
 
         made = make_problems(cfg.synthetic_n, seed=cfg.synthetic_seed,
                              min_terms=cfg.synthetic_min_terms, max_terms=cfg.synthetic_max_terms,
@@ -166,9 +168,6 @@ def _trace_file_problems(cfg: PromptsConfig) -> tuple[list[tuple[str, dict]], di
     """[(where, {problem, answer, source})] of a trace file's rows that pass import_keep /
     import_drop, and the rows filtered out by reason. Streamed: only the columns the problems
     and the filters need are read (Parquet, Arrow), one batch at a time."""
-    import collections
-
-    from stages.lib import ingest
 
     spec = ingest.Spec(path=cfg.path, format=cfg.import_format, fields=dict(cfg.import_fields),
                        keep=dict(cfg.import_keep), drop=dict(cfg.import_drop), split=cfg.split)

@@ -1,5 +1,5 @@
 """Stage `provenance` — which sentences of each trace come from the teacher, and which traces select
-should train on (METHODS.md, "Provenance tracing"; arXiv 2512.20908).
+should train on (docs/methods.md, "Provenance tracing"; arXiv 2512.20908).
 
     distillery run provenance --recipe configs/tiny.yaml provenance.rule=paper
 
@@ -30,16 +30,23 @@ once all shards are scored and writes the final part-XXXXX.parquet files.
 """
 from __future__ import annotations
 
+import functools
 import math
 import posixpath
+import random
 import time
 from dataclasses import dataclass
 
+from cluster.scoring import score_batches
 from pipeline.errors import UserError
+from pipeline.progress import Progress
 from pipeline.shards import Shards, tagged
 from pipeline.stage import Stage
+from pipeline.store import Store
+from stages.lib.chat import check_chat_format, target_format
+from stages.lib.packed import ATTENTION, onednn_linears, register_attention, score_traces
 from stages.lib.sentences import (completion_mean, geometric_p, label_two, scored_end,
-                              sentence_means, split_sentences)
+                                  sentence_means, split_sentences)
 
 METHODS = ("score", "none")
 RULES = ("paper", "score", "all", "random")
@@ -109,7 +116,6 @@ def check_config(cfg: ProvenanceConfig) -> str:
         raise UserError("provenance.max_length (>= 2), shard_size and chunk (>= 1) must be positive")
     if cfg.method == "none":
         return ""
-    from stages.lib.chat import check_chat_format
 
     template = ""
     for role, path in (("teacher", cfg.teacher), ("student", cfg.student)):
@@ -160,9 +166,6 @@ def score_batch(models: dict, batch, cfg: ProvenanceConfig, template: str = ""):
     """Pool actor's call: the batch (pyarrow) + the score columns (see score_columns).
     template: the chat template text check_config returned ("" = each model's own)."""
     import pyarrow as pa
-
-    from stages.lib.chat import target_format
-    from stages.lib.packed import score_traces
 
     texts = [t or "" for t in batch.column("pruned_completion").to_pylist()]
     messages = batch.column("prompt_messages").to_pylist()
@@ -218,7 +221,6 @@ def select_plan(rows: list[dict], cfg: ProvenanceConfig) -> dict:
                 out[r["trace_id"]] = ((True, "top_teacher_sentences")
                                       if k < cfg.keep_per_problem else (False, "not_top_k"))
     elif cfg.rule == "random":
-        import random
 
         by_problem = {}
         for r in candidates:
@@ -255,8 +257,6 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.store import Store
-
     template = check_config(cfg)
     table = inputs["prune"].read_table().sort_by([("problem_id", "ascending"),
                                                   ("trace_id", "ascending")])
@@ -275,13 +275,8 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
         print(f"provenance: {table.num_rows} traces in {len(shards)} shards of {cfg.shard_size}; "
               f"{len(shards) - len(todo)} already scored, {len(todo)} to score", flush=True)
     if todo:
-        import functools
 
         import ray.data
-
-        from cluster.scoring import score_batches
-        from pipeline.progress import Progress
-        from stages.lib.packed import ATTENTION, onednn_linears, register_attention
 
         ctx.ensure_ray()
         scores = score_batches(ray.data.from_arrow(tagged({k: shards[k] for k in todo})),

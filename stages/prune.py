@@ -1,4 +1,4 @@
-"""Stage `prune` — difficulty-aware pruning of correct traces (DAP, METHODS.md), two modes.
+"""Stage `prune` — difficulty-aware pruning of correct traces (DAP, docs/methods.md), two modes.
 
 Adds `pruned_completion, pruned_tokens, prune_status, judged_difficulty`. Only correct traces are
 pruned; incorrect ones pass through unchanged (status "incorrect": REDI's negatives) and so do
@@ -19,12 +19,18 @@ mode: rewrite (paper-faithful) — one teacher call per correct trace: shown the
 """
 from __future__ import annotations
 
+import collections
+import functools
 from dataclasses import dataclass, field
 
+from cluster.inference import Endpoint, Sampling, complete_chats, iter_samples
+from pipeline.config import build_config
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.lib.answers import VerifyConfig, verify_rows
+from stages.lib.chat import check_chat_format, render_prompt as render_chat, split_think
 from stages.lib.dap_prompts import (JUDGED, PROMPTS_DIR, fill_dap_prompt, load_dap_prompts,
-                                parse_rewrite)
+                                    parse_rewrite)
 
 LEVELS = ("easy", "medium", "hard")             # verify's pass-rate levels
 
@@ -180,8 +186,6 @@ def judge_rewrites(rows: list[dict], outputs: dict, vcfg, count_tokens, checker=
     A rewrite is accepted ("rewritten") only if the same verifier finds the reference answer in
     it; otherwise the status names the reason and the original text is carried.
     """
-    from stages.lib.chat import split_think
-    from stages.lib.answers import verify_rows
 
     out = []
     for r in rows:
@@ -226,18 +230,9 @@ def _token_counter(name: str):
 
 
 def run_rewrite(cfg: PruneConfig, inputs, ctx):
-    import collections
-    import functools
-
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
-
-    from pipeline.config import build_config
-    from cluster.inference import Endpoint, Sampling, complete_chats, iter_samples
-    from stages.lib.chat import check_chat_format
-    from stages.lib.chat import render_prompt as render_chat
-    from stages.lib.answers import VerifyConfig
 
     # Re-verify with exactly the settings the verify version used.
     vcfg = build_config(VerifyConfig, inputs["verify"].manifest["config"],

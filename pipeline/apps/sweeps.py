@@ -7,10 +7,10 @@ Both choose settings on data the ablations never report, so the ablations' seeds
     decontaminated against the training prompts by evaluate).
 Each grid and its pick rule were written down before the sweep ran.
 
-redi: REDI's alpha and LR (sessions 5-6 ran the paper's alpha 0.8 at an LR set before any run,
-  1e-5). From the tuning seed's `all` SFT model and its REDI pairs (the ablations' PAIR_START),
-  every (LR, alpha) of REDI_GRID trains for the same steps; alpha 0 is SFT continued at that LR
-  (the ablations' control). Rule: the LR and alpha > 0 with the largest pass@1 margin over
+redi: REDI's alpha and LR (the paper's alpha 0.8 at an LR set before any run, 1e-5, was the
+  starting point: docs/demo.md). From the tuning seed's `all` SFT model and its REDI pairs
+  (the ablations' PAIR_START), every (LR, alpha) of REDI_GRID trains for the same steps;
+  alpha 0 is SFT continued at that LR (the ablations' control). Rule: the LR and alpha > 0 with the largest pass@1 margin over
   alpha 0 at the same LR; the ablations then run every pair arm at that LR and REDI at that
   alpha. Written to <data_root>/redi_sweep.json.
 dap: DAP budget mode's budgets, loose to tight (DAP_GRID; the first is the demo's). Each trains
@@ -24,7 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+
+from pipeline.apps import ablations
+from pipeline.cli import run_guarded
+from pipeline.runner import run_stage
 
 TUNING_SEED = 100
 VALIDATION_SEED = 424242
@@ -56,7 +61,6 @@ def pick_dap(runs: list[dict], random_arm: dict) -> dict | None:
 
 def _setup(argv: list[str], prog: str):
     """The ablations' start (pipeline/apps/ablations.py shared_setup) with the tuning seed last."""
-    from pipeline.apps import ablations
 
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--recipe", default="configs/tiny.yaml")
@@ -72,7 +76,6 @@ def _evaluate(recipe_for, prompts, sft, redi, paths: list[str]) -> dict:
     """pass@1 / pass@k / own tokens of every model path, on the validation problems. redi:
     None = the data root's latest (evaluate resolves an sft and a redi input even when its
     models are all paths; `make pipeline` in the same data root made one)."""
-    from pipeline.runner import run_stage
 
     r = recipe_for("evaluate.models=[" + ", ".join(paths) + "]",
                    f"evaluate.synthetic_seed={VALIDATION_SEED}")
@@ -96,9 +99,6 @@ def _write(shared, name: str, result: dict) -> str:
 
 
 def redi(argv: list[str]) -> int:
-    from pipeline.apps import ablations
-    from pipeline.runner import run_stage
-
     started = time.time()
     recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.apps.sweeps redi")
     start_arm = ablations.SFT_ARMS[ablations.PAIR_START]
@@ -130,8 +130,6 @@ def redi(argv: list[str]) -> int:
 
 
 def dap(argv: list[str]) -> int:
-    from pipeline.apps import ablations
-
     started = time.time()
     recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.apps.sweeps dap")
     arms = {}
@@ -167,15 +165,12 @@ def dap(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     sweeps = {"redi": redi, "dap": dap}
     if not argv or argv[0] not in sweeps:
         print("usage: python -m pipeline.apps.sweeps redi|dap [--recipe …] [key=value …]",
               file=sys.stderr)
         return 2
-    from pipeline.cli import run_guarded
 
     # As the distillery CLI: a user's mistake (here or inside a Ray worker) is one line, exit 2.
     return run_guarded(sweeps[argv[0]], argv[1:])

@@ -6,7 +6,11 @@ Digits are split one by one by the pre-tokenizer: arithmetic stays learnable for
 """
 from __future__ import annotations
 
+import json
 import os
+
+from pipeline.errors import UserError
+from stages.lib.synthetic import make_problems
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -26,8 +30,6 @@ CHAT_TEMPLATE = (
 
 
 def _corpus(n: int = 4000) -> list[str]:
-    from stages.lib.synthetic import make_problems
-
     words = ("the answer is compute solve find let we so then first next step total value "
              "number sum difference product result check because therefore thus add subtract "
              "multiply divide equals problem reasoning simple moderate complex rewrite judge "
@@ -56,7 +58,6 @@ def build_tokenizer(vocab_size: int = 2048, vocab_to: int = 0):
     """A byte-level BPE trained on the synthetic task's text (vocab_size entries); with vocab_to,
     padded with never-merged entries "<unused_i>" to vocab_to ids, which encode never yields
     and decode spells out (a random model samples them)."""
-    import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -94,8 +95,6 @@ def build_tiny_model(out: str, layers: int = 4, hidden: int = 256, heads: int = 
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from pipeline.errors import UserError
 
     if hidden % heads or hidden // heads != 64:
         raise UserError(f"tiny-model: hidden/heads = {hidden}/{heads} must be 64 "

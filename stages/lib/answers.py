@@ -24,9 +24,18 @@ correct = null, non-math rows pass through) | timeout | error (correct = null: u
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
 from stages.lib.latex import matching_braces
 
@@ -211,8 +220,6 @@ def _serve(conn, memory_mib: int) -> None:
     row out: ("pred", answer) — extracted with `fallbacks` (the math_verify extractor reading
     `part`, or the text when part is None), or the text itself when fallbacks is None — then,
     when both answer and ref are present, ("ok", bool) | ("error", message)."""
-    import logging
-    import resource
 
     # math-verify warns on every call that its own (signal) timeout is off: ours is the kill.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -258,8 +265,6 @@ def _serve(conn, memory_mib: int) -> None:
 
 def _die_with_parent() -> None:
     """SIGKILL this process when its parent dies, even while it is stuck in C code."""
-    import ctypes
-    import signal
 
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
@@ -270,8 +275,6 @@ def _helper_main(fd: int, memory_mib: int) -> None:
     A child killed for a timeout is replaced by a fresh fork (a few ms, no re-import); a child
     that exits 0 saw EOF (the Checker closed), and then the helper exits too.
     """
-    import logging
-    from multiprocessing.connection import Connection
 
     _die_with_parent()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -310,11 +313,6 @@ class Checker:
         self.restarts = 0
 
     def _start(self) -> None:
-        import socket
-        import subprocess
-        import sys
-        from multiprocessing.connection import Connection
-
         if self.conn is not None:  # the previous helper died
             self.conn.close()
         ours, theirs = socket.socketpair()
@@ -381,8 +379,6 @@ class Checker:
 
     def _one_row(self, ref) -> tuple:
         """(pred, (correct, status), child restarted?) for the next row the child answers."""
-        import signal
-        import time
 
         deadline = time.monotonic() + self.timeout_s
         pred = None
@@ -468,6 +464,4 @@ def difficulty_of(pass_rate: float | None, cfg: VerifyConfig) -> str | None:
 
 
 if __name__ == "__main__":  # the Checker's helper process
-    import sys
-
     _helper_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -11,9 +11,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 
+from pipeline.config import is_local_model
 from pipeline.errors import UserError
+from pipeline.textfile import read_text
 from stages.lib.models import check_model
 
 # The user turn open-r1 uses; evaluate defaults to the same so models are asked as the teacher was.
@@ -196,9 +199,6 @@ PROMPT_FORMATS = ("chat", "raw")
 def load_chat_template(chat_template: str, where: str) -> str:
     """The template text: "" stays "", an existing file (e.g. `tpl.jinja`) is read, a name that
     ends in .jinja but does not exist is an error, anything else is the Jinja text itself."""
-    import os
-
-    from pipeline.textfile import read_text
 
     if not chat_template:
         return ""
@@ -225,7 +225,6 @@ def load_chat_template(chat_template: str, where: str) -> str:
 
 def load_tokenizer(model: str, where: str):
     from transformers import AutoTokenizer
-
 
     try:
         return AutoTokenizer.from_pretrained(model)
@@ -257,7 +256,6 @@ def check_chat_format(model: str, chat_template: str, prompt_format: str, stage:
     """Check in the driver, before Ray starts, that `model` can be prompted this way; returns
     the template text to hand to workers ("" = the model's own). `role`: the config field that
     names the model (teacher, student, a model of evaluate's list)."""
-    from pipeline.config import is_local_model
 
     if prompt_format not in PROMPT_FORMATS:
         raise UserError(f"{stage}.prompt_format: '{prompt_format}' is not one of {PROMPT_FORMATS}")

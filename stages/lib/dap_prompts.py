@@ -1,4 +1,4 @@
-"""DAP's rewrite prompt (METHODS.md, DAP): the judge frame and per-level outlines of a prompt
+"""DAP's rewrite prompt (docs/methods.md, DAP): the judge frame and per-level outlines of a prompt
 folder, filling it for one trace, and parsing the teacher's answer.
 
 Shared by the prune stage (mode rewrite) and the built-in demo, which trains its tiny teacher on
@@ -7,9 +7,11 @@ exactly the prompts prune sends (pipeline/apps/demo.py, configs/dap-demo/).
 from __future__ import annotations
 
 import os
+import re
 
 from pipeline.errors import UserError
 from pipeline.textfile import read_text
+from stages.lib.chat import split_think, trace_text
 
 JUDGED = ("simple", "moderate", "complex")      # the teacher's levels in rewrite mode
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,8 +34,6 @@ def load_dap_prompts(folder: str) -> dict:
 
 
 def fill_dap_prompt(prompts: dict, problem: str, trace: str) -> str:
-    import re
-
     values = {"problem": problem, "trace": trace, **{lvl: prompts[lvl] for lvl in JUDGED}}
     # One pass: braces inside the problem or the trace (LaTeX) are never substituted again.
     return re.sub(r"\{(problem|trace|simple|moderate|complex)\}", lambda m: values[m.group(1)],
@@ -43,9 +43,6 @@ def fill_dap_prompt(prompts: dict, problem: str, trace: str) -> str:
 def parse_rewrite(text: str, tags: str = "think") -> tuple[str | None, str]:
     """(judged level or None, the rewrite in the stored form of `tags`, stages/lib/chat.py
     trace_text). The judge prompts ask for <think> tags, so that is how the answer is read."""
-    import re
-
-    from stages.lib.chat import split_think, trace_text
 
     m = re.search(r"difficulty\W{0,4}(simple|moderate|complex)", text[:300], re.IGNORECASE)
     level = m.group(1).lower() if m else None

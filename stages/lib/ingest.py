@@ -20,6 +20,7 @@ Errors (UserError, exit 2) name the file, the row (or line) and the field; nothi
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import hashlib
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.textfile import read_text
+from stages.lib.chat import REASONING_TAGS, trace_text
 
 FORMATS = ("auto", "openr1", "sharegpt", "messages", "flat")
 
@@ -300,8 +302,6 @@ def file_hashes(source: Source) -> dict:
 def json_lines(path: str):
     """(line number, record) per non-blank line, one line in memory at a time. A UTF-8 BOM and
     CRLF are fine; UTF-16 with a BOM is decoded as such."""
-    import codecs
-    import io
 
     with open(path, "rb") as raw:
         head = raw.read(4)
@@ -343,8 +343,6 @@ def json_lines(path: str):
 
 
 def _json_items(path: str):
-    from pipeline.textfile import read_text
-
     text = read_text(path)
     try:
         data = json.loads(text) if text.strip() else []
@@ -509,7 +507,6 @@ def traces_of(record, layout: str, spec: Spec, where: str, tags: str) -> list[di
     """Every trace of a row: {problem, answer, source, teacher, prompt (messages or None),
     completion, finish_reason (or None: unknown), correct_math_verify, correct_llama,
     reasoning_complete}. A trace that is not text, parallel lists of other lengths: UserError."""
-    from stages.lib.chat import REASONING_TAGS, trace_text
 
     problem, answer, source = problem_of(record, layout, spec, where)
     teacher, _ = _get(record, layout, "teacher", spec, where)

@@ -7,7 +7,7 @@
     label_two(p_t, p_s, beta) -> "teacher" | "student" | "common"          (before training)
     label_four(p_t, p_s, p_d, alpha, beta) -> + "shared" | "boosted"       (a distilled student)
 
-METHODS.md, "Provenance tracing": a sentence's score under a model is the geometric mean of its
+docs/methods.md, "Provenance": a sentence's score under a model is the geometric mean of its
 tokens' probabilities in context, p = exp(mean log p_k). It is a per-sentence mean, so two models
 with different tokenizers compare through character spans: each model's tokens are mapped to
 the sentences they overlap by their character offsets.
@@ -135,7 +135,7 @@ def label_two(p_t: float | None, p_s: float | None, beta: float) -> str:
 
 
 def label_four(p_t, p_s, p_d, alpha: float, beta: float) -> str:
-    """With a distilled student D (METHODS.md): shared if all three pairwise differences are
+    """With a distilled student D (docs/methods.md): shared if all three pairwise differences are
     <= alpha; teacher if p_T - p_S > beta; student if p_S - p_T > beta; otherwise boosted."""
     if p_t is None or p_s is None or p_d is None:
         return "unscored"

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import random
 
+from stages.lib.dap_prompts import fill_dap_prompt
+
 
 def make_problems(n: int, seed: int = 0, min_terms: int = 2, max_terms: int = 4,
                   max_operand: int = 99, exclude: set | frozenset = frozenset()) -> list[dict]:
@@ -58,11 +60,10 @@ def make_problems(n: int, seed: int = 0, min_terms: int = 2, max_terms: int = 4,
 # is caught) and their errors are systematic: a model slips where a step is easy to misread, not
 # at random. The slip here is a classic one: the minus sign is dropped and the step is done as an
 # addition — "12 - 3" computed as 12 + 3 = 15 (not 9). The slipped line is itself a TRUE
-# equation, so the arithmetic the model learns stays consistent. (Session 5 first tried the
-# forgotten carry, "18 + 5 = 13": a false equation half of the time at every carry step; the
-# minutes-trained teacher then reached only 78% greedy even on problems without a carry, 40% at
-# T 1.0 overall — measured 2026-12-01.) A problem's difficulty for the teacher is its number of
-# subtraction steps.
+# equation, so the arithmetic the model learns stays consistent. (A forgotten carry, "18 + 5 =
+# 13", is a false equation half of the time at every carry step, and a minutes-trained teacher
+# learned far worse from it: docs/demo.md.) A problem's difficulty for the teacher is its number
+# of subtraction steps.
 
 TRACE_STYLES = ("concise", "checked", "detour")
 
@@ -97,7 +98,7 @@ def worked_trace(problem: str, rng: random.Random, style: str, slip_rate: float)
       ("check: 12 - 3 = 9, not 15") and the run goes on from the checked value, so the answer is
       right and the trace about twice as long. The check repeats the step rather than inverting
       it: an inverse check ("23 - 5 = 18") is a second computation a minutes-trained model
-      learned far worse (session 4: the long styles were right only ~45% of the time).
+      learned far worse (the long styles were then right only ~45% of the time: docs/demo.md).
     detour:  the problem restated first and the result at the end; a slip is noticed at once
       ("wait, minus: 12 - 3 = 9") and corrected; like checked, right but longer than concise.
     Returns {"solution", "answer" (what the trace concludes), "correct", "slips", "style"}.
@@ -168,7 +169,6 @@ def rewrite_example(problem: dict, rng: random.Random, prompts: dict, style_weig
     (slips only where the style catches them), filled into the judge frame `prompts`
     (load_dap_prompts) as `problem`; the answer `solution` is "Difficulty: <level>" + the
     concise slip-free trace."""
-    from stages.lib.dap_prompts import fill_dap_prompt
 
     style = rng.choices(list(style_weights), list(style_weights.values()))[0]
     shown = worked_trace(problem["problem"], rng, style, 0.0 if style == "concise" else slip_rate)
