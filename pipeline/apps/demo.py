@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import json
@@ -16,6 +17,7 @@ import os
 import random
 import shutil
 import sys
+import textwrap
 import time
 from typing import Callable
 
@@ -282,15 +284,25 @@ DEMO_OVERRIDES = [
 ]
 
 
+def _code_key(obj) -> str:
+    """The code of a module or function without its comments and docstrings (its AST): a
+    reworded comment must not retrain the teacher (minutes), a changed statement must."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def _settings_hash(task: dict, teacher: dict, held_out: list[str]) -> str:
     """Cache key of the trained models: the settings + the code that makes the data and trains."""
-
     blob = json.dumps([task, teacher, STYLE_MIX, SLIP_RATE, REWRITE_SHARE, held_out,
                        load_dap_prompts(DAP_DEMO_PROMPTS)], sort_keys=True)
-    for module in (synthetic, tiny_model, dap_prompts, packed):
-        blob += inspect.getsource(module)
-    for fn in (train_lm, save, _encode, by_level, trace_draw, rewrite_draw):
-        blob += inspect.getsource(fn)
+    for code in (synthetic, tiny_model, dap_prompts, packed,
+                 train_lm, save, _encode, by_level, trace_draw, rewrite_draw):
+        blob += _code_key(code)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
