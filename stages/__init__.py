@@ -3,6 +3,7 @@ from stages import prompts
 from stages import generate
 from stages import verify, prune, provenance, select
 from stages import sft
+from stages import kd
 from stages import redi
 from stages import evaluate
 from stages import attribution
@@ -15,6 +16,7 @@ STAGES = {
     "provenance": provenance.STAGE,
     "select": select.STAGE,
     "sft": sft.STAGE,
+    "kd": kd.STAGE,
     "redi": redi.STAGE,
     "evaluate": evaluate.STAGE,
     "attribution": attribution.STAGE,

@@ -1,0 +1,421 @@
+"""Stage `kd` — logit distillation: the student learns the teacher's next-token distributions.
+
+Reads `distributions` (select's SFT rows plus, at every completion token the student trains on,
+the teacher's top-k ids and log-probs: `topk_ids`, `topk_logps`, `completion_ids`, …), trains the
+original student (the recipe's `student`, as sft does) under DeepSpeed ZeRO on Ray Train workers
+(cluster/train.py, stages/lib/trainer.py train_packed) and writes a Hugging Face checkpoint
+folder as its version.
+
+    distillery run kd --recipe configs/tiny.yaml kd.divergence=forward_kl kd.kd_ratio=0.5
+
+The loss over the completion tokens of the whole global step (token mean, as sft's):
+
+    L = (1 - kd_ratio) CE + kd_ratio D(p_T || q_S)
+
+with CE the trace token's negative log-likelihood and D one of stages/lib/divergences.py's
+DIVERGENCES on the teacher's top-k support plus a tail bucket. `taid` interpolates its target
+with the student and moves t by TaidSchedule once per optimizer step (logged, checkpointed).
+
+The student's full-vocabulary logits never exist for a whole packed row: the model's LM head,
+when the model's forward calls it with the K completion positions, computes the loss terms
+`CHUNK` positions at a time, each chunk under torch.utils.checkpoint (backward recomputes that
+chunk's logits). The head module is still *called* by the model's forward, so DeepSpeed ZeRO-3's
+hooks gather its weight around the call and again before its backward (stages/lib/lm_head.py's
+docstring says why that suffices). docs/kd.md is the guide.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import random
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+from pipeline.stage import Stage
+from stages.lib.chat import check_chat_format, target_format
+from stages.lib.divergences import DIVERGENCES, TaidSchedule, divergence
+from stages.lib.lm_head import unchunked_reason
+from stages.lib.packed import collate, encode, fit_length, pack, packed_row
+from stages.lib.trainer import global_sum, read_stats, train_packed, upstream_drops, worker_config
+
+log = logging.getLogger(__name__)
+
+# Positions per LM-head chunk: 1,024 x 151,936 (Qwen2.5) x 4 B = 0.62 GB of fp32 logits, and the
+# log-softmax beside it another 0.62 GB, whatever the packed row's length.
+CHUNK = 1024
+
+# The teacher's per-token columns a distributions row carries (stages/distributions.py).
+TEACHER_COLUMNS = ("topk_ids", "topk_logps", "completion_ids")
+
+
+@dataclass
+class KdConfig:
+    """Knobs of the kd stage. The training schedule is sft's (SFTConfig documents each):
+
+    student: the model to train (hub id or local path); the recipe's top-level `student` fills
+      it. kd starts from the original student, as sft does, not from sft's checkpoint.
+    epochs / max_steps / learning_rate / warmup_ratio / lr_scheduler / weight_decay /
+      max_grad_norm / max_length / overlong / tokens_per_step / seed / save_steps /
+      logging_steps / report_to / chat_template / prompt_format / reasoning_tags: as in sft.
+      chat_template / prompt_format / reasoning_tags must be those distributions used: the
+      teacher's arrays are aligned to exactly these completion tokens (checked per row).
+    kd_ratio: weight of the divergence against cross-entropy, in [0, 1]:
+      L = (1 - kd_ratio) CE + kd_ratio D (METHODS.md: torchtune and DistillKit use 0.5).
+    divergence: D, one of DIVERGENCES: forward_kl, reverse_kl, jsd, skew_kl, skew_rkl, taid
+      (formulas in stages/lib/divergences.py and docs/kd.md).
+    beta: jsd's mixture weight (TRL GKD's; 0 = forward KL, 1 = reverse KL).
+    skew_alpha: skew_kl / skew_rkl's alpha (DistiLLM: 0.1).
+    taid_t_start / taid_t_end / taid_alpha / taid_momentum: TAID's interpolation t, from
+      t_start towards t_end, moved by alpha sigmoid(momentum-averaged relative loss decrease)
+      each optimizer step (SakanaAI/TAID: 0.4, 1.0, 5e-4, 0.99).
+    """
+
+    student: str = ""
+    epochs: float = 3.0
+    max_steps: int = 0
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "linear"
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    max_length: int = 4096
+    overlong: str = "truncate"
+    tokens_per_step: int = 16384
+    seed: int = 0
+    chat_template: str = ""
+    prompt_format: str = "chat"
+    reasoning_tags: str = "think"
+    save_steps: int = 50
+    logging_steps: int = 1
+    report_to: str = "tensorboard"
+    kd_ratio: float = 0.5
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    skew_alpha: float = 0.1
+    taid_t_start: float = 0.4
+    taid_t_end: float = 1.0
+    taid_alpha: float = 5e-4
+    taid_momentum: float = 0.99
+
+
+@dataclass(frozen=True)
+class KdLoss:
+    """What one position's loss is: (1 - kd_ratio) CE + kd_ratio D, D = `divergence` with its
+    beta (jsd), alpha (skew_*) and t (taid)."""
+    divergence: str
+    kd_ratio: float
+    beta: float = 0.5
+    alpha: float = 0.1
+    t: float | None = None
+
+
+def token_terms(logits, targets, teacher_ids, teacher_logps, spec: KdLoss):
+    """(loss [n], CE [n], D [n]) of n positions from their logits [n, V], in fp32; CE and D are
+    detached (they are logged), the loss carries the gradient."""
+    import torch
+
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    ce = -logps.gather(1, targets[:, None].long())[:, 0]
+    d = divergence(spec.divergence, logps, teacher_ids, teacher_logps,
+                   beta=spec.beta, alpha=spec.alpha, t=spec.t)
+    return (1.0 - spec.kd_ratio) * ce + spec.kd_ratio * d, ce.detach(), d.detach()
+
+
+@contextlib.contextmanager
+def _head_returns_losses(head, batch, spec: KdLoss, chunk: int, produced: list):
+    """Within the block, calling `head` on the [..., K, H] hidden states of the K completion
+    positions returns their [..., K] losses (token_terms), `chunk` positions at a time; each
+    call's (losses, CE, D) go into `produced`."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    own = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook)
+    targets, ids, lps = batch["targets"], batch["topk_ids"], batch["topk_logps"]
+
+    def chunk_terms(h, weight, bias, t, i, lp):
+        return token_terms(F.linear(h, weight, bias), t, i, lp, spec)
+
+    def forward(x, *args, **kwargs):
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] != targets.shape[0]:
+            raise ValueError(f"LM head got {flat.shape[0]} positions for {targets.shape[0]} "
+                             "targets: run the model with logits_to_keep = the target positions")
+        grad = torch.is_grad_enabled()
+        parts = []
+        for a in range(0, flat.shape[0], chunk):
+            args = (flat[a:a + chunk], head.weight, head.bias, targets[a:a + chunk],
+                    ids[a:a + chunk], lps[a:a + chunk])
+            # backward recomputes the chunk's [chunk, V] logits instead of keeping them
+            parts.append(checkpoint(chunk_terms, *args, use_reentrant=False) if grad
+                         else chunk_terms(*args))
+        losses, ce, d = (torch.cat(p) for p in zip(*parts))
+        out = losses.view(x.shape[:-1])
+        produced.append((out, ce, d))
+        return out
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def kd_token_losses(model, batch, spec: KdLoss, chunk: int = CHUNK):
+    """(loss [K], CE [K], D [K]) at the K completion positions of a packed row (collate_kd's
+    batch), the LM head `chunk` positions at a time; chunk=0 or a head that is more than one
+    linear layer (lm_head.unchunked_reason) computes the full [K, V] logits at once (a warning
+    for the latter)."""
+    import torch
+
+    def forward():
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                     max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
+                     logits_to_keep=batch["keep"], use_cache=False)
+
+    reason = unchunked_reason(model, torch.is_grad_enabled()) if chunk else None
+    if chunk and reason is None:
+        produced: list = []
+        with _head_returns_losses(model.get_output_embeddings(), batch, spec, chunk, produced):
+            out = forward()
+        if len(produced) == 1 and out.logits is produced[0][0]:
+            losses, ce, d = produced[0]
+            return losses.reshape(-1), ce, d
+        reason = "the model transforms its LM head's output (its logits are not the head's)"
+        del out, produced
+    if reason:
+        log.warning("kd: %s; computing the full-vocabulary logits of every completion position "
+                    "at once (K x vocab x 4 B per copy)", reason)
+    logits = forward().logits
+    return token_terms(logits.reshape(-1, logits.shape[-1]), batch["targets"],
+                       batch["topk_ids"], batch["topk_logps"], spec)
+
+
+def collate_kd(items: list[dict]) -> dict:
+    """packed.collate plus the teacher's top-k of the row's completion positions."""
+    import torch
+
+    (row,) = items
+    batch = collate(items)
+    batch["topk_ids"] = torch.tensor(row["topk_ids"])                  # [K, k] int32
+    batch["topk_logps"] = torch.tensor(row["topk_logps"])              # [K, k] fp16
+    return batch
+
+
+class TaidState:
+    """The TAID schedule inside a worker: the loss reads `t`, records the step's divergence
+    `J`; the callback (taid_callback) folds J in after each optimizer step."""
+
+    def __init__(self, schedule: TaidSchedule):
+        self.schedule, self.last_j = schedule, None
+
+
+def taid_callback(taid: TaidState):
+    """A transformers TrainerCallback that updates t after each optimizer step with that step's
+    divergence, and is saved with each checkpoint's trainer_state.json (ExportableState): a
+    resumed run continues from the checkpoint's t, momentum and previous loss."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class TaidCallback(TrainerCallback, ExportableState):
+        def state(self) -> dict:
+            return {"args": {}, "attributes": taid.schedule.state_dict()}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+            if state.global_step and saved:  # resumed: the checkpoint's schedule
+                taid.schedule.load_state_dict(saved["attributes"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            taid.schedule.update(state.global_step, taid.last_j)
+
+    return TaidCallback()
+
+
+def kd_batch_loss(model, batch, spec: KdLoss, taid: TaidState | None):
+    """The global step's token mean of the loss, as sft_loss: each worker's sum over its tokens
+    x world / (completion tokens of all workers); the logged CE, D (and t) are global means."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    if taid is not None:
+        spec = dataclasses.replace(spec, t=taid.schedule.t)
+    losses, ce, d = kd_token_losses(model, batch, spec)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    n_global = global_sum(losses.numel())
+    metrics = {"kd/ce": global_sum(ce.sum().item()) / n_global,
+               "kd/divergence": global_sum(d.sum().item()) / n_global}
+    if taid is not None:
+        taid.last_j = metrics["kd/divergence"]
+        metrics["kd/taid_t"] = spec.t
+    return losses.sum() * (world / n_global), metrics
+
+
+def kd_worker(config: dict) -> None:
+    spec = KdLoss(config["divergence"], config["kd_ratio"], config["beta"], config["skew_alpha"])
+    taid = None
+    if config["divergence"] == "taid":
+        taid = TaidState(TaidSchedule(config["total_steps"], config["taid_t_start"],
+                                      config["taid_t_end"], config["taid_alpha"],
+                                      config["taid_momentum"]))
+    loss_fn = functools.partial(kd_batch_loss, spec=spec, taid=taid)
+    train_packed(config, loss_fn, collate_fn=collate_kd,
+                 callbacks=[taid_callback(taid)] if taid else [])
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+def check_config(cfg: KdConfig) -> None:
+    """Every knob kd alone has, checked in the driver before anything loads."""
+    if cfg.overlong not in ("truncate", "drop"):
+        raise UserError(f"kd.overlong: '{cfg.overlong}' (use 'truncate' or 'drop')")
+    if not 0.0 <= cfg.kd_ratio <= 1.0:
+        raise UserError(f"kd.kd_ratio: {cfg.kd_ratio} is outside [0, 1] "
+                        "(L = (1 - kd_ratio) CE + kd_ratio D)")
+    if cfg.divergence not in DIVERGENCES:
+        raise UserError(f"kd.divergence: '{cfg.divergence}' is not one of "
+                        f"{', '.join(DIVERGENCES)}")
+    for key, value, low, high in (("beta", cfg.beta, 0.0, 1.0),
+                                  ("skew_alpha", cfg.skew_alpha, 0.0, 1.0),
+                                  ("taid_alpha", cfg.taid_alpha, 0.0, 1.0),
+                                  ("taid_momentum", cfg.taid_momentum, 0.0, 1.0)):
+        if not low <= value <= high:
+            raise UserError(f"kd.{key}: {value} is outside [{low}, {high}]")
+    if not 0.0 <= cfg.taid_t_start < 1.0:
+        raise UserError(f"kd.taid_t_start: {cfg.taid_t_start} is outside [0, 1)")
+    if not cfg.taid_t_start <= cfg.taid_t_end <= 1.0 or cfg.taid_t_end == 0.0:
+        raise UserError(f"kd.taid_t_end: {cfg.taid_t_end} must be in (0, 1] and >= "
+                        f"kd.taid_t_start ({cfg.taid_t_start})")
+
+
+def teacher_arrays(source, split: str | None):
+    """(table, per row (ids [n, k] int32, logps [n, k] as stored (fp16), completion ids [n]),
+    or None where the row has no distribution) from a distributions version."""
+    import numpy as np
+
+    table = source.read_table(split)
+    out = []
+    cols = {c: table.column(c).combine_chunks() for c in TEACHER_COLUMNS}
+    for i in range(table.num_rows):
+        ids, lps, comp = (cols[c][i] for c in TEACHER_COLUMNS)
+        if not ids.is_valid or not lps.is_valid or not comp.is_valid or len(ids) == 0:
+            out.append(None)
+            continue
+        k = len(ids.values[0])
+        out.append((np.asarray(ids.values.flatten(), dtype=np.int32).reshape(-1, k),
+                    np.asarray(lps.values.flatten()).reshape(-1, k),
+                    np.asarray(comp.values, dtype=np.int64)))
+    return table, out
+
+
+def run(cfg: KdConfig, inputs, ctx):
+    import numpy as np
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cluster.train import fit
+
+    check_config(cfg)
+    workers = ctx.resources.num_workers
+    capacity = cfg.tokens_per_step // workers  # e.g. 16,384 tokens / 8 workers = 2,048 per row
+    if capacity < cfg.max_length:
+        raise UserError(f"kd.tokens_per_step={cfg.tokens_per_step} over {workers} workers gives "
+                        f"{capacity}-token rows, shorter than kd.max_length={cfg.max_length}: "
+                        f"raise tokens_per_step to at least {cfg.max_length * workers}")
+    student = cfg.student
+    template = check_chat_format(student, cfg.chat_template, cfg.prompt_format, "kd", "student")
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    vocab = AutoConfig.from_pretrained(student).get_text_config().vocab_size
+    fmt = target_format(tokenizer, student, template, cfg.prompt_format, cfg.reasoning_tags,
+                        "kd.student")
+    source = inputs["distributions"]
+    split = "sft" if "sft" in source.splits else None
+    table, teacher = teacher_arrays(source, split)
+    if not teacher:
+        raise UserError(f"kd: {source.ref()} has no rows (no SFT rows with teacher "
+                        f"distributions): {upstream_drops(source, ctx.data_root)}")
+    missing = [i for i, t in enumerate(teacher) if t is None]
+    if missing:
+        raise UserError(f"kd: {source.ref()} has no teacher distribution (topk_ids / topk_logps "
+                        f"/ completion_ids empty) for {len(missing)} of its {len(teacher)} rows "
+                        f"(first: row {missing[0]}); rerun `distillery run distributions`")
+    messages = table.column("messages").to_pylist()
+
+    samples, stats = [], {"truncated": 0}
+    for i, (conversation, (ids, lps, completion)) in enumerate(zip(messages, teacher)):
+        where = f"kd: {source.ref()} row {i}"
+        if not conversation or conversation[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the last message must be the assistant's answer")
+        prompt_ids, ours = encode(tokenizer, conversation[:-1], conversation[-1]["content"], fmt)
+        # the teacher's positions are the student's completion tokens, or their first ones
+        # when distributions cut the sample at its own max_length
+        if not len(ids) == len(lps) == len(completion) or \
+                ours[:len(completion)] != completion.tolist():
+            raise UserError(f"{where}: its completion_ids ({len(completion)} tokens, "
+                            f"{len(ids)} teacher positions) are not kd.student's tokens of the "
+                            f"trace ({len(ours)}): distributions used another student, "
+                            "chat_template, prompt_format or reasoning_tags than kd")
+        if ids.max() >= vocab:
+            raise UserError(f"{where}: teacher id {int(ids.max())} is outside kd.student's "
+                            f"vocabulary ({vocab} ids)")
+        seq, n_prompt, outcome = fit_length(prompt_ids, completion.tolist(), cfg.max_length,
+                                            cfg.overlong)
+        if seq is None:
+            ctx.drops[outcome] += 1
+            continue
+        stats["truncated"] += outcome == "truncated" or len(completion) < len(ours)
+        n = len(seq) - n_prompt
+        samples.append((seq, n_prompt, ids[:n], lps[:n]))
+    if not samples:
+        raise UserError(f"kd: every one of the {len(teacher)} rows was dropped "
+                        f"({dict(ctx.drops)}); raise kd.max_length or use kd.overlong=truncate")
+
+    bins = pack([len(s[0]) for s in samples], capacity)
+    random.Random(cfg.seed).shuffle(bins)  # longest-first packing order is not a training order
+    rows = []
+    for b in bins:
+        row = packed_row([samples[i][:2] for i in b])
+        # packed_row's keep lists each sample's completion positions in sample order
+        row["topk_ids"] = np.concatenate([samples[i][2] for i in b])
+        row["topk_logps"] = np.concatenate([samples[i][3] for i in b])
+        rows.append(row)
+    n_tokens = sum(len(s[0]) for s in samples)
+    steps_per_epoch = -(-len(rows) // workers)
+    total_steps = cfg.max_steps or int(np.ceil(cfg.epochs * steps_per_epoch))
+    stats.update(samples=len(samples), packed_rows=len(rows), tokens_per_epoch=n_tokens,
+                 completion_tokens_per_epoch=sum(len(s[2]) for s in samples),
+                 teacher_k=int(samples[0][2].shape[1]),
+                 # fill = real tokens / row capacity: what padding would have wasted instead
+                 pack_fill=round(n_tokens / (len(rows) * capacity), 4),
+                 steps_per_epoch=steps_per_epoch, divergence=cfg.divergence,
+                 kd_ratio=cfg.kd_ratio)
+
+    config = worker_config(cfg, ctx, student, rows, fmt.end_of_turn)
+    config.update(divergence=cfg.divergence, kd_ratio=cfg.kd_ratio, beta=cfg.beta,
+                  skew_alpha=cfg.skew_alpha, taid_t_start=cfg.taid_t_start,
+                  taid_t_end=cfg.taid_t_end, taid_alpha=cfg.taid_alpha,
+                  taid_momentum=cfg.taid_momentum, total_steps=total_steps,
+                  metric_lists=["kd/ce", "kd/divergence"]
+                  + (["kd/taid_t"] if cfg.divergence == "taid" else []))
+    fit(kd_worker, config, ctx.resources, ctx)
+    stats.update(read_stats(ctx))
+    stats["zero_stage"] = ctx.resources.zero_stage
+    ctx.stats.update(stats)
+    return None
+
+
+STAGE = Stage(
+    name="kd",
+    config=KdConfig,
+    reads=("distributions",),
+    requires=("messages",) + TEACHER_COLUMNS,
+    adds=(),
+    run=run,
+    output="model",
+    resumable=True,  # the checkpoints of an interrupted run survive for the next try
+)
