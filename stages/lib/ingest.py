@@ -328,28 +328,30 @@ def json_lines(path: str):
             if "\x00" in line:
                 raise UserError(f"{path}: line {lineno}: NUL bytes in the text (UTF-16 without "
                                 "a byte-order mark?); save it as UTF-8")
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
-            except RecursionError:
-                raise UserError(f"{path}: line {lineno}: JSON nested too deeply") from None
-            except ValueError as e:  # e.g. an integer of more than 4300 digits
-                raise UserError(f"{path}: line {lineno}: {e}") from None
+            rec = _loads(line, path, lineno)
             if not isinstance(rec, dict):
                 raise UserError(f"{path}: line {lineno}: expected a JSON object, "
                                 f"got {type(rec).__name__}")
             yield f"{path}: line {lineno}", rec
 
 
-def _json_items(path: str):
-    text = read_text(path)
+def _loads(text: str, path: str, lineno: int | None = None):
+    """json.loads, a user error naming the file and the line when the text is not JSON."""
+    where = f"{path}: line {lineno}" if lineno else path
     try:
-        data = json.loads(text) if text.strip() else []
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    except (RecursionError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({type(e).__name__})") from None
+        raise UserError(f"{path}: line {lineno or e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"{where}: {e}") from None
+
+
+def _json_items(path: str):
+    """(where, record) of a .json file: a list of objects, or {"data": [...]}."""
+    text = read_text(path)
+    data = _loads(text, path) if text.strip() else []
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -637,29 +639,14 @@ def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
             ds = ds[split]
         return [(f"{path}: row {i}", r) for i, r in enumerate(ds.to_list())]
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".json", ".csv", ".tsv"):
-        # A UTF-8 (or UTF-16) byte-order mark and CRLF line ends are accepted (pipeline/textfile.py).
-        text = read_text(path)
-    if ext == ".jsonl":  # line by line (stages/lib/ingest.py): BOM, CRLF, UTF-16 as above
+    # Text files: a UTF-8 (or UTF-16) byte-order mark and CRLF line ends are accepted
+    # (pipeline/textfile.py).
+    if ext == ".jsonl":  # line by line
         return list(json_lines(path))
     if ext == ".json":
-        try:
-            data = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise UserError(f"{path}: JSON nested too deeply") from None
-        except ValueError as e:  # e.g. an integer of more than 4300 digits
-            raise UserError(f"{path}: {e}") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
-        for i, rec in enumerate(data):
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}: item {i}: expected a JSON object, got {type(rec).__name__}")
-        return [(f"{path}: item {i}", r) for i, r in enumerate(data)]
+        return list(_json_items(path))
     if ext in (".csv", ".tsv"):
+        text = read_text(path)
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if ext == ".csv" else "\t")
         try:
             header = next(reader, None)
