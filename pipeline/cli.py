@@ -129,6 +129,14 @@ def cmd_demo(args) -> int:
     return demo_main(args)
 
 
+def cmd_compare_teachers(args) -> int:
+    from pipeline.apps.compare_teachers import ComparePlan, main as compare_main, parse_seeds
+
+    pins, overrides = _split_refs(args.items)
+    plan = ComparePlan(seeds=parse_seeds(args.seeds), per_problem=args.per_problem)
+    return compare_main(args.recipe, overrides, pins, plan)
+
+
 def cmd_submit(args) -> int:
     from cluster.jobs import submit
 
@@ -253,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "SFT continued), 3 seeds, ~1 h on 2 cores; docs/demo.md")
     d.add_argument("items", nargs="*", metavar="key=value")
     d.set_defaults(func=cmd_demo, recipe="configs/tiny.yaml")
+
+    ct = sub.add_parser("compare-teachers", help="pick the teacher by a short distillation: per "
+                        "teacher an equal-size SFT of the student, evaluated over seeds",
+                        description="For one verify version with several teachers: per seed and "
+                        "teacher, SFT of the student on the same problems with an equal number "
+                        "of that teacher's correct traces, one evaluate per seed; prints pass@1 "
+                        "mean ± sd per teacher and the pick (docs/teachers.md).")
+    with_recipe(ct)
+    ct.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    ct.add_argument("--per-problem", type=int, default=1,
+                    help="correct traces per problem and teacher (default 1)")
+    ct.add_argument("items", nargs="*", metavar="key=value|verify@version")
+    ct.set_defaults(func=cmd_compare_teachers)
 
     rp = sub.add_parser("report", help="write a single static HTML report of the data root")
     rp.add_argument("--out", default="report.html", help="output file (default report.html)")

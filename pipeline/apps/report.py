@@ -4,6 +4,10 @@ Sections (each says so and moves on when its stage has no version yet):
   stages      per stage: versions, rows in -> out, drops by reason, wall time
   lengths     trace length histograms before / after prune, per difficulty level
   pass-rate   the per-problem pass-rate histogram from verify
+  teachers    several teachers side by side (a verify version with >1 teacher): per teacher the
+              pass rate by difficulty, trace length mean and sd, the provenance teacher-sentence
+              share and the student's perplexity on its traces; `distillery compare-teachers`'
+              table (<data_root>/compare_teachers.json)
   provenance  provenance score histogram, sentence label shares, selection counts, and the
               distilled-student analysis (attribution: teacher share in correct vs incorrect)
   training    sft loss and the REDI curves (every numeric series in the sft/redi manifests)
@@ -27,8 +31,8 @@ from pipeline.store import Store, Version
 
 STAGE_ORDER = ("prompts", "generate", "verify", "prune", "provenance", "select", "sft", "redi",
                "evaluate", "attribution")
-SECTIONS = ("stages", "lengths", "pass-rate", "provenance", "training", "evaluation", "ablations",
-            "lineage")
+SECTIONS = ("stages", "lengths", "pass-rate", "teachers", "provenance", "training", "evaluation",
+            "ablations", "lineage")
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -162,6 +166,108 @@ def _pass_rate_section(store: Store, latest: dict[str, Version]) -> str:
     return (_figure(fig, f"Pass-rate histogram over {len(rates)} problems ({verify.ref()})")
             + _table(["difficulty", "problems"], [[k, n] for k, n in sorted(
                 counts.items(), key=lambda kv: _level_key(kv[0]))], num={1}))
+
+
+def _mean_sd(values: list) -> tuple:
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def teacher_stats(verify_rows: list[dict], provenance_rows: list[dict] | None = None) -> dict:
+    """Per teacher, the statistics of "Not All Correct Answers Are Equal" (arXiv 2505.14464).
+
+    verify_rows: teacher, correct, difficulty, completion_tokens. provenance_rows (optional):
+    teacher, teacher_share, lp_student. Returns {teacher: {traces, pass_rate, by_level
+    {level: [correct, traces]}, tokens [mean, sd], correct_tokens [mean, sd], teacher_share,
+    student_ppl, scored}}. student_ppl = exp(-mean lp_student): lp_student is the mean token
+    log-prob of one trace under the student, so this is the per-trace mean weighted equally
+    per trace (not per token); null where provenance did not score (method none).
+    """
+    import math
+
+    out: dict = {}
+    for r in verify_rows:
+        t = out.setdefault(r["teacher"], {"traces": 0, "correct": 0, "by_level": {},
+                                          "_tokens": [], "_correct_tokens": []})
+        t["traces"] += 1
+        ok = r["correct"] is True
+        t["correct"] += ok
+        level = t["by_level"].setdefault(r["difficulty"], [0, 0])
+        level[0] += ok
+        level[1] += 1
+        t["_tokens"].append(r["completion_tokens"])
+        if ok:
+            t["_correct_tokens"].append(r["completion_tokens"])
+    for name, t in out.items():
+        t["pass_rate"] = t["correct"] / t["traces"]
+        t["tokens"] = list(_mean_sd(t.pop("_tokens")))
+        t["correct_tokens"] = list(_mean_sd(t.pop("_correct_tokens")))
+        mine = [r for r in provenance_rows or [] if r["teacher"] == name]
+        shares = [r["teacher_share"] for r in mine if r["teacher_share"] is not None]
+        lps = [r["lp_student"] for r in mine if r["lp_student"] is not None]
+        t["teacher_share"] = sum(shares) / len(shares) if shares else None
+        t["student_ppl"] = math.exp(-sum(lps) / len(lps)) if lps else None
+        t["scored"] = len(lps)
+    return out
+
+
+def _teachers_section(store: Store, latest: dict[str, Version]) -> str:
+    import posixpath
+
+    prov = latest.get("provenance")
+    verify = (_input(store, _input(store, prov, "prune"), "verify")
+              or _input(store, latest.get("prune"), "verify") or latest.get("verify"))
+    out = ""
+    names = []
+    if verify is not None and "teacher" in (verify.manifest.get("schema") or {}):
+        rows = verify.read_table(columns=["teacher", "correct", "difficulty",
+                                          "completion_tokens"]).to_pylist()
+        names = sorted({r["teacher"] for r in rows})
+    if len(names) < 2:
+        out += _note(f"{verify.ref() if verify else 'no verify version'}: "
+                     f"{len(names)} teacher(s); the side-by-side needs traces of several "
+                     "(generate.teachers, or an imported file with a teacher per row)")
+    else:
+        prov_rows = None
+        made_from = _input(store, _input(store, prov, "prune"), "verify")
+        if made_from is not None and made_from.version == verify.version:
+            prov_rows = prov.read_table(columns=["teacher", "teacher_share",
+                                                 "lp_student"]).to_pylist()
+        stats = teacher_stats(rows, prov_rows)
+        levels = sorted({lv for t in stats.values() for lv in t["by_level"]}, key=_level_key)
+        table = []
+        for name in names:
+            t = stats[name]
+            table.append([name, t["traces"], f"{t['pass_rate']:.3f}"]
+                         + [(f"{t['by_level'][lv][0] / t['by_level'][lv][1]:.3f}"
+                             if lv in t["by_level"] else "-") for lv in levels]
+                         + [mean_sd_text(t["tokens"], 1), mean_sd_text(t["correct_tokens"], 1),
+                            t["teacher_share"], t["student_ppl"]])
+        out += (_note(f"{verify.ref()}" + (f", {prov.ref()}" if prov_rows is not None else
+                                           ": no provenance version scored these traces")
+                      + "; tokens: mean ± sd (the spread is the length diversity); student "
+                      "perplexity = exp(-mean over traces of the student's mean token log-prob)")
+                + _table(["teacher", "traces", "pass rate"]
+                         + [f"pass rate, {lv}" for lv in levels]
+                         + ["tokens", "correct traces' tokens", "teacher-sentence share",
+                            "student perplexity"], table,
+                         num=set(range(1, 3 + len(levels) + 4))))
+    path = posixpath.join(store.root, "compare_teachers.json")
+    if store.fs.exists(path):
+        with store.fs.open(path, "r") as f:
+            result = json.load(f)
+        out += (_note(f"distillery compare-teachers: seeds {result['seeds']}, "
+                      f"{result['sft_rows_per_teacher']} SFT rows per teacher, pick: "
+                      f"{result['pick']}; pass@1 mean ± sample sd over seeds")
+                + _table(["teacher", "pass@1", "SFT trace tokens", "student's own tokens"],
+                         [[t, mean_sd_text(r["pass_at_1"]), r["mean_sft_tokens"],
+                           mean_sd_text(r["mean_completion_tokens"], 1)]
+                          for t, r in result["teachers"].items()]))
+    return out
 
 
 def _provenance_section(store: Store, latest: dict[str, Version]) -> str:
@@ -351,6 +457,7 @@ def write_report(store: Store, out: str) -> str:
         "stages": ("Stages: counts and drops", _stages_section(store, latest)),
         "lengths": ("Trace lengths before / after prune", _lengths_section(store, latest)),
         "pass-rate": ("Teacher pass rate", _pass_rate_section(store, latest)),
+        "teachers": ("Teachers side by side", _teachers_section(store, latest)),
         "provenance": ("Provenance", _provenance_section(store, latest)),
         "training": ("Training curves", _training_section(store, latest)),
         "evaluation": ("Evaluation", _evaluation_section(store, latest)),
