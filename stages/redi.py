@@ -102,19 +102,27 @@ def collapse_message(chosen: list[float], rejected: list[float], margin: float) 
     return None
 
 
-def pair_logps(model, batch):
+def pair_logps(model, batch, alpha: float | None = None):
     """Summed completion log-probs and token counts of each chosen / rejected trace in a row.
 
     The row holds chosen_0, rejected_0, chosen_1, rejected_1, … (stages/sft.py packed_row), so
-    the even sequences are the chosen ones and the odd ones the rejected.
+    the even sequences are the chosen ones and the odd ones the rejected. With `alpha`, the
+    caller's loss is redi_loss: linear in the token log-probs, d(loss)/d(logp) = -1/|y+| for a
+    chosen token and alpha/|y-| for a rejected one (over the pairs' count), so the LM head takes
+    its gradients in the forward (stages/lib/lm_head.py, fused: no recomputed logits).
     """
     import torch
 
     from stages.lib.packed import completion_logps
 
-    token_logps = completion_logps(model, batch)                         # [K]
     n = batch["n_seqs"]
     seq = batch["keep_seq"]
+    weights = None
+    if alpha is not None:
+        counts = torch.bincount(seq, minlength=n).float()
+        per_seq = torch.where(torch.arange(n, device=seq.device) % 2 == 0, -1.0, alpha)
+        weights = (per_seq / counts.clamp(min=1))[seq]
+    token_logps = completion_logps(model, batch, weights=weights)       # [K]
     sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device)
     sums = sums.index_add(0, seq, token_logps)                           # [2 * pairs]
     lengths = torch.bincount(seq, minlength=n).to(token_logps.dtype)
@@ -141,7 +149,7 @@ class CollapseWatch:
 def redi_batch_loss(model, batch, alpha: float, watch: CollapseWatch):
     from stages.lib.trainer import global_sum
 
-    chosen, chosen_len, rejected, rejected_len = pair_logps(model, batch)
+    chosen, chosen_len, rejected, rejected_len = pair_logps(model, batch, alpha)
     loss = redi_loss(chosen, chosen_len, rejected, rejected_len, alpha)
     # Logged values are means over all workers' pairs of this step.
     n = global_sum(len(chosen))

@@ -84,7 +84,12 @@ def sft_loss(model, batch):
     """
     import torch.distributed as dist
 
-    logps = completion_logps(model, batch)
+    import torch
+
+    # the loss is -sum(logps) x a constant: every token's weight is -1 (lm_head's fused path)
+    logps = completion_logps(model, batch,
+                             weights=torch.full(batch["targets"].shape, -1.0,
+                                                device=batch["targets"].device))
     world = dist.get_world_size() if dist.is_initialized() else 1
     n_global = global_sum(logps.numel())
     return -logps.sum() * (world / n_global), {}

@@ -92,6 +92,65 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(tiny_model, tied):
     assert (scored - ref[0]).abs().max().item() <= TOL
 
 
+def _stage_losses(model, batch, chunk):
+    """(loss, gradients) of sft_loss and of redi_batch_loss as the stages call them (fused:
+    they pass their per-token weights), each backward on its own."""
+    from stages.lib.packed import completion_logps
+    from stages.redi import CollapseWatch, redi_batch_loss
+    from stages.sft import sft_loss
+
+    def fixed_chunk(model, batch, chunk_=None, weights=None):
+        return completion_logps(model, batch, chunk, weights if chunk else None)
+
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("stages.sft.completion_logps", fixed_chunk)
+        mp.setattr("stages.lib.packed.completion_logps", fixed_chunk)
+        for name, fn in (("sft", lambda: sft_loss(model, batch)[0]),
+                         ("redi", lambda: redi_batch_loss(model, batch, 0.8,
+                                                          CollapseWatch(0.0))[0])):
+            model.zero_grad()
+            loss = fn()
+            loss.backward()
+            out[name] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None})
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_head_gradients_of_sft_and_redi_equal_the_unchunked_ones(tiny_model, tied):
+    """sft and redi pass per-token weights, so the head's gradients are taken in the forward
+    (no recompute): the same losses and gradients as the unchunked computation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.lib import lm_head
+    from stages.lib.packed import ATTENTION, register_attention
+
+    register_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION,
+                                                 dtype=torch.float32)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 1.5)
+    batch = _packed_batch(model.config.vocab_size, lengths=((40, 5), (90, 20), (13, 3),
+                                                            (70, 1), (31, 30), (25, 2)))
+    ref = _stage_losses(model, batch, chunk=0)
+    scales = []
+    original = lm_head._grad_scale
+    with pytest.MonkeyPatch.context() as mp:  # the fused gradients were used, not recomputed
+        mp.setattr(lm_head, "_grad_scale", lambda g, w: scales.append(original(g, w))
+                   or scales[-1])
+        ours = _stage_losses(model, batch, chunk=7)
+    assert len(scales) == 2 and None not in scales
+    for name in ("sft", "redi"):
+        assert ours[name][0] == pytest.approx(ref[name][0], abs=TOL), name
+        assert ours[name][1].keys() == ref[name][1].keys()
+        for p in ref[name][1]:
+            diff = (ours[name][1][p] - ref[name][1][p]).abs().max().item()
+            assert diff <= TOL, (name, p, diff)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     """Decoder layers recomputed in backward (non-reentrant, as train_packed turns it on) under
     the chunked head: the same loss and gradients; and "auto" turns it on above 8,192 tokens."""
@@ -117,7 +176,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
 
 def test_head_with_bias_and_bf16_weights():
     """HeadLogps itself: a biased head (all three gradients) in fp32 against autograd, and a
-    bf16 head against autograd's bf16 computation to bf16 precision."""
+    bf16 head against autograd's bf16 computation to bf16 precision; recomputed, fused, and
+    fused with weights the loss breaks."""
     import torch
     import torch.nn.functional as F
 
@@ -135,12 +195,18 @@ def test_head_with_bias_and_bf16_weights():
         ref_grads = [x.grad.clone() for x in (h, w, b)]
         for x in (h, w, b):
             x.grad = None
-        ours = HeadLogps.apply(h, w, b, t, 16)
-        (ours * coef).sum().backward()
-        assert (ours - ref).abs().max().item() <= tol
-        for x, r in zip((h, w, b), ref_grads):
-            assert x.grad.dtype == dtype
-            assert (x.grad.float() - r.float()).abs().max().item() <= tol * max(1, r.abs().max())
+        # recompute; fused with the loss's own weights (scaled: c = -3); fused with weights the
+        # loss does not follow (all equal), which backward must notice and recompute
+        for weights in (None, coef * -3, torch.ones(50)):
+            for x in (h, w, b):
+                x.grad = None
+            ours = HeadLogps.apply(h, w, b, t, 16, weights)
+            (ours * coef).sum().backward()
+            assert (ours - ref).abs().max().item() <= tol
+            for x, r in zip((h, w, b), ref_grads):
+                assert x.grad.dtype == dtype
+                assert (x.grad.float() - r.float()).abs().max().item() <= \
+                    tol * max(1, r.abs().max())
 
 
 def test_soft_capped_logits_fall_back_with_a_warning(caplog):
@@ -191,8 +257,10 @@ def test_logits_changed_after_the_head_are_detected(tiny_model, caplog):
 # --- ZeRO-2 / ZeRO-3 on 2 gloo ranks -------------------------------------------------------------
 
 def _zero_rank(rank: int, world: int, port: int, model_path: str, out: str) -> None:
-    """One rank: for each ZeRO stage, a DeepSpeed engine around the tiny model; the unchunked and
-    the chunked loss through the engine, backward, the full gradients (rank 0 saves them)."""
+    """One rank: for each ZeRO stage, a DeepSpeed engine around the tiny model; the unchunked, the
+    chunked and the fused chunked loss (the head's gradients taken in the forward, while ZeRO-3's
+    hooks have its weight gathered) through the engine, backward, the full gradients (rank 0
+    saves them)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
@@ -221,8 +289,10 @@ def _zero_rank(rank: int, world: int, port: int, model_path: str, out: str) -> N
         head = engine.module.lm_head.weight
         if stage == 3:  # partitioned: only the hooks of a module's call can gather it
             assert head.numel() == 0 and head.ds_shape[0] == model.config.vocab_size
-        for chunk in (0, 7):
-            logps = completion_logps(engine, batch, chunk)
+        for chunk in (0, 7, "7 fused"):
+            weights = torch.full(batch["targets"].shape, -1.0) if chunk == "7 fused" else None
+            logps = completion_logps(engine, batch, 7 if weights is not None else chunk,
+                                     weights=weights)
             loss = -logps.mean()
             engine.backward(loss)
             grads = {names[id(p)]: safe_get_full_grad(p).clone()

@@ -163,7 +163,7 @@ def register_attention() -> None:
     AttentionInterface.register(ATTENTION, varlen_attention)
 
 
-def completion_logps(model, batch, chunk: int = 1024):
+def completion_logps(model, batch, chunk: int = 1024, weights=None):
     """Log-probability of every completion token of a packed row: [K] (K = len(batch["keep"])),
     with gradients when grad mode is on (training: sft, redi) and without (scoring).
 
@@ -172,6 +172,10 @@ def completion_logps(model, batch, chunk: int = 1024):
     logits never exist at once — 1,024 x 152k vocab x 4 B = 0.6 GB per chunk, where all K = 32k
     positions of a packed row would be 19.9 GB a copy. chunk=0 computes all K at once (the
     unchunked reference the tests and bench/train_memory.py compare against).
+
+    `weights` [K]: a loss linear in the log-probs passes its per-token coefficients (up to one
+    scale), and the head's gradients are taken in the forward's chunk loop: 3 head matmuls, as
+    unchunked, instead of 4 (stages/lib/lm_head.py HeadLogps).
     """
     from stages.lib.lm_head import completion_logps as head_logps
 
@@ -181,7 +185,7 @@ def completion_logps(model, batch, chunk: int = 1024):
                      max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
                      logits_to_keep=batch["keep"], use_cache=False)
 
-    return head_logps(model, forward, batch["targets"], chunk)
+    return head_logps(model, forward, batch["targets"], chunk, weights)
 
 
 def completion_logps_chunked(model, batch, chunk: int = 1024):
