@@ -1,0 +1,368 @@
+"""distributions: the teacher's top-k at every SFT completion position equals a direct
+transformers forward; the padded-vocabulary path; the refused tokenizer pair and k; resume.
+
+Models are built here (no downloads): the session's tiny model is the student; the teacher is
+another tiny model with the same tokenizer (seed 1); the padded teacher is that teacher with 64
+extra embedding rows (resize_token_embeddings) made large enough to enter the top-k; a tiny
+model with a 400-token vocabulary is the refused teacher. The select version is written by
+hand (its sft split's columns), so no upstream stage runs.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from pipeline.config import load_recipe
+from pipeline.errors import UserError
+from pipeline.runner import run_stage
+from stages import STAGES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAD = 64  # extra embedding rows of the padded teacher
+TRACES = [
+    "<think>\nWe add the two numbers. Two and two make four.\n</think>\n\nThe answer is "
+    "\\boxed{4}.",
+    "<think>\nshort\n</think>\n\n\\boxed{1}",
+    "The answer is \\boxed{7}.",                                   # no reasoning at all
+    "<think>\n" + "Add the digits and carry the one. " * 12 + "\n</think>\n\n\\boxed{9}",
+    "<think>\nThree times three.\n</think>\n\n\\boxed{9}",
+]
+MAX_LENGTH = 96  # the long trace is truncated
+
+
+# --- models and the select version ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """Another random tiny model: the tokenizer is trained deterministically, so it is the
+    student's; the weights differ (seed 1)."""
+    from pipeline.apps.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("teacher")), seed=1)
+
+
+@pytest.fixture(scope="module")
+def padded(teacher, tmp_path_factory) -> str:
+    """The teacher with PAD more embedding rows (tied: the LM head grows too), rows the
+    tokenizer never yields. Row V+j = 4 x row j, so at positions where id j scores well the
+    padded id scores better and takes a top-k entry that must be dropped."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.apps.tiny_model import save_model
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + PAD, mean_resizing=False)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[vocab:] = 4 * emb[:PAD]
+    assert model.config.vocab_size == vocab + PAD
+    out = str(tmp_path_factory.mktemp("padded"))
+    save_model(model, AutoTokenizer.from_pretrained(teacher), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_vocab(tmp_path_factory) -> str:
+    from pipeline.apps.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("other-vocab")), vocab_size=400, seed=1)
+
+
+def write_select(data_root: str, traces=TRACES) -> str:
+    """A complete select version whose sft split holds one row per trace; returns its version."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.store import Store
+    from stages.lib.chat import messages_type
+
+    rows = [{"problem_id": f"p{i % 3}", "trace_id": f"t{i:02d}",
+             "messages": [{"role": "user", "content": f"Compute {i} + {i}."},
+                          {"role": "assistant", "content": text}],
+             "difficulty": "easy", "source": "test"} for i, text in enumerate(traces)]
+    sft = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("problem_id", pa.string()), ("trace_id", pa.string()), ("messages", messages_type()),
+        ("difficulty", pa.string()), ("source", pa.string())]))
+    pairs = pa.table({"problem_id": pa.array([], pa.string())})
+    store, version = Store(data_root), "test0select0"
+    out = store.begin("select", version, clear=True)
+    for split, table in (("sft", sft), ("pairs", pairs)):
+        os.makedirs(os.path.join(out, split))
+        pq.write_table(table, os.path.join(out, split, "part-00000.parquet"))
+    store.commit("select", version, {
+        "stage": "select", "version": version, "splits": ["sft", "pairs"],
+        "rows_in": len(rows), "rows_out": {"sft": len(rows), "pairs": 0}, "drops": {},
+        "inputs": {}, "config": {}, "schema": {"sft": sft.schema.names,
+                                               "pairs": pairs.schema.names},
+        "finished_at": "2026-12-01T00:00:00+00:00"})
+    return version
+
+
+def recipe(tmp_path, teacher: str, student: str, *overrides):
+    data = tmp_path / "data"
+    if not os.path.exists(data / "select"):
+        write_select(str(data))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"data_root: {data}\nteacher: {teacher}\nstudent: {student}\n"
+                    f"distributions: {{max_length: {MAX_LENGTH}, shard_size: 2, "
+                    "tokens_per_row: 128, chunk: 16, k: 8}\n")
+    return load_recipe(str(path), list(overrides), STAGES)
+
+
+def _vocab(path) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).vocab_size
+
+
+def _load(path):
+    """As the stage's CPU pool loads a model: varlen attention, oneDNN linears."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.lib.packed import ATTENTION, onednn_linears, register_attention
+
+    register_attention()
+    return onednn_linears(AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=ATTENTION).eval())
+
+
+def _direct(path, seqs, vocab, k):
+    """Reference: a plain transformers forward (eager attention, full logits, log_softmax over
+    the first `vocab` ids) per sequence; [(logps [n, vocab], top-k ids [n, k])] at the positions
+    that predict its tokens after the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    out = []
+    with torch.no_grad():
+        for ids, n_prompt in seqs:
+            logits = model(torch.tensor([ids])).logits[0, n_prompt - 1:len(ids) - 1, :vocab]
+            lp = logits.float().log_softmax(-1)
+            out.append((lp, lp.topk(k, dim=-1).indices))
+    return out
+
+
+def _seqs(teacher, student, max_length=MAX_LENGTH):
+    """sft's (ids, n_prompt) of TRACES' rows, through the stage's own driver-side function."""
+    from stages.distributions import DistributionsConfig, student_form
+
+    cfg = DistributionsConfig(teacher=teacher, student=student, max_length=max_length)
+    messages = [[{"role": "user", "content": f"Compute {i} + {i}."},
+                 {"role": "assistant", "content": t}] for i, t in enumerate(TRACES)]
+    fitted = student_form(cfg, "", messages, [f"t{i:02d}" for i in range(len(TRACES))], "test")
+    return [(ids, n) for ids, n, _ in fitted], [o for _, _, o in fitted]
+
+
+def _check_against_direct(got_ids, got_logps, token_logp, tail, lp, ref_ids, targets, tol,
+                          id_tol=1e-4):
+    """Top-k ids equal the reference's except where its values tie within id_tol (the fp32
+    capture's accuracy: then the order may differ, the values may not); log-probs within tol;
+    the token's log-prob and the tail within 1e-4 (both stored in fp32)."""
+    import torch
+
+    got_ids = torch.as_tensor(got_ids).long()
+    got_logps = torch.as_tensor(got_logps).float()
+    k = got_ids.shape[1]
+    ref_vals = lp.gather(1, ref_ids)
+    assert (got_logps - lp.gather(1, got_ids)).abs().max() <= tol   # values at the stored ids
+    assert (got_logps - ref_vals).abs().max() <= tol                # the k largest, in order
+    clear = torch.ones(len(lp), dtype=torch.bool)
+    if k < lp.shape[1]:
+        top = lp.topk(k + 1, dim=-1).values
+        clear = (top[:, :-1] - top[:, 1:]).min(dim=-1).values > 2 * id_tol
+    assert clear.float().mean() > 0.5
+    assert torch.equal(got_ids[clear], ref_ids[clear])
+    want_token = lp.gather(1, torch.as_tensor(targets)[:, None])[:, 0]
+    assert (torch.as_tensor(token_logp) - want_token).abs().max() <= 1e-4
+    want_tail = 1 - ref_vals.exp().sum(-1)
+    assert (torch.as_tensor(tail) - want_tail).abs().max() <= 1e-4
+
+
+# --- the capture itself (no Ray) --------------------------------------------------------------
+
+def test_topk_equals_a_direct_transformers_forward(teacher, tiny_model):
+    """Packed rows (several rows per forward, varlen attention), the LM head 7 positions at a
+    time: the fp32 top-k, the token's log-prob and the tail equal a plain forward's, <= 1e-4."""
+    import torch
+
+    from stages.lib.topk import packed_topk
+
+    seqs, outcomes = _seqs(teacher, tiny_model)
+    assert outcomes.count("truncated") == 1 and len(seqs[3][0]) == MAX_LENGTH
+    vocab, k = _vocab(teacher), 16
+    with torch.inference_mode():
+        got = packed_topk(_load(teacher), seqs, k, vocab, tokens_per_row=128, chunk=7)
+    for (ids, n), g, (lp, ref_ids) in zip(seqs, got, _direct(teacher, seqs, vocab, k)):
+        assert g["ids"].shape == (len(ids) - n, k) and g["ids"].dtype.name == "int32"
+        _check_against_direct(g["ids"], g["logps"], g["token_logp"], g["tail"], lp, ref_ids,
+                              ids[n:], tol=1e-4)
+        assert not g["dropped"].any() and not g["padded_mass"].any()
+    # k = the whole vocabulary: nothing left for the tail
+    with torch.inference_mode():
+        full = packed_topk(_load(teacher), seqs[:1], vocab, vocab, tokens_per_row=128, chunk=7)
+    assert full[0]["tail"].max() <= 1e-5
+
+
+def test_padded_teacher_is_renormalised_over_the_student_vocabulary(teacher, padded,
+                                                                    tiny_model):
+    """The padded teacher's logits on ids < V are the teacher's: dropping ids >= V and
+    renormalising gives exactly the teacher's capture; the dropped entries are counted."""
+    import numpy as np
+    import torch
+
+    from stages.lib.topk import packed_topk
+
+    seqs, _ = _seqs(teacher, tiny_model)
+    vocab = _vocab(teacher)
+    assert _vocab(padded) == vocab + PAD
+    with torch.inference_mode():
+        plain = packed_topk(_load(teacher), seqs, 8, vocab, tokens_per_row=128, chunk=16)
+        wide = packed_topk(_load(padded), seqs, 8, vocab, tokens_per_row=128, chunk=16)
+        # what the padded teacher's own full-vocabulary top-8 looks like: padded ids in it
+        unrestricted = packed_topk(_load(padded), seqs, 8, vocab + PAD, 128, 16)
+    for p, w, u in zip(plain, wide, unrestricted):
+        assert (w["ids"] < vocab).all()
+        np.testing.assert_allclose(w["logps"], p["logps"], atol=1e-5)
+        np.testing.assert_allclose(w["token_logp"], p["token_logp"], atol=1e-5)
+        assert np.array_equal(w["dropped"], (u["ids"] >= vocab).sum(-1))
+        sums = np.exp(w["logps"].astype(np.float64)).sum(-1) + w["tail"]
+        np.testing.assert_allclose(sums, 1.0, atol=1e-5)
+    assert sum(int(w["dropped"].sum()) for w in wide) > 0
+    assert max(float(w["padded_mass"].max()) for w in wide) > 0
+
+
+# --- bad input (driver, before Ray) -------------------------------------------------------------
+
+def test_refused_tokenizer_pair_names_both_models(tmp_path, other_vocab, tiny_model):
+    r = recipe(tmp_path, other_vocab, tiny_model)
+    with pytest.raises(UserError, match="cross-tokenizer distillation is not supported") as e:
+        run_stage("distributions", r, log=lambda *_: None)
+    assert other_vocab in str(e.value) and tiny_model in str(e.value)
+    assert not glob.glob(str(tmp_path / "data" / "distributions" / ".tmp-*" / "part-*"))
+
+
+def test_k_larger_than_the_vocabulary_is_refused(tmp_path, teacher, tiny_model):
+    with pytest.raises(UserError, match=r"distributions.k: 5000 is larger than the vocabulary"):
+        run_stage("distributions", recipe(tmp_path, teacher, tiny_model, "distributions.k=5000"),
+                  log=lambda *_: None)
+    with pytest.raises(UserError, match="distributions.overlong"):
+        run_stage("distributions", recipe(tmp_path, teacher, tiny_model,
+                                          "distributions.overlong=cut"), log=lambda *_: None)
+    with pytest.raises(UserError, match="distributions.teacher is empty"):
+        run_stage("distributions", recipe(tmp_path, "''", tiny_model), log=lambda *_: None)
+
+
+# --- the stage through the runner ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory, ray_cluster, teacher, padded, tiny_model):
+    """distributions over the hand-written select version, with the teacher and with the
+    padded teacher (shards of 2 rows: 3 shards)."""
+    tmp = tmp_path_factory.mktemp("dist-stage")
+    r = recipe(tmp, teacher, tiny_model)
+    v = run_stage("distributions", r, log=lambda *_: None)
+    wide = run_stage("distributions", recipe(tmp, padded, tiny_model), log=lambda *_: None)
+    return dict(tmp=tmp, recipe=r, version=v, padded=wide, rows=v.read_table().to_pylist())
+
+
+def test_stage_rows_match_a_direct_forward_in_fp16(captured, teacher, tiny_model):
+    """Every SFT row once, select's columns kept, positions = sft's completion tokens; the
+    stored top-k equals a plain forward within fp16 storage: |x| * 2^-11 + 1e-4."""
+    import numpy as np
+    import torch
+
+    rows, v = captured["rows"], captured["version"]
+    assert [r["trace_id"] for r in rows] == [f"t{i:02d}" for i in (0, 3, 1, 4, 2)]  # by problem
+    for col in ("problem_id", "trace_id", "messages", "difficulty", "source", "completion_ids",
+                "topk_ids", "topk_logps", "token_logp", "tail_mass"):
+        assert col in v.manifest["schema"], col
+    assert v.manifest["schema"]["topk_ids"] == "list<element: list<element: int32>>"
+    assert v.manifest["schema"]["topk_logps"] == "list<element: list<element: halffloat>>"
+    assert v.manifest["schema"]["token_logp"] == "list<element: float>"
+    assert v.manifest["schema"]["completion_ids"] == "list<element: int32>"
+    seqs, _ = _seqs(teacher, tiny_model)
+    by_id = {f"t{i:02d}": s for i, s in enumerate(seqs)}
+    refs = dict(zip(by_id, _direct(teacher, seqs, _vocab(teacher), 8)))
+    for r in rows:
+        ids, n = by_id[r["trace_id"]]
+        assert r["completion_ids"] == ids[n:]                    # the tokens sft trains on
+        assert len(r["topk_ids"]) == len(r["topk_logps"]) == len(r["token_logp"]) == \
+            len(r["tail_mass"]) == len(ids) - n
+        assert all(len(x) == 8 for x in r["topk_ids"])
+        lp, ref_ids = refs[r["trace_id"]]
+        logps = np.asarray(r["topk_logps"], np.float32)
+        # fp16: half an ulp is |x| * 2^-11 at most, plus the fp32 capture's own 1e-4
+        tol = float(np.abs(logps).max()) * 2 ** -11 + 1e-4
+        _check_against_direct(r["topk_ids"], logps, r["token_logp"], r["tail_mass"], lp,
+                              ref_ids, ids[n:], tol)
+        assert r["padded_dropped"] == 0
+
+
+def test_stage_manifest_stats(captured):
+    v = captured["version"]
+    stats, rows = v.manifest["stats"], captured["rows"]
+    positions = sum(len(r["completion_ids"]) for r in rows)
+    assert stats["rows"] == 5 and stats["positions"] == positions and stats["k"] == 8
+    assert stats["bytes_per_token_raw"] == 6 * 8 + 12
+    assert 0 < stats["bytes_per_token_parquet"] < 200
+    assert stats["truncated"] == 1 and stats["padded_dropped"] == 0
+    assert stats["shards"] == 3 and stats["shards_captured_this_run"] == 3
+    assert v.manifest["drops"] == {}
+    assert v.manifest["inputs"] == {"select": "test0select0"}
+
+
+def test_stage_padded_teacher_drops_and_counts(captured):
+    """Through the stage: the padded teacher's rows equal the teacher's (the same fp32 values
+    rounded to fp16 alike), its dropped entries are in the manifest."""
+    import numpy as np
+
+    wide = captured["padded"].read_table().to_pylist()
+    for a, b in zip(wide, captured["rows"]):
+        assert a["trace_id"] == b["trace_id"] and a["topk_ids"] == b["topk_ids"]
+        np.testing.assert_allclose(np.asarray(a["topk_logps"], np.float32),
+                                   np.asarray(b["topk_logps"], np.float32), atol=2e-3)
+    stats = captured["padded"].manifest["stats"]
+    assert stats["padded_dropped"] == sum(r["padded_dropped"] for r in wide) > 0
+    assert 0 < stats["padded_mass_max"] < 1
+    vocab = stats["student_vocab"]
+    assert stats["teacher_vocab"] == vocab + PAD and vocab == _vocab(captured["recipe"].student)
+
+
+def test_stage_resumes_only_the_missing_shards(captured):
+    """A run that stopped after its first shard (the version's temp folder holds part 0 only):
+    the rerun captures shards 1 and 2, and every row is there once, as before."""
+    from pipeline.store import Store
+
+    v, r = captured["version"], captured["recipe"]
+    store = Store(r.data_root)
+    tmp = store.tmp_dir("distributions", v.version)
+    os.makedirs(tmp)
+    shutil.copy(os.path.join(v.path, "part-00000.parquet"), tmp)
+    shutil.rmtree(v.path)
+    again = run_stage("distributions", r, log=lambda *_: None)
+    assert again.version == v.version
+    assert again.manifest["stats"]["shards_captured_this_run"] == 2
+    assert again.read_table().to_pylist() == captured["rows"]
+
+
+def test_drop_rows_as_sft_does(tmp_path, ray_cluster, teacher, tiny_model):
+    """overlong=drop: the truncated row is left out and counted as sft counts it."""
+    v = run_stage("distributions", recipe(tmp_path, teacher, tiny_model,
+                                          "distributions.overlong=drop",
+                                          "distributions.shard_size=8"), log=lambda *_: None)
+    assert v.manifest["drops"] == {"over_max_length": 1}
+    assert sorted(r["trace_id"] for r in v.read_table(columns=["trace_id"]).to_pylist()) == \
+        ["t00", "t01", "t02", "t04"]
