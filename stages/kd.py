@@ -301,6 +301,8 @@ def teacher_arrays(source, split: str | None):
 
     table = source.read_table(split)
     out = []
+    if table.num_rows == 0:
+        return table, out
     cols = {c: table.column(c).combine_chunks() for c in TEACHER_COLUMNS}
     for i in range(table.num_rows):
         ids, lps, comp = (cols[c][i] for c in TEACHER_COLUMNS)
