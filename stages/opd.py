@@ -1,0 +1,528 @@
+"""Stage `opd` — on-policy distillation: the student samples, the teacher scores the student's
+own tokens, the student learns from them (METHODS.md, "On-policy distillation"; docs/opd.md).
+
+Reads `select` (split `sft`: its problems and the prompts sft trained on), `sft` (the checkpoint
+the student starts from; `opd.start=PATH` starts from any other, e.g. a redi one) and `prompts`
+(the reference answers the samples are verified against). Writes a Hugging Face checkpoint
+folder as its version, like sft.
+
+    distillery run opd --recipe configs/tiny.yaml opd.iterations=4 opd.incorrect=drop
+
+Each iteration i = 0 .. iterations-1, on `prompts_per_iteration` problems (a seeded order of
+all problems, taken in turn):
+  1. sample: the student of iteration i (the start checkpoint, then iteration i-1's) samples
+     `n` completions per prompt on vLLM engines (cluster/inference.py complete_chats);
+  2. verify: each sample's answer against the reference (stages/lib/answers.py) -> `correct`;
+  3. score: the teacher and the same student score the sample's tokens after their prompts
+     (cluster/scoring.py + stages/lib/packed.py score_token_ids): teacher_logps and the
+     sampling policy's student_logps per completion token;
+  4. train: one Ray Train fit (stages/lib/trainer.py train_packed) over the samples with
+
+       loss = sampled_rkl_loss(new, old, teacher, mask)     (stages/lib/divergences.py)
+            = -sum_t mask_t exp(new_t - old_t) A_t / sum_t mask_t,  A_t = -(old_t - teacher_t)
+
+     `incorrect` decides what a wrong sample contributes: keep (its tokens stay in the mask),
+     drop (masked out), redi (masked out, plus REDI's negative term
+     alpha * sum_wrong log pi(y-)/|y-| / samples in the row, which pushes it down).
+
+Resume: everything of iteration i lives under <version tmp>/iterations/iter-NNNNN/:
+sampled.parquet, then scored.parquet, then model/ (the checkpoint of iteration i+1), then
+done.json (its stats) written LAST, the marker. A rerun skips finished iterations and, inside
+the unfinished one, the steps whose files exist. When all are done the last model's files are
+copied into the version folder, the intermediate checkpoints are deleted and scored.parquet of
+every iteration stays (the learning curve's data).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+from pipeline.stage import Stage
+
+LOSSES = ("sampled_rkl",)
+INCORRECT = ("keep", "drop", "redi")
+
+
+@dataclass
+class OpdConfig:
+    """Knobs of the opd stage (engines, scorers, workers: `resources.opd`).
+
+    teacher: the model that scores the student's samples (filled from the recipe's teacher); its
+      tokenizer must be the student's (the student's token ids are scored as they are).
+    start: the checkpoint the student starts from; "" = the sft version this run reads.
+    iterations: sample -> verify -> score -> train rounds.
+    prompts_per_iteration: problems sampled per iteration (taken in turn from a seeded order).
+    n: completions per problem and iteration (>= 1).
+    max_tokens / temperature / top_p: the student's sampling (on-policy: temperature 1).
+    max_model_len: the engines' context (0 = the model's).
+    loss: "sampled_rkl" (per-token advantage -(log pi_S - log pi_T), importance-sampled policy
+      gradient; tinker-cookbook). (top-k KL on student samples is not implemented yet.)
+    incorrect: what verified-wrong samples contribute: "keep" (trained like the others),
+      "drop" (their tokens leave the loss), "redi" (they leave the sampled_rkl term and add
+      REDI's negative term, weight redi_alpha).
+    redi_alpha: REDI's alpha for incorrect=redi.
+    samples_per_step: samples in one optimizer step, all workers together; each worker packs
+      samples_per_step / num_workers samples into one row. Iteration i trains one epoch over
+      its samples: ceil(samples / samples_per_step) steps, a fresh optimizer each iteration.
+    learning_rate / weight_decay / max_grad_norm: the optimizer (constant LR, no warm-up).
+    tokens_per_row: capacity of one packed scoring forward.
+    seed: the problem order, the engines' sampling seed (with the iteration) and the trainer's.
+    save_steps / logging_steps / report_to: as in sft (save_steps 0: an interrupted fit
+      restarts its iteration's training; sampled and scored files are kept either way).
+    chat_template / prompt_format / reasoning_tags: as in sft (use the values sft used).
+    """
+
+    teacher: str = ""
+    start: str = ""
+    iterations: int = 2
+    prompts_per_iteration: int = 16
+    n: int = 4
+    max_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_model_len: int = 0
+    loss: str = "sampled_rkl"
+    incorrect: str = "keep"
+    redi_alpha: float = 0.8
+    samples_per_step: int = 16
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    tokens_per_row: int = 16384
+    seed: int = 0
+    save_steps: int = 0
+    logging_steps: int = 1
+    report_to: str = "tensorboard"
+    chat_template: str = ""
+    prompt_format: str = "chat"
+    reasoning_tags: str = "think"
+
+
+# --- the loss ------------------------------------------------------------------------------------
+
+def token_masks(correct: list, lengths: list[int], incorrect: str):
+    """Per completion token of samples laid end to end: (rkl_mask, neg_mask), float32 numpy.
+
+    correct: per sample True / False / None (unverifiable: treated as not wrong). A wrong
+    sample's tokens are 0 in rkl_mask under drop and redi, and 1 in neg_mask under redi only.
+    """
+    import numpy as np
+
+    wrong = np.repeat(np.array([c is False for c in correct], dtype=bool),
+                      np.asarray(lengths, dtype=np.int64))
+    rkl = np.ones(len(wrong), dtype=np.float32)
+    neg = np.zeros(len(wrong), dtype=np.float32)
+    if incorrect in ("drop", "redi"):
+        rkl[wrong] = 0.0
+    if incorrect == "redi":
+        neg[wrong] = 1.0
+    return rkl, neg
+
+
+def opd_loss(new_logps, old_logps, teacher_logps, rkl_mask, neg_mask, keep_seq, n_seqs: int,
+             alpha: float):
+    """sampled_rkl_loss over rkl_mask's tokens, plus (where neg_mask marks wrong samples)
+
+        alpha * sum_{wrong s} (sum_{t in s} new_t) / |s|  /  n_seqs
+
+    REDI's negative term: the mean over the row's samples of a wrong sample's length-normalised
+    log-likelihood (0 for the others). All tensors are [K] over the row's completion tokens;
+    keep_seq says which sample each token belongs to.
+    """
+    import torch
+
+    from stages.lib.divergences import sampled_rkl_loss
+
+    loss = sampled_rkl_loss(new_logps, old_logps, teacher_logps, rkl_mask)
+    if bool((neg_mask > 0).any()):
+        neg = neg_mask.to(new_logps.dtype)
+        sums = torch.zeros(n_seqs, dtype=new_logps.dtype, device=new_logps.device)
+        sums = sums.index_add(0, keep_seq, new_logps * neg)
+        lengths = torch.bincount(keep_seq, minlength=n_seqs).clamp(min=1).to(new_logps.dtype)
+        loss = loss + alpha * (sums / lengths).sum() / n_seqs
+    return loss
+
+
+def row_key(input_ids, cu_seqlens) -> str:
+    """Which packed row a batch is: the trainer's collate keeps only the model's inputs, so a
+    worker finds the row's recorded log-probs by its tokens (identical rows hold identical
+    samples, hence identical recorded values)."""
+    import numpy as np
+
+    blob = (np.ascontiguousarray(input_ids, dtype=np.int64).tobytes()
+            + np.ascontiguousarray(cu_seqlens, dtype=np.int64).tobytes())
+    return hashlib.sha1(blob).hexdigest()
+
+
+def opd_batch_loss(model, batch, aux: dict, alpha: float):
+    import torch
+
+    from stages.lib.packed import completion_logps
+
+    old, teacher, rkl, neg = (torch.as_tensor(a) for a in aux[row_key(
+        batch["input_ids"][0].cpu().numpy(), batch["cu_seqlens"].cpu().numpy())])
+    new = completion_logps(model, batch)
+    device = new.device
+    loss = opd_loss(new, old.to(device), teacher.to(device), rkl.to(device), neg.to(device),
+                    batch["keep_seq"].to(device), batch["n_seqs"], alpha)
+    # What the step trained on, for the logs: the sampled reverse-KL estimate of its tokens.
+    keep = rkl > 0
+    kl = float((old - teacher)[keep].mean()) if bool(keep.any()) else 0.0
+    return loss, {"opd/kl": kl}
+
+
+def opd_worker(config: dict) -> None:
+    import ray
+
+    from stages.lib.trainer import train_packed
+
+    aux = {row_key(r["input_ids"], r["cu_seqlens"]): (r["old_logps"], r["teacher_logps"],
+                                                      r["rkl_mask"], r["neg_mask"])
+           for r in ray.get(config["rows"])}
+    train_packed(config, functools.partial(opd_batch_loss, aux=aux, alpha=config["alpha"]))
+
+
+# --- scoring: one batch of samples in a pool actor -----------------------------------------------
+
+def score_batch(models: dict, batch, tokens_per_row: int):
+    """teacher_logps and student_logps of every sample's completion tokens (pool actor)."""
+    import pyarrow as pa
+
+    from stages.lib.packed import score_token_ids
+
+    completion = batch.column("completion_ids").to_pylist()
+    for name in ("teacher", "student"):
+        model, _ = models[name]
+        prompts = batch.column(f"{name}_prompt_ids").to_pylist()
+        seqs = [(p + c, len(p)) for p, c in zip(prompts, completion)]
+        logps = score_token_ids(model, seqs, tokens_per_row)
+        batch = batch.append_column(f"{name}_logps", pa.array(logps, pa.list_(pa.float64())))
+    return batch
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+def check_config(cfg: OpdConfig, start: str):
+    """Refuse bad settings before Ray starts; returns (student template, teacher template,
+    student tokenizer, teacher tokenizer)."""
+    from stages.lib.chat import check_chat_format, load_tokenizer
+
+    if cfg.n < 1:
+        raise UserError(f"opd.n: must be >= 1 (completions per problem), got {cfg.n}")
+    if cfg.loss not in LOSSES:
+        raise UserError(f"opd.loss: '{cfg.loss}' is not one of {list(LOSSES)} (topk: not yet)")
+    if cfg.incorrect not in INCORRECT:
+        raise UserError(f"opd.incorrect: '{cfg.incorrect}' is not one of {list(INCORRECT)}")
+    if cfg.iterations < 1 or cfg.prompts_per_iteration < 1 or cfg.max_tokens < 1:
+        raise UserError("opd.iterations, opd.prompts_per_iteration and opd.max_tokens must be "
+                        f">= 1 (got {cfg.iterations}, {cfg.prompts_per_iteration}, "
+                        f"{cfg.max_tokens})")
+    if not 0.0 <= cfg.redi_alpha <= 1.0:
+        raise UserError(f"opd.redi_alpha: {cfg.redi_alpha} is outside [0, 1]")
+    student_t = check_chat_format(start, cfg.chat_template, cfg.prompt_format, "opd", "start")
+    teacher_t = check_chat_format(cfg.teacher, cfg.chat_template, cfg.prompt_format, "opd",
+                                  "teacher")
+    student_tok = load_tokenizer(start, "opd.start")
+    teacher_tok = load_tokenizer(cfg.teacher, "opd.teacher")
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise UserError(f"opd: the teacher {cfg.teacher} and the student {start} have different "
+                        f"tokenizers ({len(teacher_tok)} vs {len(student_tok)} tokens): the "
+                        "teacher scores the student's own token ids, so they must share one")
+    return student_t, teacher_t, student_tok, teacher_tok
+
+
+def problems_of(inputs) -> list[dict]:
+    """[{problem_id, prompt_messages, answer}] sorted by problem_id: select's SFT problems with
+    the prompt sft trained on (its messages without the assistant turn) and prompts' answer."""
+    sft = inputs["select"].read_table("sft", columns=["problem_id", "messages"]).to_pylist()
+    answers = dict(zip(*(inputs["prompts"].read_table(columns=["problem_id", "answer"])
+                         .column(c).to_pylist() for c in ("problem_id", "answer"))))
+    seen = {}
+    for row in sft:
+        if row["problem_id"] not in seen:
+            seen[row["problem_id"]] = {"problem_id": row["problem_id"],
+                                       "prompt_messages": [m for m in row["messages"]
+                                                           if m["role"] != "assistant"],
+                                       "answer": answers.get(row["problem_id"])}
+    return [seen[k] for k in sorted(seen)]
+
+
+def batch_of(problems: list[dict], i: int, size: int, seed: int) -> list[dict]:
+    """Iteration i's problems: a seeded order of all of them, `size` at a time, wrapping."""
+    order = list(range(len(problems)))
+    random.Random(seed).shuffle(order)
+    return [problems[order[(i * size + k) % len(order)]] for k in range(size)]
+
+
+def _write_atomic(table, path: str) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def sample(cfg, ctx, model: str, problems: list[dict], i: int, template: str):
+    import pyarrow as pa
+    import ray.data
+
+    from cluster.inference import Sampling, complete_chats
+    from stages.lib.chat import render_prompt
+
+    ctx.ensure_ray()
+    ds = ray.data.from_items([{"problem_id": p["problem_id"],
+                               "prompt_messages": p["prompt_messages"]} for p in problems])
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                        seed=cfg.seed * 1000 + i)
+    out = complete_chats(ds, model=model, sampling=sampling, n=cfg.n, resources=ctx.resources,
+                         ctx=ctx, max_model_len=cfg.max_model_len,
+                         render=functools.partial(render_prompt, chat_template=template,
+                                                  prompt_format=cfg.prompt_format))
+    table = pa.Table.from_pylist(out.take_all())
+    table = table.select(["problem_id", "sample_idx", "completion", "completion_tokens",
+                          "finish_reason"])
+    table = table.append_column("sampled_by", pa.array([model] * table.num_rows, pa.string()))
+    return table.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
+
+
+def verify(cfg, table, answers: dict):
+    import pyarrow as pa
+
+    from stages.lib.answers import VerifyConfig, answer_parts, verify_rows
+    from stages.lib.chat import split_think
+
+    finals = [split_think(c or "", cfg.reasoning_tags)[1]
+              for c in table.column("completion").to_pylist()]
+    cols = verify_rows(finals, [answers[p] for p in table.column("problem_id").to_pylist()],
+                       VerifyConfig(),
+                       parts=answer_parts(None, table.column("finish_reason").to_pylist()))
+    table = table.append_column("pred_answer", pa.array(cols["pred_answer"], pa.string()))
+    return table.append_column("correct", pa.array(cols["correct"], pa.bool_()))
+
+
+def token_ids(cfg, table, messages: dict, toks: dict, templates: dict, fmt):
+    """Each sample's completion token ids (its text + the end-of-turn id when it stopped) and
+    each model's prompt ids, as the engine rendered them (columns for score_batch)."""
+    import pyarrow as pa
+
+    from stages.lib.chat import render_prompt
+
+    student = toks["student"]
+    eot = student.convert_tokens_to_ids(fmt.end_of_turn)
+    prompt_ids = {name: {pid: toks[name](render_prompt(toks[name], m, templates[name],
+                                                       cfg.prompt_format),
+                                         add_special_tokens=False)["input_ids"]
+                         for pid, m in messages.items()} for name in ("student", "teacher")}
+    completion = []
+    for text, reason in zip(table.column("completion").to_pylist(),
+                            table.column("finish_reason").to_pylist()):
+        text = text or ""
+        ended = reason == "stop"
+        if ended and text.endswith(fmt.end_of_turn):
+            text = text[:-len(fmt.end_of_turn)]
+        ids = student(text, add_special_tokens=False)["input_ids"]
+        completion.append(ids + [eot] if ended else ids)
+    ids = pa.list_(pa.int64())
+    pids = table.column("problem_id").to_pylist()
+    for name in ("student", "teacher"):
+        table = table.append_column(f"{name}_prompt_ids",
+                                    pa.array([prompt_ids[name][p] for p in pids], ids))
+    return table.append_column("completion_ids", pa.array(completion, ids))
+
+
+def score(cfg, ctx, table, student: str):
+    import pyarrow as pa
+    import ray.data
+
+    from cluster.scoring import score_batches
+    from stages.lib.packed import ATTENTION, onednn_linears, register_attention
+
+    scored = score_batches(ray.data.from_arrow(table),
+                           models={"teacher": cfg.teacher, "student": student},
+                           score_fn=functools.partial(score_batch,
+                                                      tokens_per_row=cfg.tokens_per_row),
+                           resources=ctx.resources, ctx=ctx, batch_size=max(1, table.num_rows),
+                           prepare=register_attention, cpu_model_hook=onednn_linears,
+                           attn_implementation=ATTENTION)
+    out = pa.Table.from_pylist(scored.take_all())
+    return out.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
+
+
+def train(cfg, ctx, table, student: str, out_dir: str, i: int, end_of_turn: str) -> dict:
+    import numpy as np
+
+    from cluster.train import fit
+    from stages.lib.packed import packed_row
+    from stages.lib.trainer import worker_config
+
+    workers = ctx.resources.num_workers
+    per_worker = max(1, cfg.samples_per_step // workers)
+    samples = [r for r in table.to_pylist() if r["completion_ids"]]
+    random.Random(cfg.seed * 1000 + i).shuffle(samples)
+    rows = []
+    for k in range(0, len(samples), per_worker):
+        group = samples[k:k + per_worker]
+        row = packed_row([(s["student_prompt_ids"] + s["completion_ids"],
+                           len(s["student_prompt_ids"])) for s in group])
+        rkl, neg = token_masks([s["correct"] for s in group],
+                               [len(s["completion_ids"]) for s in group], cfg.incorrect)
+        row.update(old_logps=np.concatenate([s["student_logps"] for s in group]),
+                   teacher_logps=np.concatenate([s["teacher_logps"] for s in group]),
+                   rkl_mask=rkl, neg_mask=neg)
+        rows.append(row)
+    schedule = dict(epochs=1.0, max_steps=0, warmup_ratio=0.0, lr_scheduler="constant")
+    config = worker_config(_Knobs(cfg, seed=cfg.seed * 1000 + i, **schedule), ctx, student,
+                           rows, end_of_turn)
+    config.update(out_dir=out_dir, alpha=cfg.redi_alpha, metric_lists=["opd/kl"])
+    fit(opd_worker, config, ctx.resources, ctx)
+    with open(os.path.join(out_dir, "train_stats.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+class _Knobs:
+    """cfg with the per-iteration schedule fields worker_config reads."""
+
+    def __init__(self, cfg, **extra):
+        self.__dict__.update(vars(cfg))
+        self.__dict__.update(extra)
+
+
+def iteration_stats(table, timings: dict, train_stats: dict) -> dict:
+    correct = table.column("correct").to_pylist()
+    tokens = table.column("completion_tokens").to_pylist()
+    gap = [s - t for ss, ts in zip(table.column("student_logps").to_pylist(),
+                                   table.column("teacher_logps").to_pylist())
+           for s, t in zip(ss, ts)]
+    return {
+        "samples": table.num_rows,
+        "pass_rate": round(sum(c is True for c in correct) / len(correct), 4) if correct else None,
+        "incorrect": sum(c is False for c in correct),
+        "mean_tokens": round(sum(tokens) / len(tokens), 2) if tokens else None,
+        # E_{y ~ student}[log pi_S(y_t) - log pi_T(y_t)] per token: the sampled reverse KL
+        "kl": round(sum(gap) / len(gap), 5) if gap else None,
+        "loss": train_stats.get("mean_loss"),
+        "steps": train_stats.get("steps"),
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+
+
+def run(cfg: OpdConfig, inputs, ctx):
+    import pyarrow.parquet as pq
+
+    from stages.lib.chat import target_format
+
+    start = cfg.start or (inputs["sft"].path if "sft" in inputs else "")
+    if not start:
+        raise UserError("opd: no student checkpoint to start from: run sft first "
+                        "(`distillery run sft`) or set opd.start=PATH")
+    student_t, teacher_t, student_tok, teacher_tok = check_config(cfg, start)
+    fmt = target_format(student_tok, start, student_t, cfg.prompt_format, cfg.reasoning_tags,
+                        "opd.start")
+    problems = problems_of(inputs)
+    if not problems:
+        raise UserError(f"opd: {inputs['select'].ref()} has no problems in its split 'sft'")
+    missing = [p["problem_id"] for p in problems if p["answer"] in (None, "")]
+    if len(missing) == len(problems):
+        raise UserError(f"opd: none of the {len(problems)} problems has an answer in "
+                        f"{inputs['prompts'].ref()}: the samples cannot be verified")
+    answers = {p["problem_id"]: p["answer"] for p in problems}
+
+    root = os.path.join(ctx.out_dir, "iterations")
+    os.makedirs(root, exist_ok=True)
+    history, student = [], start
+    for i in range(cfg.iterations):
+        folder = os.path.join(root, f"iter-{i:05d}")
+        model_dir = os.path.join(folder, "model")
+        done = os.path.join(folder, "done.json")
+        if os.path.exists(done):
+            with open(done, encoding="utf-8") as f:
+                history.append(json.load(f))
+            student = model_dir
+            continue
+        os.makedirs(folder, exist_ok=True)
+        timings = {"sample": 0.0, "verify": 0.0, "score": 0.0, "train": 0.0}
+        batch = batch_of(problems, i, cfg.prompts_per_iteration, cfg.seed)
+        sampled_path = os.path.join(folder, "sampled.parquet")
+        scored_path = os.path.join(folder, "scored.parquet")
+        if not os.path.exists(scored_path):
+            if os.path.exists(sampled_path):
+                table = pq.read_table(sampled_path)
+            else:
+                t0 = time.perf_counter()
+                table = sample(cfg, ctx, student, batch, i, student_t)
+                timings["sample"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                table = verify(cfg, table, answers)
+                timings["verify"] = time.perf_counter() - t0
+                _write_atomic(table, sampled_path)
+            t0 = time.perf_counter()
+            messages = {p["problem_id"]: p["prompt_messages"] for p in batch}
+            table = token_ids(cfg, table, messages,
+                              {"student": student_tok, "teacher": teacher_tok},
+                              {"student": student_t, "teacher": teacher_t}, fmt)
+            table = score(cfg, ctx, table, student)
+            table = table.append_column("scored_by", _constant(student, table.num_rows))
+            timings["score"] = time.perf_counter() - t0
+            _write_atomic(table, scored_path)
+        table = pq.read_table(scored_path)
+        t0 = time.perf_counter()
+        train_stats = train(cfg, ctx, table, student, model_dir, i, fmt.end_of_turn)
+        timings["train"] = time.perf_counter() - t0
+        stats = {"iteration": i, "student": student, **iteration_stats(table, timings,
+                                                                       train_stats)}
+        with open(done + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+        os.replace(done + ".tmp", done)  # the marker: iteration i is complete
+        print(f"opd: iteration {i}: pass rate {stats['pass_rate']}, mean tokens "
+              f"{stats['mean_tokens']}, kl {stats['kl']}, loss {stats['loss']}; seconds "
+              + ", ".join(f"{k} {v}" for k, v in stats["seconds"].items()), flush=True)
+        history.append(stats)
+        student = model_dir
+
+    # The version is the last iteration's checkpoint; intermediate checkpoints go.
+    for name in os.listdir(student):
+        if os.path.isfile(os.path.join(student, name)):
+            shutil.copy(os.path.join(student, name), os.path.join(ctx.out_dir, name))
+    for i in range(cfg.iterations):
+        folder = os.path.join(root, f"iter-{i:05d}")
+        shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)
+        if os.path.exists(os.path.join(folder, "sampled.parquet")):
+            os.remove(os.path.join(folder, "sampled.parquet"))
+    ctx.stats.update({
+        "start": inputs["sft"].ref() if not cfg.start and "sft" in inputs else start,
+        "iterations": history,
+        "pass_rate": [h["pass_rate"] for h in history],
+        "mean_tokens": [h["mean_tokens"] for h in history],
+        "kl": [h["kl"] for h in history],
+        "loss": [h["loss"] for h in history],
+        "problems": len(problems),
+        "problems_without_answer": len(missing),
+        "zero_stage": ctx.resources.zero_stage,
+    })
+    return None
+
+
+def _constant(value: str, n: int):
+    import pyarrow as pa
+
+    return pa.array([value] * n, pa.string())
+
+
+STAGE = Stage(
+    name="opd",
+    config=OpdConfig,
+    reads=("select", "sft", "prompts"),
+    requires=("problem_id", "messages"),
+    adds=(),
+    run=run,
+    output="model",
+    resumable=True,  # finished iterations (samples, scores, checkpoints) survive a crash
+    # opd.start=PATH needs no sft version
+    uses=lambda cfg: {"select", "prompts"} | (set() if cfg.start else {"sft"}),
+)

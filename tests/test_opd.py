@@ -1,0 +1,324 @@
+"""opd stage: the masking of wrong samples and REDI's term against hand computations, then one
+real 2-iteration run on tiny models (vLLM sampling, the scoring pool, Ray Train + DeepSpeed),
+its teacher log-probs against a direct transformers forward, and the bad inputs.
+
+The inputs go through the real store: select (tests/test_sft.py's write_select), an sft version
+holding the tiny student, and a prompts version with the problems' answers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from test_redi import write_sft_version
+from test_sft import RECIPE, ROOT, _kill_tree, load_weights, write_select
+from stages import STAGES
+
+
+# --- the loss: masks and REDI's term -------------------------------------------------------------
+
+LENGTHS = [3, 2, 4]
+CORRECT = [True, False, None]  # None: unverifiable, never treated as wrong
+
+
+def _tokens(seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    k = sum(LENGTHS)
+    old = -torch.rand(k, generator=g, dtype=torch.float64) * 3
+    teacher = -torch.rand(k, generator=g, dtype=torch.float64) * 3
+    new = (old + 0.1 * torch.randn(k, generator=g, dtype=torch.float64)).requires_grad_()
+    keep_seq = torch.repeat_interleave(torch.arange(3), torch.tensor(LENGTHS))
+    return new, old, teacher, keep_seq
+
+
+def test_drop_removes_exactly_the_wrong_samples_tokens():
+    import torch
+
+    from stages.opd import opd_loss, token_masks
+
+    rkl, neg = token_masks(CORRECT, LENGTHS, "drop")
+    assert rkl.tolist() == [1, 1, 1, 0, 0, 1, 1, 1, 1] and not neg.any()
+    new, old, teacher, keep_seq = _tokens()
+    loss = opd_loss(new, old, teacher, torch.as_tensor(rkl), torch.as_tensor(neg), keep_seq,
+                    3, alpha=0.8)
+    loss.backward()
+    # by hand: -mean over the 7 kept tokens of exp(new - old) * (teacher - old)
+    kept = [0, 1, 2, 5, 6, 7, 8]
+    hand = -sum(float((new[t].detach() - old[t]).exp() * (teacher[t] - old[t]))
+                for t in kept) / 7
+    assert abs(float(loss) - hand) < 1e-6  # the loss is computed in fp32
+    assert (new.grad[3:5] == 0).all() and (new.grad[kept] != 0).all()
+    # keep: every token in, the same formula over all 9
+    rkl, neg = token_masks(CORRECT, LENGTHS, "keep")
+    assert rkl.all() and not neg.any()
+
+
+def test_redi_adds_the_length_normalised_log_likelihood_of_wrong_samples():
+    import torch
+
+    from stages.opd import opd_loss, token_masks
+
+    rkl, neg = token_masks(CORRECT, LENGTHS, "redi")
+    assert rkl.tolist() == [1, 1, 1, 0, 0, 1, 1, 1, 1]
+    assert neg.tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0]
+    new, old, teacher, keep_seq = _tokens(1)
+    loss = opd_loss(new, old, teacher, torch.as_tensor(rkl), torch.as_tensor(neg), keep_seq,
+                    3, alpha=0.5)
+    kept = [0, 1, 2, 5, 6, 7, 8]
+    rkl_hand = -sum(float((new[t].detach() - old[t]).exp() * (teacher[t] - old[t]))
+                    for t in kept) / 7
+    # REDI's term: alpha * (log pi(y-) / |y-|) / samples in the row
+    hand = rkl_hand + 0.5 * float(new[3].detach() + new[4].detach()) / 2 / 3
+    assert abs(float(loss) - hand) < 1e-6  # the loss is computed in fp32
+    loss.backward()
+    assert torch.allclose(new.grad[3:5], torch.full((2,), 0.5 / 2 / 3, dtype=torch.float64))
+
+
+def test_a_worker_finds_a_rows_recorded_values_by_its_tokens():
+    from stages.lib.packed import collate, packed_row
+    from stages.opd import row_key
+
+    row = packed_row([([5, 6, 7, 8], 2), ([9, 10, 11], 1)])
+    batch = collate([row])
+    assert row_key(row["input_ids"], row["cu_seqlens"]) == row_key(
+        batch["input_ids"][0].numpy(), batch["cu_seqlens"].numpy())
+    other = packed_row([([5, 6, 7, 8], 1), ([9, 10, 11], 2)])
+    assert row_key(other["input_ids"], other["cu_seqlens"]) == row_key(
+        row["input_ids"], row["cu_seqlens"])  # same tokens and bounds: the same samples' row
+    moved = packed_row([([5, 6, 7], 2), ([8, 9, 10, 11], 1)])
+    assert row_key(moved["input_ids"], moved["cu_seqlens"]) != row_key(
+        row["input_ids"], row["cu_seqlens"])
+
+
+def test_iteration_batches_are_seeded_and_take_every_problem_in_turn():
+    from stages.opd import batch_of
+
+    problems = [{"problem_id": f"p{k}"} for k in range(10)]
+    ids = [[p["problem_id"] for p in batch_of(problems, i, 4, seed=3)] for i in range(3)]
+    assert ids == [[p["problem_id"] for p in batch_of(problems, i, 4, seed=3)]
+                   for i in range(3)]
+    assert len(set(ids[0] + ids[1] + ids[2][:2])) == 10  # one pass over all, then it wraps
+    assert ids != [[p["problem_id"] for p in batch_of(problems, i, 4, seed=4)]
+                   for i in range(3)]
+
+
+# --- real runs -----------------------------------------------------------------------------------
+
+def write_prompts(data_root: str, version: str = "test0prompts"):
+    """A `prompts` version with each select problem's answer (a + b)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.store import Store
+
+    store = Store(data_root)
+    rows = []
+    for r in store.latest("select").read_table("sft", columns=["problem_id", "messages"]
+                                                ).to_pylist():
+        a, b = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
+        rows.append({"problem_id": r["problem_id"], "problem": r["messages"][0]["content"],
+                     "answer": str(a + b), "source": "test"})
+    out = store.begin("prompts", version, clear=True)
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "part-00000.parquet"))
+    return store.commit("prompts", version, {
+        "stage": "prompts", "version": version, "inputs": {}, "drops": {}, "splits": [],
+        "rows_in": len(rows), "rows_out": len(rows),
+        "finished_at": "2026-11-23T00:00:00+00:00"})
+
+
+def _overrides(data_root: str, teacher: str, extra=()):
+    # 4 problems x 2 samples = 8 samples an iteration, 8 per step on 1 worker: one step each
+    return [f"data_root={data_root}", f"opd.teacher={teacher}", "opd.iterations=2",
+            "opd.prompts_per_iteration=4", "opd.n=2", "opd.max_tokens=16",
+            "opd.max_model_len=512", "opd.samples_per_step=8", "opd.learning_rate=0.001",
+            "opd.report_to=none", "resources.opd.num_workers=1",
+            "resources.opd.enforce_eager=true", *extra]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """Another random tiny model with the student's tokenizer (a different seed)."""
+    from pipeline.apps.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-teacher")), seed=1)
+
+
+@pytest.fixture(scope="module")
+def opd_inputs(tmp_path_factory, tiny_model):
+    data_root = str(tmp_path_factory.mktemp("opd-data"))
+    write_select(data_root, n=12)
+    sft = write_sft_version(data_root, tiny_model)
+    write_prompts(data_root)
+    return data_root, sft
+
+
+@pytest.fixture(scope="module")
+def opd_run(opd_inputs, teacher, ray_cluster):
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+
+    data_root, _ = opd_inputs
+    return run_stage("opd", load_recipe(RECIPE, _overrides(data_root, teacher), STAGES))
+
+
+def _scored(version, i: int):
+    import pyarrow.parquet as pq
+
+    path = os.path.join(version.path, "iterations", f"iter-{i:05d}", "scored.parquet")
+    return pq.read_table(path).to_pylist()
+
+
+def _direct_logps(model, prompt_ids, completion_ids):
+    """Log-probs of completion_ids after prompt_ids from a plain (unpacked) forward."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    n = len(prompt_ids)
+    return [float(logps[n - 1 + t, c]) for t, c in enumerate(completion_ids)]
+
+
+def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_model, teacher):
+    from transformers import AutoModelForCausalLM
+
+    version = opd_run
+    _, sft = opd_inputs
+    stats = version.manifest["stats"]
+    assert version.manifest["inputs"]["sft"] == sft.version and stats["start"] == sft.ref()
+    assert [h["iteration"] for h in stats["iterations"]] == [0, 1]
+    for h in stats["iterations"]:
+        assert h["samples"] == 8 and h["steps"] == 1
+        assert 0 <= h["pass_rate"] <= 1 and 0 < h["mean_tokens"] <= 16
+        assert h["kl"] is not None and h["loss"] is not None
+        assert set(h["seconds"]) == {"sample", "verify", "score", "train"}
+    assert stats["pass_rate"] == [h["pass_rate"] for h in stats["iterations"]]
+
+    # The version is a checkpoint transformers loads, with moved weights.
+    before, after = load_weights(tiny_model), load_weights(version.path)
+    assert all(not (before[k] == after[k]).all() for k in before)
+    AutoModelForCausalLM.from_pretrained(version.path)
+
+    # The teacher's log-probs are those of a direct forward on the same tokens; iteration 0's
+    # student log-probs are the start checkpoint's.
+    t_model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    s_model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    rows0, rows1 = _scored(version, 0), _scored(version, 1)
+    assert len(rows0) == len(rows1) == 8
+    for r in rows0[:4]:
+        direct = _direct_logps(t_model, r["teacher_prompt_ids"], r["completion_ids"])
+        assert max(abs(a - b) for a, b in zip(direct, r["teacher_logps"])) <= 1e-4
+        direct = _direct_logps(s_model, r["student_prompt_ids"], r["completion_ids"])
+        assert max(abs(a - b) for a, b in zip(direct, r["student_logps"])) <= 1e-4
+    # Iteration 1 sampled and scored with iteration 0's checkpoint, not the start one.
+    assert all(r["sampled_by"] == r["scored_by"] for r in rows1)
+    assert all(r["sampled_by"].endswith(os.path.join("iter-00000", "model")) for r in rows1)
+    assert all(r["sampled_by"] == sft.path for r in rows0)
+    r = rows1[0]
+    start = _direct_logps(s_model, r["student_prompt_ids"], r["completion_ids"])
+    assert max(abs(a - b) for a, b in zip(start, r["student_logps"])) > 1e-4
+    # Intermediate checkpoints are gone; the scored samples stay.
+    assert not os.path.exists(os.path.join(version.path, "iterations", "iter-00000", "model"))
+
+
+def test_opd_is_an_evaluate_model_name():
+    from stages.evaluate import EvaluateConfig, NAMED
+
+    assert "opd" in NAMED
+    assert STAGES["evaluate"].uses(EvaluateConfig(models=["opd"], decontaminate=False)) == {"opd"}
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def _run(data_root, teacher, extra):
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+
+    return run_stage("opd", load_recipe(RECIPE, _overrides(data_root, teacher, extra), STAGES))
+
+
+def test_n_below_one_names_the_key(opd_inputs, teacher):
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match=r"opd\.n: must be >= 1"):
+        _run(opd_inputs[0], teacher, ["opd.n=0"])
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(opd_inputs, tmp_path):
+    from pipeline.apps.tiny_model import build_tiny_model
+    from pipeline.errors import UserError
+
+    other = build_tiny_model(str(tmp_path / "other"), vocab_size=400)
+    with pytest.raises(UserError, match="teacher .*other.* and the student .* different "
+                                        "tokenizers"):
+        _run(opd_inputs[0], other, [])
+
+
+def test_no_sft_checkpoint_names_sft(tmp_path, teacher):
+    from pipeline.errors import UserError
+
+    data_root = str(tmp_path / "data")
+    write_select(data_root, n=4)
+    write_prompts(data_root)
+    with pytest.raises(UserError, match="stage 'opd' reads 'sft'.*distillery run sft"):
+        _run(data_root, teacher, [])
+
+
+# --- kill -9 mid-run, then a rerun ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_kill_during_iteration_one_then_rerun_repeats_no_finished_work(tmp_path, tiny_model,
+                                                                     teacher, ray_cluster):
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+    from pipeline.store import Store
+
+    data_root = str(tmp_path / "data")
+    write_select(data_root, n=12)
+    write_sft_version(data_root, tiny_model)
+    write_prompts(data_root)
+    overrides = _overrides(data_root, teacher)
+    # Ray's socket paths must stay short (AF_UNIX limit): not under pytest's long tmp_path.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-opd-", dir="/tmp")
+    env = dict(os.environ, DISTILLERY_RAY_TMP=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    log_path = tmp_path / "interrupted.log"
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "distillery"),
+                             "run", "opd", "--recipe", RECIPE, *overrides],
+                            cwd=ROOT, env=env, start_new_session=True,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    stage_dir = Store(data_root).stage_dir("opd")
+    marker = None
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            found = [os.path.join(stage_dir, d, "iterations", "iter-00000", "done.json")
+                     for d in (os.listdir(stage_dir) if os.path.isdir(stage_dir) else [])]
+            found = [f for f in found if os.path.exists(f)]
+            if found:
+                marker = found[0]
+                break
+            time.sleep(0.5)
+    finally:
+        _kill_tree(proc, ray_tmp)  # the CLI, its Ray and every engine it started
+    assert marker, "iteration 0 never finished:\n" + log_path.read_text()[-3000:]
+    with open(marker, encoding="utf-8") as f:
+        first = json.load(f)
+    mtime = os.path.getmtime(marker)
+    assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(marker)),
+                                           "iter-00001", "done.json"))
+    version = run_stage("opd", load_recipe(RECIPE, overrides, STAGES))
+    stats = version.manifest["stats"]
+    assert stats["iterations"][0] == first  # read back, not redone
+    marker = os.path.join(version.path, "iterations", "iter-00000", "done.json")
+    assert os.path.getmtime(marker) == mtime
+    assert [h["iteration"] for h in stats["iterations"]] == [0, 1]
