@@ -34,7 +34,6 @@ crash or kill -9 captures only the missing shards, and every row is there once.
 """
 from __future__ import annotations
 
-import posixpath
 import time
 from dataclasses import dataclass
 

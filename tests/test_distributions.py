@@ -10,7 +10,6 @@ hand (its sft split's columns), so no upstream stage runs.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import subprocess
@@ -282,7 +281,6 @@ def test_stage_rows_match_a_direct_forward_in_fp16(captured, teacher, tiny_model
     """Every SFT row once, select's columns kept, positions = sft's completion tokens; the
     stored top-k equals a plain forward within fp16 storage: |x| * 2^-11 + 1e-4."""
     import numpy as np
-    import torch
 
     rows, v = captured["rows"], captured["version"]
     assert [r["trace_id"] for r in rows] == [f"t{i:02d}" for i in (0, 3, 1, 4, 2)]  # by problem
@@ -366,3 +364,55 @@ def test_drop_rows_as_sft_does(tmp_path, ray_cluster, teacher, tiny_model):
     assert v.manifest["drops"] == {"over_max_length": 1}
     assert sorted(r["trace_id"] for r in v.read_table(columns=["trace_id"]).to_pylist()) == \
         ["t00", "t01", "t02", "t04"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_captures_every_row_once(tmp_path, teacher, tiny_model):
+    """A real `distillery run distributions` is SIGKILLed after its first shard; the same
+    command rerun captures only the missing shards, and every row is there exactly once."""
+    from test_sft import _kill_tree
+
+    from pipeline.store import Store
+
+    data = tmp_path / "data"
+    traces = [f"<think>\nAdd one to {i}. " * (4 + i % 5) + f"\n</think>\n\n\\boxed{{{i}}}"
+              for i in range(24)]
+    write_select(str(data), traces)
+    cli_recipe = tmp_path / "cli.yaml"
+    cli_recipe.write_text(f"data_root: {data}\nteacher: {teacher}\nstudent: {tiny_model}\n"
+                          "distributions: {shard_size: 1, max_length: 256, k: 8}\n")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "distillery"), "run", "distributions",
+           "--recipe", str(cli_recipe)]
+    ray_tmp = tempfile.mkdtemp(prefix="ray-dist-", dir="/tmp")
+    env = dict(os.environ, DISTILLERY_RAY_TMP=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    # Bad input first: exit 2 naming the key, no traceback, no version.
+    bad = subprocess.run(cmd + ["distributions.k=100000"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "distributions.k" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and Store(str(data)).latest("distributions") is None
+
+    log_path = tmp_path / "killed.log"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    parts = str(data / "distributions" / ".tmp-*" / "part-*.parquet")
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not glob.glob(parts):
+            time.sleep(0.01)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+    finally:
+        _kill_tree(proc, ray_tmp)
+    done_before = len(glob.glob(parts))
+    assert 0 < done_before < 24, done_before
+    assert not Store(str(data)).latest("distributions")            # nothing looks complete
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"{done_before} already captured" in rerun.stdout
+    assert "B/token raw" in rerun.stdout
+    v = Store(str(data)).latest("distributions")
+    assert v.manifest["stats"]["shards_captured_this_run"] == 24 - done_before
+    got = v.read_table(columns=["trace_id", "topk_ids", "completion_ids"]).to_pylist()
+    assert sorted(r["trace_id"] for r in got) == [f"t{i:02d}" for i in range(24)]
+    assert all(len(r["topk_ids"]) == len(r["completion_ids"]) > 0 for r in got)
