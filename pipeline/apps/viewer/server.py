@@ -40,7 +40,7 @@ PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 # Filters the issue names, each applied when the version has the column (equality on a value).
 FILTER_COLUMNS = ("correct", "verify_status", "difficulty", "finish_reason", "prune_status",
-                  "selected", "select_reason", "model")
+                  "selected", "select_reason", "model", "teacher")
 # Provenance: a row matches a sentence label when any of its sentences carries it.
 LABEL_COLUMN = "sentence_labels"
 # Histograms (clickable: a click filters to the bar's range) and the columns a user sorts by.
@@ -51,7 +51,7 @@ SEARCH_COLUMNS = ("problem", "completion")
 # Columns shown first in the table when the user has not chosen (others via the column chooser).
 # No completion text by default: 50 rows spread over a 1M-row version touch most row groups,
 # and decoding their 2 KB completions costs ~1 s (bench/viewer.py); problems are ~200 chars.
-DEFAULT_COLUMNS = ("problem_id", "model", "sample_idx", "problem", "pred_answer",
+DEFAULT_COLUMNS = ("problem_id", "teacher", "model", "sample_idx", "problem", "pred_answer",
                    "correct", "verify_status", "difficulty", "pass_rate", "completion_tokens",
                    "pruned_tokens", "prune_status", "provenance_score", "selected",
                    "finish_reason", "chosen_trace_id", "rejected_trace_id")
