@@ -416,3 +416,62 @@ def test_kill_9_then_rerun_captures_every_row_once(tmp_path, teacher, tiny_model
     got = v.read_table(columns=["trace_id", "topk_ids", "completion_ids"]).to_pylist()
     assert sorted(r["trace_id"] for r in got) == [f"t{i:02d}" for i in range(24)]
     assert all(len(r["topk_ids"]) == len(r["completion_ids"]) > 0 for r in got)
+
+
+VLLM_SCRIPT = """
+import json, os, sys
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+seqs, k = json.loads(open(sys.argv[2]).read()), int(sys.argv[3])
+llm = LLM(model=sys.argv[1], max_model_len=1024, seed=0, enforce_eager=True, dtype="float32",
+          max_logprobs=k)
+params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=1.0, detokenize=False)
+outs = llm.generate([{"prompt_token_ids": ids} for ids, _ in seqs], params, use_tqdm=False)
+res = [[{str(t): [lp.logprob, lp.rank] for t, lp in o.prompt_logprobs[i].items()}
+        for i in range(n, len(ids))] for o, (ids, n) in zip(outs, seqs)]
+print("TOPK " + json.dumps(res), flush=True)
+llm.llm_engine.engine_core.shutdown()
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_topk_matches_vllm_prompt_logprobs(teacher, tiny_model, tmp_path):
+    """The same token ids through vLLM's prompt_logprobs=k (dtype float32, temperature 1,
+    max_logprobs=k: the engine's default cap is 20): the same top-k, log-probs within 1e-4
+    (ids compared where vLLM's adjacent values are more than 2e-4 apart)."""
+    import json
+
+    import torch
+
+    from stages.lib.topk import packed_topk
+
+    k = 24  # above vLLM's default max_logprobs of 20
+    seqs, _ = _seqs(teacher, tiny_model)
+    with torch.inference_mode():
+        got = packed_topk(_load(teacher), seqs, k, _vocab(teacher), tokens_per_row=256)
+    path = tmp_path / "seqs.json"
+    path.write_text(json.dumps(seqs))
+    env = dict(os.environ, TMPDIR=str(tmp_path), VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"))
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, teacher, str(path), str(k)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("TOPK ")]
+    assert lines, done.stdout[-2000:] + done.stderr[-3000:]
+    worst, compared = 0.0, 0
+    for g, positions in zip(got, json.loads(lines[0][len("TOPK "):])):
+        assert len(positions) == len(g["ids"])
+        for ids, logps, entries in zip(g["ids"], g["logps"], positions):
+            # vLLM: the k ranked entries, plus the prompt's own token when it ranks below k
+            ranked = sorted((rank, int(t), lp) for t, (lp, rank) in entries.items() if rank <= k)
+            assert len(ranked) == k
+            vals = [lp for _, _, lp in ranked]
+            worst = max(worst, max(abs(a - b) for a, b in zip(logps.tolist(), vals)))
+            if min(a - b for a, b in zip(vals, vals[1:])) > 2e-4:
+                assert ids.tolist() == [t for _, t, _ in ranked]
+                compared += 1
+    print(f"max |ours - vLLM prompt_logprobs| over the top-{k} = {worst:.2e}; "
+          f"{compared} positions with clear order compared by id")
+    assert worst <= 1e-4 and compared > 0
