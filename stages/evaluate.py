@@ -36,7 +36,7 @@ from stages.lib.chat import PROBLEM_TEMPLATE
 from stages.lib.answers import DEFAULT_FALLBACKS
 
 # Names that mean "the model this recipe/run already has"; anything else is a path or hub id.
-NAMED = ("teacher", "student", "sft", "redi", "opd")
+NAMED = ("teacher", "student", "sft", "kd", "redi", "opd")
 
 
 @dataclass
@@ -46,8 +46,8 @@ class EvaluateConfig:
 
     teacher / student: filled from the recipe's top-level teacher / student.
     models: what to evaluate, in table order: "teacher", "student" (the base student), "sft",
-      "redi", "opd" (the versions this run reads; pin them with sft@<version>), or a checkpoint
-      folder / hub id. Duplicates are an error.
+      "kd", "redi", "opd" (the versions this run reads; pin them with sft@<version>), or a
+      checkpoint folder / hub id. Duplicates are an error.
     eval_path: "synthetic" (held-out problems made by stages/lib/synthetic.py with `synthetic_seed`)
       or a .jsonl/.json/.csv/.parquet file or save_to_disk folder (as `prompts` reads them).
     problem_field / answer_field / difficulty_field: columns of that file ("" difficulty_field
@@ -282,7 +282,7 @@ def resolve_models(cfg: EvaluateConfig, inputs) -> dict[str, str]:
     if len(set(cfg.models)) != len(cfg.models):
         raise UserError(f"evaluate.models lists a model twice: {cfg.models}")
     found = {"teacher": cfg.teacher, "student": cfg.student,
-             **{name: inputs[name].path for name in ("sft", "redi", "opd")
+             **{name: inputs[name].path for name in ("sft", "kd", "redi", "opd")
                 if name in inputs}}
     from pipeline.config import absolute_if_local
 
@@ -419,10 +419,10 @@ def run(cfg: EvaluateConfig, inputs, ctx):
 STAGE = Stage(
     name="evaluate",
     config=EvaluateConfig,
-    reads=("prompts", "sft", "redi", "opd"),
+    reads=("prompts", "sft", "kd", "redi", "opd"),
     # the training prompts only to decontaminate; sft / redi only when evaluated by name
     uses=lambda cfg: ({"prompts"} if cfg.decontaminate else set())
-    | (set(cfg.models) & {"sft", "redi", "opd"}),
+    | (set(cfg.models) & {"sft", "kd", "redi", "opd"}),
     requires=("problem",),
     adds=("model", "problem_id", "correct", "completion_tokens", "pass_at_1", "pass_at_k",
           "mean_completion_tokens"),

@@ -399,3 +399,16 @@ def test_distributions_of_other_tokens_are_a_user_error(tmp_path, tiny_model, te
                                               ["kd.reasoning_tags=thought"]), STAGES)
     with pytest.raises(UserError, match="not kd.student's tokens.*reasoning_tags"):
         run_stage("kd", recipe)
+
+
+def test_evaluate_takes_kd_by_name(kd_run):
+    """evaluate.models=[kd] reads the kd version (and only then) and samples its checkpoint;
+    attribution.distilled=kd then names evaluate's rows of that model."""
+    from stages.evaluate import EvaluateConfig, NAMED, resolve_models
+
+    assert "kd" in NAMED and "kd" in STAGES["evaluate"].reads
+    cfg = EvaluateConfig(models=["student", "kd"], student="/some/student", decontaminate=False)
+    assert STAGES["evaluate"].uses(cfg) == {"kd"}
+    assert STAGES["evaluate"].uses(EvaluateConfig(models=["student"], decontaminate=False)) \
+        == set()
+    assert resolve_models(cfg, {"kd": kd_run})["kd"] == kd_run.path
