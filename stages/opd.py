@@ -280,8 +280,10 @@ def sample(cfg, ctx, model: str, problems: list[dict], i: int, template: str):
                                "prompt_messages": p["prompt_messages"]} for p in problems])
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                         seed=cfg.seed * 1000 + i)
+    # One batch per engine: every replica gets a share of the iteration's prompts.
     out = complete_chats(ds, model=model, sampling=sampling, n=cfg.n, resources=ctx.resources,
                          ctx=ctx, max_model_len=cfg.max_model_len,
+                         batch_size=-(-len(problems) // ctx.resources.replicas),
                          render=functools.partial(render_prompt, chat_template=template,
                                                   prompt_format=cfg.prompt_format))
     table = pa.Table.from_pylist(out.take_all())
@@ -347,7 +349,8 @@ def score(cfg, ctx, table, student: str):
                            models={"teacher": cfg.teacher, "student": student},
                            score_fn=functools.partial(score_batch,
                                                       tokens_per_row=cfg.tokens_per_row),
-                           resources=ctx.resources, ctx=ctx, batch_size=max(1, table.num_rows),
+                           resources=ctx.resources, ctx=ctx,
+                           batch_size=max(1, -(-table.num_rows // ctx.resources.replicas)),
                            prepare=register_attention, cpu_model_hook=onednn_linears,
                            attn_implementation=ATTENTION)
     out = pa.Table.from_pylist(scored.take_all())
@@ -364,6 +367,10 @@ def train(cfg, ctx, table, student: str, out_dir: str, i: int, end_of_turn: str)
     workers = ctx.resources.num_workers
     per_worker = max(1, cfg.samples_per_step // workers)
     samples = [r for r in table.to_pylist() if r["completion_ids"]]
+    if not samples:
+        raise UserError(f"opd: iteration {i}: no sample has a completion token (finish reasons "
+                        f"{sorted(set(table.column('finish_reason').to_pylist()))}); raise "
+                        "opd.max_model_len or opd.max_tokens")
     random.Random(cfg.seed * 1000 + i).shuffle(samples)
     rows = []
     for k in range(0, len(samples), per_worker):
