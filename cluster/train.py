@@ -111,6 +111,7 @@ def fit(loop, config: dict, resources, ctx) -> None:
         raise UserError(f"resources.{ctx.stage}.gradient_checkpointing: "
                         f"{resources.gradient_checkpointing!r} (use auto, true or false)")
     config["gradient_checkpointing"] = resources.gradient_checkpointing  # train_packed reads it
+    config["sequence_parallel"] = resources.sequence_parallel  # checked by the stage (sft)
     config["stage"] = ctx.stage  # names the progress lines
     trainer = TorchTrainer(
         loop,

@@ -90,6 +90,10 @@ class StageResources:
     gradient_checkpointing: bool | str = "auto"  # recompute each decoder layer in backward: "auto"
                                       # = on when a packed row exceeds 8,192 tokens (stages/
                                       # packed.py CHECKPOINT_ABOVE; docs/training.md), true, false
+    sequence_parallel: int = 1        # sft: N workers share each packed row, each holding 1/N of
+                                      # its positions (DeepSpeed Ulysses; stages/lib/
+                                      # sequence_parallel.py): rows N x longer. Divides
+                                      # num_workers; the model's heads divide by N
     max_failures: int = 3             # Ray Train restarts the workers from the newest complete
                                       # checkpoint (save_steps) this many times (-1 = forever)
     # --- placement on a cluster (engines, CPU tasks, Train workers) ---

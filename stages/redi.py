@@ -256,6 +256,9 @@ def run(cfg: REDIConfig, inputs, ctx):
         raise UserError(f"redi.overlong: '{cfg.overlong}' (use 'truncate' or 'drop')")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise UserError(f"redi.alpha: {cfg.alpha} is outside [0, 1]")
+    if ctx.resources.sequence_parallel != 1:  # pair_logps needs each pair's whole row
+        raise UserError(f"resources.redi.sequence_parallel: "
+                        f"{ctx.resources.sequence_parallel!r} (only sft splits a row; use 1)")
     workers = ctx.resources.num_workers
     per_worker = cfg.pairs_per_step // workers  # 32 pairs / 8 workers = 4 pairs per row
     if per_worker < 1:

@@ -108,12 +108,25 @@ def run(cfg: SFTConfig, inputs, ctx):
 
     if cfg.overlong not in ("truncate", "drop"):
         raise UserError(f"sft.overlong: '{cfg.overlong}' (use 'truncate' or 'drop')")
-    workers = ctx.resources.num_workers
-    capacity = cfg.tokens_per_step // workers  # e.g. 16,384 tokens / 8 workers = 2,048 per row
+    workers, sp = ctx.resources.num_workers, ctx.resources.sequence_parallel
+    if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1 or workers % sp:
+        raise UserError(f"resources.sft.sequence_parallel: {sp!r} (a whole number >= 1 that "
+                        f"divides resources.sft.num_workers={workers})")
+    if sp > 1:
+        from transformers import AutoConfig
+
+        from stages.lib.sequence_parallel import check
+
+        reason = check(AutoConfig.from_pretrained(cfg.student), sp)
+        if reason:
+            raise UserError(f"resources.sft.sequence_parallel: {cfg.student}: {reason}")
+    rows_per_step = workers // sp  # a row per worker, or per group of sp workers sharing it
+    capacity = cfg.tokens_per_step // rows_per_step  # 16,384 tokens / 8 rows = 2,048 per row
     if capacity < cfg.max_length:
-        raise UserError(f"sft.tokens_per_step={cfg.tokens_per_step} over {workers} workers gives "
-                        f"{capacity}-token rows, shorter than sft.max_length={cfg.max_length}: "
-                        f"raise tokens_per_step to at least {cfg.max_length * workers}")
+        raise UserError(f"sft.tokens_per_step={cfg.tokens_per_step} over {rows_per_step} rows a "
+                        f"step gives {capacity}-token rows, shorter than sft.max_length="
+                        f"{cfg.max_length}: raise tokens_per_step to at least "
+                        f"{cfg.max_length * rows_per_step}")
     student = cfg.student
     template = check_chat_format(student, cfg.chat_template, cfg.prompt_format, "sft", "student")
     tokenizer = AutoTokenizer.from_pretrained(student)
@@ -151,7 +164,7 @@ def run(cfg: SFTConfig, inputs, ctx):
                  completion_tokens_per_epoch=sum(len(ids) - n for ids, n in samples),
                  # fill = real tokens / row capacity: what padding would have wasted instead
                  pack_fill=round(n_tokens / (len(rows) * capacity), 4),
-                 steps_per_epoch=-(-len(rows) // workers))
+                 steps_per_epoch=-(-len(rows) // rows_per_step))
 
     fit(sft_worker, worker_config(cfg, ctx, student, rows, fmt.end_of_turn), ctx.resources, ctx)
     stats.update(read_stats(ctx))

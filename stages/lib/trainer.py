@@ -12,6 +12,8 @@ import os
 import time
 
 from stages.lib.packed import ATTENTION, collate, register_attention
+from stages.lib.sequence_parallel import enable as enable_sequence_parallel
+from stages.lib.sequence_parallel import grouped_rows, shard_row
 
 
 def upstream_drops(version, data_root: str) -> str:
@@ -48,8 +50,10 @@ def global_sum(value: float):
 
 # --- the worker: one Ray Train process -----------------------------------------------------------
 
-def packed_trainer_class(loss_fn):
+def packed_trainer_class(loss_fn, sequence_parallel: int = 1):
     """A transformers Trainer whose step is `loss_fn(model, packed_row) -> (loss, metrics)`.
+    With `sequence_parallel` N > 1, N consecutive workers get the same row and each computes
+    the loss of its slice (stages/lib/sequence_parallel.py).
 
     Metrics are averaged over each logging window and land in the logs (TensorBoard) and the
     manifest's lists. bench/train.py times exactly this class.
@@ -67,6 +71,11 @@ def packed_trainer_class(loss_fn):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.started is None:
                 PackedTrainer.started = time.perf_counter()
+            if sequence_parallel > 1:
+                import torch.distributed as dist
+
+                inputs = shard_row(inputs, dist.get_rank() % sequence_parallel,
+                                   sequence_parallel)
             PackedTrainer.tokens += inputs["input_ids"].numel()
             PackedTrainer.calls += 1
             loss, metrics = loss_fn(model, inputs)
@@ -116,6 +125,9 @@ def train_packed(config: dict, loss_fn, collate_fn=collate, callbacks=()) -> Non
 
     register_attention()
     rows = ray.get(config["rows"])
+    sp = config.get("sequence_parallel", 1)
+    if sp > 1:  # each row to a group of sp workers (stages/lib/sequence_parallel.py)
+        rows = grouped_rows(rows, sp, config["seed"])
     checkpoint_dir = os.path.join(config["out_dir"], "checkpoints")
     use_gpu = config["use_gpu"]
     checkpointing = gradient_checkpointing(config.get("gradient_checkpointing", "auto"), rows)
@@ -146,14 +158,17 @@ def train_packed(config: dict, loss_fn, collate_fn=collate, callbacks=()) -> Non
         remove_unused_columns=False,
         include_num_input_tokens_seen=True,
         dataloader_num_workers=0,
+        train_sampling_strategy="sequential" if sp > 1 else "random",  # grouped_rows' order
     )
     deepspeed_for_worker(config)
     model = AutoModelForCausalLM.from_pretrained(
         config["model_path"], attn_implementation=ATTENTION,
         dtype=torch.bfloat16 if use_gpu else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    if sp > 1:
+        enable_sequence_parallel(model, sp)
 
-    PackedTrainer = packed_trainer_class(loss_fn)
+    PackedTrainer = packed_trainer_class(loss_fn, sp)
     trainer = PackedTrainer(model=model, args=args, train_dataset=rows, data_collator=collate_fn,
                             processing_class=tokenizer,
                             callbacks=[progress_callback(config["stage"]), *callbacks])
@@ -172,12 +187,13 @@ def train_packed(config: dict, loss_fn, collate_fn=collate, callbacks=()) -> Non
         "loss": losses,
         "final_loss": losses[-1] if losses else None,
         "mean_loss": round(sum(losses) / len(losses), 5) if losses else None,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen) // sp,  # sp copies of a row
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "train_s": round(elapsed, 2),
         "peak_memory_mb": peak_memory_mb(use_gpu),
         "workers": int(os.environ.get("WORLD_SIZE", "1")),
         "gradient_checkpointing": checkpointing,
+        "sequence_parallel": sp,
     }
     for key in config["metric_lists"]:
         stats[key.replace("/", "_")] = [round(h[key], 5) for h in history if key in h]
