@@ -134,6 +134,10 @@ def cmd_compare_teachers(args) -> int:
 
     pins, overrides = _split_refs(args.items)
     plan = ComparePlan(seeds=parse_seeds(args.seeds), per_problem=args.per_problem)
+    if args.demo:  # the demo's settings and models; its two teachers trained on first use
+        from pipeline.apps.compare_teachers import demo_items
+
+        overrides = demo_items(args.recipe, overrides)
     return compare_main(args.recipe, overrides, pins, plan)
 
 
@@ -272,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     ct.add_argument("--per-problem", type=int, default=1,
                     help="correct traces per problem and teacher (default 1)")
+    ct.add_argument("--demo", action="store_true",
+                    help="the built-in demo's two teachers (its own and one trained on mostly "
+                         "checked traces) on the demo's task and settings; trains them on first "
+                         "use (docs/demo.md)")
     ct.add_argument("items", nargs="*", metavar="key=value|verify@version")
     ct.set_defaults(func=cmd_compare_teachers)
 

@@ -20,6 +20,8 @@ or an imported file with a teacher per row):
   4. the table: per teacher mean pass@1 ± sample sd over seeds, the SFT traces' mean length, the
      student's own mean length, and the pick = the highest mean pass@1.
 
+`--demo` compares the demo's two teachers (`demo_items`) on the demo's task and settings.
+
 Seeds vary select's shuffle (which of a problem's correct traces is taken), SFT's data order and
 evaluate's sampling. Written to <data_root>/compare_teachers.json after every seed (the
 report's "teachers" section reads it). How short the SFT is comes from the recipe (sft.epochs=1
@@ -63,6 +65,37 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds: '{text}' must name one or more distinct seeds")
     return seeds
+
+
+def demo_items(recipe_path: str, items: list[str], log=print,
+               settings: dict | None = None) -> list[str]:
+    """The recipe items of `compare-teachers --demo`: the demo's settings (pipeline/apps/demo.py
+    DEMO_OVERRIDES), its student, and two teachers generating side by side — the demo's teacher
+    (style mix concise 0.5 / checked 0.3 / detour 0.2) and a second one trained the same way on
+    mostly checked traces (CHECKED_STYLE_MIX). Both are trained on first use and cached under
+    <data_root>/models/ like the demo's; the user's items come last. settings: the teachers'
+    training settings (default demo.TEACHER; the tests pass a few-step one)."""
+    from pipeline.apps import demo
+    from stages.evaluate import load_eval_problems
+
+    recipe = demo.load(recipe_path, demo.DEMO_OVERRIDES + list(items))
+    held_out = [p["problem"] for p in load_eval_problems(recipe.configs["evaluate"])]
+    settings = settings or demo.TEACHER
+    teacher, student, _ = demo.ensure_models(recipe.data_root, held_out, settings=settings,
+                                             log=log)
+    checked, _, _ = demo.ensure_models(recipe.data_root, held_out, settings=settings, log=log,
+                                       style_mix=demo.CHECKED_STYLE_MIX, name="teacher-checked")
+    return demo.DEMO_OVERRIDES + [f"teacher={teacher}", f"student={student}",
+                                  f"generate.teachers={json.dumps([teacher, checked])}",
+                                  *items]
+
+
+def short_name(name: str, width: int = 28) -> str:
+    """A teacher's name in the table: a local model path by its folder name (the demo's two
+    teachers differ only there), anything longer than `width` by its end."""
+    if os.sep in name and os.path.exists(name):
+        name = os.path.basename(os.path.normpath(name))
+    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 def _upstream(recipe, pins: dict):
@@ -120,7 +153,7 @@ def format_table(summary: dict) -> str:
     for name, row in summary["teachers"].items():
         sft_tokens = row["mean_sft_tokens"]
         lines.append(
-            f"{name[:28]:<28} {mean_sd_text(row['pass_at_1']):>15} "
+            f"{short_name(name):<28} {mean_sd_text(row['pass_at_1']):>15} "
             f"{(f'{sft_tokens:.1f}' if sft_tokens is not None else '-'):>17} "
             f"{mean_sd_text(row['correct_tokens'] or (None, None), 1):>16} "
             f"{mean_sd_text(row['mean_completion_tokens'], 1):>13} "

@@ -162,6 +162,12 @@ HELD_OUT = dict(synthetic_n=400, synthetic_seed=99991)
 #   subtractions is right 0.5 * 0.5 = 25% of the time;
 #   provenance has something to tell apart: the student below never saw a check or a wait line.
 STYLE_MIX = {"concise": 0.5, "checked": 0.3, "detour": 0.2}
+# The demo's second teacher (`distillery compare-teachers --demo`, docs/teachers.md): the same
+# run with phase 2 drawing mostly checked traces. Its correct traces are long and self-checking
+# (~59 tokens for two operations vs ~32 concise), where the first teacher's are mostly concise:
+# a different trace style for compare-teachers to judge. Only compare-teachers trains it, so
+# `make pipeline` does not pay for it.
+CHECKED_STYLE_MIX = {"concise": 0.1, "checked": 0.8, "detour": 0.1}
 SLIP_RATE = 0.5
 # prune.mode=rewrite asks the teacher to judge + rewrite (configs/dap-demo: configs/dap's frame
 # cut to one line, ~135 tokens with a trace); 1 batch in 10 of phase 2 is that second task.
@@ -296,9 +302,10 @@ def _code_key(obj) -> str:
     return ast.dump(tree)
 
 
-def _settings_hash(task: dict, teacher: dict, held_out: list[str]) -> str:
+def _settings_hash(task: dict, teacher: dict, held_out: list[str],
+                   style_mix: dict = STYLE_MIX) -> str:
     """Cache key of the trained models: the settings + the code that makes the data and trains."""
-    blob = json.dumps([task, teacher, STYLE_MIX, SLIP_RATE, REWRITE_SHARE, held_out,
+    blob = json.dumps([task, teacher, style_mix, SLIP_RATE, REWRITE_SHARE, held_out,
                        load_dap_prompts(DAP_DEMO_PROMPTS)], sort_keys=True)
     for code in (synthetic, tiny_model, dap_prompts, packed,
                  train_lm, save, _encode, by_level, trace_draw, rewrite_draw):
@@ -307,19 +314,24 @@ def _settings_hash(task: dict, teacher: dict, held_out: list[str]) -> str:
 
 
 def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
-                  settings: dict = TEACHER, log=print) -> tuple[str, str, dict]:
+                  settings: dict = TEACHER, log=print, style_mix: dict = STYLE_MIX,
+                  name: str = "teacher") -> tuple[str, str, dict]:
     """(teacher path, student path, info): trained once, then found under <data_root>/models/.
 
     held_out: problem texts the teacher must never train on (the evaluation set); part of the
     cache key, with the settings and the code, so a different held-out set retrains.
+    style_mix: phase 2's trace styles (and the rewrite task's traces); part of the key.
+    name: the teacher folder's prefix, `<name>-<key>` (the second teacher: teacher-checked).
+    The student is phase 1's snapshot, which the style mix does not touch: a second style mix
+    saves the same student again under its own key (a few MB) rather than sharing folders.
     """
 
     if "://" in data_root:
         raise UserError(f"demo: data_root {data_root} is a URL; the demo trains its models into "
                         "a local folder (data_root=/some/path)")
-    key = _settings_hash(task, settings, sorted(held_out))
+    key = _settings_hash(task, settings, sorted(held_out), style_mix)
     base = os.path.join(data_root, "models")
-    teacher, student = os.path.join(base, f"teacher-{key}"), os.path.join(base, f"student-{key}")
+    teacher, student = os.path.join(base, f"{name}-{key}"), os.path.join(base, f"student-{key}")
     info_path = os.path.join(teacher, "demo_training.json")
     if os.path.exists(info_path) and os.path.exists(os.path.join(student, "config.json")):
         with open(info_path) as f:
@@ -329,7 +341,8 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
         return teacher, student, info
 
     s1 = settings["student_steps"]
-    log(f"demo: training the teacher from scratch ({settings['steps']} steps; the student is "
+    log(f"demo: training the {name} from scratch ({settings['steps']} steps, styles "
+        f"{style_mix}; the student is "
         f"the same run's snapshot at step {s1}, before any check line, detour or rewrite) ...")
     tmp_t, tmp_s = teacher + ".tmp", student + ".tmp"
     for p in (tmp_t, tmp_s):
@@ -337,17 +350,17 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
     tokenizer = build_tokenizer(settings["shape"]["vocab"])  # teacher and student share it
     problems = make_problems(settings["train_n"], seed=settings["train_seed"],
                              exclude=set(held_out), **task)
-    rewrites = rewrite_draw(problems, load_dap_prompts(DAP_DEMO_PROMPTS), STYLE_MIX, SLIP_RATE)
+    rewrites = rewrite_draw(problems, load_dap_prompts(DAP_DEMO_PROMPTS), style_mix, SLIP_RATE)
     phases = [
         (s1, [(1.0, trace_draw(problems, {"concise": 1.0}, SLIP_RATE))]),
         (settings["steps"] - s1, [
-            (1.0 - REWRITE_SHARE, trace_draw(problems, STYLE_MIX, SLIP_RATE)),
+            (1.0 - REWRITE_SHARE, trace_draw(problems, style_mix, SLIP_RATE)),
             (REWRITE_SHARE, rewrites)]),
     ]
     info = train_lm(tmp_t, tokenizer, phases, batch=settings["batch"], lr=settings["lr"],
                     seed=settings["seed"], shape=settings["shape"], snapshots={s1: tmp_s},
                     log=log)
-    info.update(settings=settings, task=task, style_mix=STYLE_MIX, slip_rate=SLIP_RATE,
+    info.update(settings=settings, task=task, style_mix=style_mix, slip_rate=SLIP_RATE,
                 rewrite_share=REWRITE_SHARE, held_out_excluded=len(held_out))
     with open(os.path.join(tmp_t, "demo_training.json"), "w") as f:
         json.dump(info, f, indent=1)
