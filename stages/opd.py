@@ -24,6 +24,8 @@ all problems, taken in turn):
      `incorrect` decides what a wrong sample contributes: keep (its tokens stay in the mask),
      drop (masked out), redi (masked out, plus REDI's negative term
      alpha * sum_wrong log pi(y-)/|y-| / samples in the row, which pushes it down).
+     loss topk instead: the mean over the mask's positions of a divergence between the
+     teacher's top-k + tail (stored by the scorer) and the student's distribution.
 
 Resume: everything of iteration i lives under <version tmp>/iterations/iter-NNNNN/:
 sampled.parquet, then scored.parquet, then model/ (the checkpoint of iteration i+1), then
@@ -46,7 +48,8 @@ from dataclasses import dataclass
 from pipeline.errors import UserError
 from pipeline.stage import Stage
 
-LOSSES = ("sampled_rkl",)
+LOSSES = ("sampled_rkl", "topk")
+TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 INCORRECT = ("keep", "drop", "redi")
 
 
@@ -63,7 +66,12 @@ class OpdConfig:
     max_tokens / temperature / top_p: the student's sampling (on-policy: temperature 1).
     max_model_len: the engines' context (0 = the model's).
     loss: "sampled_rkl" (per-token advantage -(log pi_S - log pi_T), importance-sampled policy
-      gradient; tinker-cookbook). (top-k KL on student samples is not implemented yet.)
+      gradient; tinker-cookbook) or "topk" (a divergence between the teacher's top-k + tail
+      and the student's distribution at every position of the student's samples; GKD /
+      NeMo-RL; stages/lib/divergences.py).
+    topk / divergence / beta: loss topk: how many teacher ids per position (NeMo-RL: 64),
+      which divergence ("forward_kl", "reverse_kl", "jsd": GKD's, beta = its mixture weight,
+      0.5 = NeMo-RL's "mixed").
     incorrect: what verified-wrong samples contribute: "keep" (trained like the others),
       "drop" (their tokens leave the loss), "redi" (they leave the sampled_rkl term and add
       REDI's negative term, weight redi_alpha).
@@ -89,6 +97,9 @@ class OpdConfig:
     top_p: float = 1.0
     max_model_len: int = 0
     loss: str = "sampled_rkl"
+    topk: int = 64
+    divergence: str = "reverse_kl"
+    beta: float = 0.5
     incorrect: str = "keep"
     redi_alpha: float = 0.8
     samples_per_step: int = 16
@@ -161,13 +172,43 @@ def row_key(input_ids, cu_seqlens) -> str:
     return hashlib.sha1(blob).hexdigest()
 
 
-def opd_batch_loss(model, batch, aux: dict, alpha: float):
+def topk_loss(student_logps, teacher_ids, teacher_logps, mask, divergence: str, beta: float):
+    """Mean over mask's positions of divergences.divergence(divergence) between the teacher's
+    top-k + tail and the student's full distribution (student_logps [K, V]), a scalar."""
+    from stages.lib.divergences import divergence as topk_divergence
+
+    d = topk_divergence(divergence, student_logps, teacher_ids, teacher_logps, beta=beta)
+    keep = mask.to(d.dtype)
+    return (d * keep).sum() / keep.sum().clamp(min=1)
+
+
+def opd_batch_loss(model, batch, aux: dict, alpha: float, loss: str = "sampled_rkl",
+                   divergence: str = "reverse_kl", beta: float = 0.5):
     import torch
 
     from stages.lib.packed import completion_logps
 
-    old, teacher, rkl, neg = (torch.as_tensor(a) for a in aux[row_key(
+    old, teacher, rkl, neg, *top = (torch.as_tensor(a) for a in aux[row_key(
         batch["input_ids"][0].cpu().numpy(), batch["cu_seqlens"].cpu().numpy())])
+    if loss == "topk":
+        # The student's whole distribution at the K completion positions, at once: K x vocab
+        # fp32 logits (fine at the tiny sizes; a chunked head as kd's is not wired in here).
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                       max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
+                       logits_to_keep=batch["keep"], use_cache=False).logits
+        lq = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+        new = lq.gather(1, batch["targets"].to(lq.device)[:, None])[:, 0]
+        device = new.device
+        zero = torch.zeros_like(rkl)
+        loss_value = topk_loss(lq, top[0].to(device), top[1].to(device), rkl.to(device),
+                               divergence, beta)
+        loss_value = loss_value + opd_loss(new, new.detach(), new.detach(), zero.to(device),
+                                           neg.to(device), batch["keep_seq"].to(device),
+                                           batch["n_seqs"], alpha)
+        keep = rkl > 0
+        kl = float((old - teacher)[keep].mean()) if bool(keep.any()) else 0.0
+        return loss_value, {"opd/kl": kl}
     new = completion_logps(model, batch)
     device = new.device
     loss = opd_loss(new, old.to(device), teacher.to(device), rkl.to(device), neg.to(device),
@@ -183,16 +224,21 @@ def opd_worker(config: dict) -> None:
 
     from stages.lib.trainer import train_packed
 
-    aux = {row_key(r["input_ids"], r["cu_seqlens"]): (r["old_logps"], r["teacher_logps"],
-                                                      r["rkl_mask"], r["neg_mask"])
-           for r in ray.get(config["rows"])}
-    train_packed(config, functools.partial(opd_batch_loss, aux=aux, alpha=config["alpha"]))
+    aux = {row_key(r["input_ids"], r["cu_seqlens"]): (
+        r["old_logps"], r["teacher_logps"], r["rkl_mask"], r["neg_mask"],
+        *((r["topk_ids"], r["topk_logps"]) if "topk_ids" in r else ()))
+        for r in ray.get(config["rows"])}
+    train_packed(config, functools.partial(opd_batch_loss, aux=aux, alpha=config["alpha"],
+                                           loss=config["loss"],
+                                           divergence=config["divergence"],
+                                           beta=config["beta"]))
 
 
 # --- scoring: one batch of samples in a pool actor -----------------------------------------------
 
-def score_batch(models: dict, batch, tokens_per_row: int):
-    """teacher_logps and student_logps of every sample's completion tokens (pool actor)."""
+def score_batch(models: dict, batch, tokens_per_row: int, topk: int = 0):
+    """teacher_logps and student_logps of every sample's completion tokens (pool actor); with
+    topk > 0 also the teacher's top-k ids and log-probs at each of those positions."""
     import pyarrow as pa
 
     from stages.lib.packed import score_token_ids
@@ -204,7 +250,41 @@ def score_batch(models: dict, batch, tokens_per_row: int):
         seqs = [(p + c, len(p)) for p, c in zip(prompts, completion)]
         logps = score_token_ids(model, seqs, tokens_per_row)
         batch = batch.append_column(f"{name}_logps", pa.array(logps, pa.list_(pa.float64())))
+    if topk > 0:
+        ids, logps = teacher_topk_columns(models, batch, completion, topk)
+        batch = batch.append_column("topk_ids", pa.array(ids, pa.list_(pa.list_(pa.int32()))))
+        batch = batch.append_column("topk_logps",
+                                    pa.array(logps, pa.list_(pa.list_(pa.float32()))))
     return batch
+
+
+def teacher_topk_columns(models: dict, batch, completion: list, k: int):
+    """Per sample, the teacher's top-k ([positions][k] ids, log-probs) over the student's ids,
+    one packed row per sample (stages/lib/topk.py teacher_topk)."""
+    import torch
+
+    from stages.lib.packed import packed_row
+    from stages.lib.topk import teacher_topk
+
+    model, _ = models["teacher"]
+    vocab = models["student"][0].config.vocab_size
+    device = next(model.parameters()).device
+    ids, logps = [], []
+    for p, c in zip(batch.column("teacher_prompt_ids").to_pylist(), completion):
+        if not c:
+            ids.append([])
+            logps.append([])
+            continue
+        row = packed_row([(p + c, len(p))])
+        t = {key: torch.as_tensor(row[key], device=device)
+             for key in ("cu_seqlens", "keep", "targets")}
+        t["input_ids"] = torch.as_tensor(row["input_ids"], device=device)[None]
+        t["position_ids"] = torch.as_tensor(row["position_ids"], device=device)[None]
+        t["max_seqlen"] = row["max_seqlen"]
+        out = teacher_topk(model, t, min(k, vocab), vocab)
+        ids.append(out["ids"].cpu().tolist())
+        logps.append(out["logps"].cpu().tolist())
+    return ids, logps
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -217,7 +297,12 @@ def check_config(cfg: OpdConfig, start: str):
     if cfg.n < 1:
         raise UserError(f"opd.n: must be >= 1 (completions per problem), got {cfg.n}")
     if cfg.loss not in LOSSES:
-        raise UserError(f"opd.loss: '{cfg.loss}' is not one of {list(LOSSES)} (topk: not yet)")
+        raise UserError(f"opd.loss: '{cfg.loss}' is not one of {list(LOSSES)}")
+    if cfg.loss == "topk" and (cfg.divergence not in TOPK_DIVERGENCES or cfg.topk < 1
+                               or not 0.0 <= cfg.beta <= 1.0):
+        raise UserError(f"opd.divergence / opd.topk / opd.beta: loss topk needs a divergence of "
+                        f"{list(TOPK_DIVERGENCES)} (got '{cfg.divergence}'), topk >= 1 (got "
+                        f"{cfg.topk}) and beta in [0, 1] (got {cfg.beta})")
     if cfg.incorrect not in INCORRECT:
         raise UserError(f"opd.incorrect: '{cfg.incorrect}' is not one of {list(INCORRECT)}")
     if cfg.iterations < 1 or cfg.prompts_per_iteration < 1 or cfg.max_tokens < 1:
@@ -347,8 +432,9 @@ def score(cfg, ctx, table, student: str):
 
     scored = score_batches(ray.data.from_arrow(table),
                            models={"teacher": cfg.teacher, "student": student},
-                           score_fn=functools.partial(score_batch,
-                                                      tokens_per_row=cfg.tokens_per_row),
+                           score_fn=functools.partial(
+                               score_batch, tokens_per_row=cfg.tokens_per_row,
+                               topk=cfg.topk if cfg.loss == "topk" else 0),
                            resources=ctx.resources, ctx=ctx,
                            batch_size=max(1, -(-table.num_rows // ctx.resources.replicas)),
                            prepare=register_attention, cpu_model_hook=onednn_linears,
@@ -382,11 +468,18 @@ def train(cfg, ctx, table, student: str, out_dir: str, i: int, end_of_turn: str)
         row.update(old_logps=np.concatenate([s["student_logps"] for s in group]),
                    teacher_logps=np.concatenate([s["teacher_logps"] for s in group]),
                    rkl_mask=rkl, neg_mask=neg)
+        if cfg.loss == "topk":
+            row.update(topk_ids=np.concatenate([np.asarray(s["topk_ids"], dtype=np.int64)
+                                                for s in group]),
+                       topk_logps=np.concatenate([np.asarray(s["topk_logps"],
+                                                             dtype=np.float32)
+                                                  for s in group]))
         rows.append(row)
     schedule = dict(epochs=1.0, max_steps=0, warmup_ratio=0.0, lr_scheduler="constant")
     config = worker_config(_Knobs(cfg, seed=cfg.seed * 1000 + i, **schedule), ctx, student,
                            rows, end_of_turn)
-    config.update(out_dir=out_dir, alpha=cfg.redi_alpha, metric_lists=["opd/kl"])
+    config.update(out_dir=out_dir, alpha=cfg.redi_alpha, metric_lists=["opd/kl"],
+                  loss=cfg.loss, divergence=cfg.divergence, beta=cfg.beta)
     fit(opd_worker, config, ctx.resources, ctx)
     with open(os.path.join(out_dir, "train_stats.json"), encoding="utf-8") as f:
         return json.load(f)

@@ -111,6 +111,24 @@ def test_iteration_batches_are_seeded_and_take_every_problem_in_turn():
                    for i in range(3)]
 
 
+
+def test_topk_loss_with_the_whole_vocabulary_is_the_dense_divergence_over_kept_positions():
+    import torch
+
+    from stages.opd import topk_loss
+
+    g = torch.Generator().manual_seed(0)
+    lq = torch.log_softmax(torch.randn(4, 6, generator=g, dtype=torch.float64), -1)
+    lp = torch.log_softmax(torch.randn(4, 6, generator=g, dtype=torch.float64), -1)
+    ids = lp.argsort(dim=-1, descending=True)               # k = V: the teacher's whole top-6
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    got = topk_loss(lq, ids, lp.gather(1, ids), mask, "reverse_kl", 0.5)
+    dense = (lq.exp() * (lq - lp)).sum(-1)                  # KL(q || p) per position
+    assert abs(float(got) - float(dense[[0, 2, 3]].mean())) < 1e-5
+    got = topk_loss(lq, ids, lp.gather(1, ids), mask, "forward_kl", 0.5)
+    dense = (lp.exp() * (lp - lq)).sum(-1)
+    assert abs(float(got) - float(dense[[0, 2, 3]].mean())) < 1e-5
+
 # --- real runs -----------------------------------------------------------------------------------
 
 def write_prompts(data_root: str, version: str = "test0prompts"):
@@ -236,6 +254,31 @@ def test_opd_is_an_evaluate_model_name():
     assert "opd" in NAMED
     assert STAGES["evaluate"].uses(EvaluateConfig(models=["opd"], decontaminate=False)) == {"opd"}
 
+
+
+@pytest.mark.slow
+def test_topk_loss_trains_on_the_teachers_top_k_of_the_students_samples(opd_inputs, teacher,
+                                                                       tiny_model, ray_cluster):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    version = _run(opd_inputs[0], teacher, ["opd.loss=topk", "opd.topk=8", "opd.iterations=1"])
+    stats = version.manifest["stats"]
+    assert [h["steps"] for h in stats["iterations"]] == [1]
+    before, after = load_weights(tiny_model), load_weights(version.path)
+    assert any(not (before[k] == after[k]).all() for k in before)
+    r = _scored(version, 0)[0]
+    assert len(r["topk_ids"]) == len(r["completion_ids"]) and len(r["topk_ids"][0]) == 8
+    # the stored top-8 is a direct forward's top-8 at each completion position
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    ids = torch.tensor([r["teacher_prompt_ids"] + r["completion_ids"]])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    n = len(r["teacher_prompt_ids"])
+    for t in range(len(r["completion_ids"])):
+        values, top = logps[n - 1 + t].topk(8)
+        assert top.tolist() == r["topk_ids"][t]
+        assert max(abs(a - b) for a, b in zip(values.tolist(), r["topk_logps"][t])) <= 1e-4
 
 # --- bad input -----------------------------------------------------------------------------------
 
