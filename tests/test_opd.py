@@ -162,6 +162,13 @@ def _overrides(data_root: str, teacher: str, extra=()):
             "resources.opd.enforce_eager=true", *extra]
 
 
+def _run(data_root, teacher, extra):
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+
+    return run_stage("opd", load_recipe(RECIPE, _overrides(data_root, teacher, extra), STAGES))
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
     """Another random tiny model with the student's tokenizer (a different seed)."""
@@ -280,40 +287,35 @@ def test_topk_loss_trains_on_the_teachers_top_k_of_the_students_samples(opd_inpu
         assert top.tolist() == r["topk_ids"][t]
         assert max(abs(a - b) for a, b in zip(values.tolist(), r["topk_logps"][t])) <= 1e-4
 
-# --- bad input -----------------------------------------------------------------------------------
+# --- bad input: exit 2 through the CLI, one line naming the key, before Ray starts -----------
 
-def _run(data_root, teacher, extra):
-    from pipeline.config import load_recipe
-    from pipeline.runner import run_stage
+def _exit_2(data_root, teacher, extra, capsys) -> str:
+    from pipeline.cli import main
 
-    return run_stage("opd", load_recipe(RECIPE, _overrides(data_root, teacher, extra), STAGES))
-
-
-def test_n_below_one_names_the_key(opd_inputs, teacher):
-    from pipeline.errors import UserError
-
-    with pytest.raises(UserError, match=r"opd\.n: must be >= 1"):
-        _run(opd_inputs[0], teacher, ["opd.n=0"])
+    code = main(["run", "opd", "--recipe", RECIPE, *_overrides(data_root, teacher, extra)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    return err
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(opd_inputs, tmp_path):
+def test_n_below_one_names_the_key(opd_inputs, teacher, capsys):
+    assert "opd.n: must be >= 1" in _exit_2(opd_inputs[0], teacher, ["opd.n=0"], capsys)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(opd_inputs, tmp_path, capsys):
     from pipeline.apps.tiny_model import build_tiny_model
-    from pipeline.errors import UserError
 
     other = build_tiny_model(str(tmp_path / "other"), vocab_size=400)
-    with pytest.raises(UserError, match="teacher .*other.* and the student .* different "
-                                        "tokenizers"):
-        _run(opd_inputs[0], other, [])
+    err = _exit_2(opd_inputs[0], other, [], capsys)
+    assert re.search(f"teacher {re.escape(other)} and the student .* different tokenizers", err)
 
 
-def test_no_sft_checkpoint_names_sft(tmp_path, teacher):
-    from pipeline.errors import UserError
-
+def test_no_sft_checkpoint_names_sft(tmp_path, teacher, capsys):
     data_root = str(tmp_path / "data")
     write_select(data_root, n=4)
     write_prompts(data_root)
-    with pytest.raises(UserError, match="stage 'opd' reads 'sft'.*distillery run sft"):
-        _run(data_root, teacher, [])
+    err = _exit_2(data_root, teacher, [], capsys)
+    assert "stage 'opd' reads 'sft'" in err and "distillery run sft" in err
 
 
 # --- kill -9 mid-run, then a rerun ---------------------------------------------------------------
