@@ -78,9 +78,10 @@ def test_flash_varlen_forward_matches_the_cpu_path(tiny_model):
 
 
 def test_chunked_lm_head_on_the_flash_varlen_path(tiny_model):
-    """Issue 29 on CUDA: the chunked LM-head loss (stages/lib/lm_head.py, 7 positions a chunk)
-    against the unchunked one on the bf16 flash varlen path: loss and every gradient to bf16
-    precision (tests/test_lm_head.py checks fp32 to 1e-5 on CPU)."""
+    """Issue 29 on CUDA: the chunked LM-head loss (stages/lib/lm_head.py, 7 positions a chunk),
+    recomputed and fused (sft's per-token weights), against the unchunked one on the bf16 flash
+    varlen path: loss and every gradient to bf16 precision (tests/test_lm_head.py checks fp32
+    to 1e-5 on CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,15 +93,18 @@ def test_chunked_lm_head_on_the_flash_varlen_path(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16,
                                                  attn_implementation=ATTENTION).cuda()
     runs = {}
-    for chunk in (0, 7):
+    weights = -torch.ones(len(batch["targets"]), device="cuda")  # sft's: the fused path
+    for chunk, w in ((0, None), (7, None), (7, weights)):
         model.zero_grad(set_to_none=True)
-        loss = -completion_logps(model, batch, chunk).mean()
+        loss = -completion_logps(model, batch, chunk, w).mean()
         loss.backward()
-        runs[chunk] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
-    assert runs[7][0] == pytest.approx(runs[0][0], abs=1e-2)
-    for name, grad in runs[0][1].items():
-        scale = grad.abs().max().item() or 1.0
-        assert (runs[7][1][name] - grad).abs().max().item() <= 2e-2 * scale, name
+        runs[chunk, w is not None] = loss.item(), {n: p.grad.float()
+                                                   for n, p in model.named_parameters()}
+    for key in ((7, False), (7, True)):
+        assert runs[key][0] == pytest.approx(runs[0, False][0], abs=1e-2), key
+        for name, grad in runs[0, False][1].items():
+            scale = grad.abs().max().item() or 1.0
+            assert (runs[key][1][name] - grad).abs().max().item() <= 2e-2 * scale, (key, name)
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -125,6 +129,27 @@ def test_sft_trains_on_one_gpu(tmp_path, tiny_model, ray_cluster, zero_stage):
     assert all(after[k].shape == before[k].shape for k in before)
     assert all(changed(before[k], after[k]) for k in before)
     AutoModelForCausalLM.from_pretrained(v.path)                         # a loadable checkpoint
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="sequence parallelism on NCCL needs 2 GPUs")
+def test_sft_sequence_parallel_on_two_gpus(tmp_path, ray_cluster):
+    """resources.sft.sequence_parallel=2 on NCCL (Ulysses' all-to-all over 2 GPUs, the flash
+    varlen path on the whole row): both steps' losses are the single GPU's, to bf16 precision
+    (tests/test_sequence_parallel.py checks gloo on CPU to 1e-4)."""
+    from test_sequence_parallel import _sft
+
+    gpu = ["resources.sft.use_gpu=true", "resources.sft.cpus_per_worker=1"]
+    one = _sft(tmp_path, "one", gpu + ["resources.sft.num_workers=1"]).manifest["stats"]
+    two = _sft(tmp_path, "two", gpu + ["resources.sft.num_workers=2",
+                                       "resources.sft.sequence_parallel=2"]).manifest["stats"]
+    assert two["sequence_parallel"] == 2 and two["steps"] == one["steps"] == 2
+    assert two["loss"] == pytest.approx(one["loss"], abs=2e-2)
 
 
 def test_redi_trains_on_one_gpu(tmp_path, tiny_model, ray_cluster):
