@@ -7,22 +7,28 @@ at 32,768, and the unchunked loss holds about three copies at once (logits, soft
 docs/performance.md measures it). Here the head runs on `chunk` positions at a time (1,024:
 0.62 GB of fp32 logits per chunk), forward and backward, whatever K is.
 
-    completion_logps(model, forward, targets, chunk) -> [K] log-probs of `targets`
-      `forward()` runs the model with logits_to_keep = the K positions (stages/lib/packed.py)
+    completion_logps(model, forward, targets, chunk, weights=None) -> [K] log-probs of `targets`
+      `forward()` runs the model with logits_to_keep = the K positions (stages/lib/packed.py);
+      `weights`: a loss linear in the log-probs (sft, redi) passes d(loss)/d(logps) up to a scale
 
 How: for the duration of `forward()` the model's own LM-head module returns, instead of logits,
 the log-probs of the targets of the positions it is given (`HeadLogps`, a custom autograd
-function that keeps only [K] log-sum-exps and recomputes each chunk's logits in backward). The
-model's forward, and everything wrapped around it, runs exactly as before:
+function). Given `weights`, each chunk's logits give, in the forward, both the log-probs and the
+head's share of the gradients (3 head matmuls, as unchunked); backward scales them. Without, it
+keeps only [K] log-sum-exps and recomputes each chunk's logits in backward (4 matmuls), for any
+use of the log-probs. The model's forward, and everything wrapped around it, runs as before:
 
 - ZeRO-3: DeepSpeed partitions every parameter and gathers a module's weights in hooks on that
   module's call (pre-forward: all-gather; a hook on its outputs all-gathers again before their
   backward; a hook on its inputs releases after it). The head module is still *called* by the
   model's forward, so those hooks gather its weight around our forward and around our backward,
   as they do for a plain nn.Linear, and the weight's gradient (full shape, returned from our
-  backward) goes to ZeRO's reduce-scatter like any other. Tied embeddings: the head's weight is
-  the embedding's parameter, gathered by whichever module runs. tests/test_lm_head.py checks
-  loss and gradients under ZeRO-2 and ZeRO-3 on 2 gloo ranks against the unchunked computation.
+  backward) goes to ZeRO's reduce-scatter like any other. The fused path takes that gradient
+  while the forward's gather holds the weight and keeps it (vocab x H in the weight's dtype:
+  151,936 x 1,536 x 2 B = 0.47 GB for the 1.5B student's bf16 head) until backward returns
+  it. Tied embeddings: the head's weight is the embedding's parameter, gathered by whichever
+  module runs. tests/test_lm_head.py checks loss and gradients, both paths, under ZeRO-2 and
+  ZeRO-3 on 2 gloo ranks against the unchunked computation.
 - A model that does anything to the logits after its head (Gemma-2's final-logit soft-capping,
   Cohere's logit_scale, Granite's logits_scaling) is not covered: the config keys are checked
   first, and any other post-processing shows as a model output that is not the tensor our head
@@ -138,6 +144,8 @@ def _grad_scale(grad, weights):
     """c with grad == c * weights (to PROPORTIONAL_TOL), or None when there is none."""
     import torch
 
+    if grad.numel() == 0:  # no targets here (a sequence-parallel slice of prompt tokens only)
+        return 0.0
     top = grad.abs().max()
     if top == 0:
         return 0.0
