@@ -142,6 +142,7 @@ def _sft(tmp_path, name: str, extra: list[str]):
         "sft.epochs=2", "sft.tokens_per_step=8192", "sft.report_to=none"] + extra, STAGES))
 
 
+@pytest.mark.slow  # two sft runs (418 s under load)
 def test_sft_on_two_sequence_parallel_workers_trains_as_one_worker(tmp_path, ray_cluster):
     """resources.sft.sequence_parallel=2 on 2 gloo workers: each holds half of the row, and
     both steps' losses are the single worker's."""
