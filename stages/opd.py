@@ -82,6 +82,8 @@ class OpdConfig:
     learning_rate / weight_decay / max_grad_norm: the optimizer (constant LR, no warm-up).
     tokens_per_row: capacity of one packed scoring forward.
     seed: the problem order, the engines' sampling seed (with the iteration) and the trainer's.
+    keep_checkpoints: keep every iteration's checkpoint (iterations/iter-NNNNN/model, the
+      student after iteration i) in the version, e.g. to evaluate the curve; off: only the last.
     save_steps / logging_steps / report_to: as in sft (save_steps 0: an interrupted fit
       restarts its iteration's training; sampled and scored files are kept either way).
     chat_template / prompt_format / reasoning_tags: as in sft (use the values sft used).
@@ -108,6 +110,7 @@ class OpdConfig:
     max_grad_norm: float = 1.0
     tokens_per_row: int = 16384
     seed: int = 0
+    keep_checkpoints: bool = False
     save_steps: int = 0
     logging_steps: int = 1
     report_to: str = "tensorboard"
@@ -585,13 +588,14 @@ def run(cfg: OpdConfig, inputs, ctx):
         history.append(stats)
         student = model_dir
 
-    # The version is the last iteration's checkpoint; intermediate checkpoints go.
+    # The version is the last iteration's checkpoint; intermediate checkpoints go (unless kept).
     for name in os.listdir(student):
         if os.path.isfile(os.path.join(student, name)):
             shutil.copy(os.path.join(student, name), os.path.join(ctx.out_dir, name))
     for i in range(cfg.iterations):
         folder = os.path.join(root, f"iter-{i:05d}")
-        shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)
         if os.path.exists(os.path.join(folder, "sampled.parquet")):
             os.remove(os.path.join(folder, "sampled.parquet"))
     ctx.stats.update({

@@ -192,7 +192,9 @@ def opd_run(opd_inputs, teacher, ray_cluster):
     from pipeline.runner import run_stage
 
     data_root, _ = opd_inputs
-    return run_stage("opd", load_recipe(RECIPE, _overrides(data_root, teacher), STAGES))
+    return run_stage("opd", load_recipe(RECIPE, _overrides(data_root, teacher,
+                                                           ["opd.keep_checkpoints=true"]),
+                                        STAGES))
 
 
 def _scored(version, i: int):
@@ -248,11 +250,17 @@ def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_mod
     assert all(r["sampled_by"] == r["scored_by"] for r in rows1)
     assert all(r["sampled_by"].endswith(os.path.join("iter-00000", "model")) for r in rows1)
     assert all(r["sampled_by"] == sft.path for r in rows0)
-    r = rows1[0]
-    start = _direct_logps(s_model, r["student_prompt_ids"], r["completion_ids"])
-    assert max(abs(a - b) for a, b in zip(start, r["student_logps"])) > 1e-4
-    # Intermediate checkpoints are gone; the scored samples stay.
-    assert not os.path.exists(os.path.join(version.path, "iterations", "iter-00000", "model"))
+    # ... whose log-probs they are (the saved checkpoint, kept: keep_checkpoints), not the
+    # start's; the version is iteration 1's checkpoint.
+    kept = os.path.join(version.path, "iterations", "iter-00000", "model")
+    new_model = AutoModelForCausalLM.from_pretrained(kept).eval()
+    for r in rows1[:4]:
+        direct = _direct_logps(new_model, r["student_prompt_ids"], r["completion_ids"])
+        assert max(abs(a - b) for a, b in zip(direct, r["student_logps"])) <= 1e-4
+        start = _direct_logps(s_model, r["student_prompt_ids"], r["completion_ids"])
+        assert max(abs(a - b) for a, b in zip(start, r["student_logps"])) > 1e-4
+    last = load_weights(os.path.join(version.path, "iterations", "iter-00001", "model"))
+    assert all((last[k] == after[k]).all() for k in after)
 
 
 def test_opd_is_an_evaluate_model_name():
@@ -274,6 +282,8 @@ def test_topk_loss_trains_on_the_teachers_top_k_of_the_students_samples(opd_inpu
     assert [h["steps"] for h in stats["iterations"]] == [1]
     before, after = load_weights(tiny_model), load_weights(version.path)
     assert any(not (before[k] == after[k]).all() for k in before)
+    # Intermediate checkpoints are gone (keep_checkpoints off); the scored samples stay.
+    assert not os.path.exists(os.path.join(version.path, "iterations", "iter-00000", "model"))
     r = _scored(version, 0)[0]
     assert len(r["topk_ids"]) == len(r["completion_ids"]) and len(r["topk_ids"][0]) == 8
     # the stored top-8 is a direct forward's top-8 at each completion position
