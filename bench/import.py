@@ -12,6 +12,9 @@ Writes an OpenR1-Math-layout JSON-lines file of `--traces` traces (two generatio
             (configs/import.yaml): layout checks, the reasoning split, trace ids, token counts
             with the tiny model's tokenizer, resumable shards.
 
+`--profile` runs the import child under cProfile and prints the functions with the most own time
+(where the import's time goes; it slows the child, so its wall is not the figure to quote).
+
 Peak RSS of each is the child's own (os.wait4's rusage: the child and the children it waited
 for). Prints traces/s of each, the ratio and both peaks. The issue's scale is 1,000,000 traces
 of ~6k tokens; this machine runs a smaller file by default (state the scale with the figures).
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,6 +107,8 @@ def main() -> None:
     ap.add_argument("--traces", type=int, default=20000)
     ap.add_argument("--chars", type=int, default=24000, help="characters of reasoning per trace")
     ap.add_argument("--dir", default="", help="scratch folder (default: a temp folder)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run the import child under cProfile; print its top functions")
     args = ap.parse_args()
 
     work = args.dir or tempfile.mkdtemp(prefix="bench-import-")
@@ -126,14 +132,25 @@ def main() -> None:
     py = sys.executable
     base = run_child([py, "-c", BASELINE, path, os.path.join(work, "hf-cache"),
                       os.path.join(work, "baseline.parquet")])
-    ours = run_child([py, "-c", IMPORT, path, os.path.join(work, "data"), model, REPO])
+    child = [py, "-c", IMPORT]
+    if args.profile:  # cProfile takes a script, not -c
+        script, prof = os.path.join(work, "import_child.py"), os.path.join(work, "import.prof")
+        with open(script, "w") as f:
+            f.write(IMPORT)
+        child = [py, "-m", "cProfile", "-o", prof, script]
+    shutil.rmtree(os.path.join(work, "data"), ignore_errors=True)  # a rerun imports again
+    ours = run_child(child + [path, os.path.join(work, "data"), model, REPO])
     assert int(ours["ROWS"]) == args.traces, ours
     b_rate, o_rate = args.traces / base["WALL"], args.traces / ours["WALL"]
     print(f"baseline load_dataset+to_parquet: {base['WALL']:.1f} s, {b_rate:.0f} traces/s, "
           f"peak RSS {base['peak_rss_mib']:.0f} MiB")
     print(f"import (prompts + generate):      {ours['WALL']:.1f} s, {o_rate:.0f} traces/s, "
           f"peak RSS {ours['peak_rss_mib']:.0f} MiB (generate stage alone {ours['GEN_WALL']:.1f} s)")
-    print(f"ratio import/baseline throughput: {o_rate / b_rate:.2f}")
+    print(f"ratio import/baseline throughput: {o_rate / b_rate:.3f}")
+    if args.profile:
+        import pstats
+
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":
