@@ -129,6 +129,83 @@ def test_topk_loss_with_the_whole_vocabulary_is_the_dense_divergence_over_kept_p
     dense = (lp.exp() * (lp - lq)).sum(-1)
     assert abs(float(got) - float(dense[[0, 2, 3]].mean())) < 1e-5
 
+
+@pytest.fixture(scope="module")
+def varlen_models(tiny_model, teacher):
+    """(student, teacher) loaded with the packed varlen attention, as the pool and workers do."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.lib.packed import ATTENTION, register_attention
+
+    register_attention()
+    return tuple(AutoModelForCausalLM.from_pretrained(m, attn_implementation=ATTENTION).eval()
+                 for m in (tiny_model, teacher))
+
+
+def _plain_logps(path, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+
+
+def test_the_scorer_stores_the_teachers_top_k_of_a_direct_forward(varlen_models, teacher):
+    import pyarrow as pa
+    import torch
+
+    from stages.opd import score_batch
+
+    student, t_model = varlen_models
+    ids = pa.list_(pa.int64())
+    batch = pa.table({"student_prompt_ids": pa.array([[1, 5, 9], [2, 7]], ids),
+                      "teacher_prompt_ids": pa.array([[1, 5, 9], [2, 7]], ids),
+                      "completion_ids": pa.array([[11, 12, 13, 14], [20, 21]], ids)})
+    with torch.inference_mode():
+        out = score_batch({"student": (student, None), "teacher": (t_model, None)}, batch,
+                          tokens_per_row=64, topk=5).to_pylist()
+    for r in out:
+        full = r["teacher_prompt_ids"] + r["completion_ids"]
+        logps = _plain_logps(teacher, full)
+        n = len(r["teacher_prompt_ids"])
+        for t, token in enumerate(r["completion_ids"]):
+            values, top = logps[n - 1 + t].topk(5)
+            assert top.tolist() == r["topk_ids"][t]
+            assert max(abs(a - b) for a, b in zip(values.tolist(), r["topk_logps"][t])) <= 1e-4
+            assert abs(float(logps[n - 1 + t, token]) - r["teacher_logps"][t]) <= 1e-4
+
+
+def test_the_topk_step_is_the_divergence_of_a_direct_forward(varlen_models, tiny_model):
+    import numpy as np
+    import torch
+
+    from stages.lib.packed import collate, packed_row
+    from stages.opd import opd_batch_loss, row_key, token_masks, topk_loss
+
+    student, _ = varlen_models
+    seqs = [([1, 5, 9, 11, 12, 13], 3), ([2, 7, 20, 21], 2)]
+    row = packed_row(seqs)
+    k = len(row["keep"])
+    g = torch.Generator().manual_seed(0)
+    teacher_lp = torch.log_softmax(torch.randn(k, student.config.vocab_size, generator=g), -1)
+    top = teacher_lp.topk(4, dim=-1)
+    rkl, neg = token_masks([True, False], [3, 2], "drop")
+    aux = {row_key(row["input_ids"], row["cu_seqlens"]): (
+        np.zeros(k), np.zeros(k), rkl, neg, top.indices.numpy(), top.values.numpy())}
+    loss, _ = opd_batch_loss(student, collate([row]), aux, alpha=0.5, loss="topk",
+                             divergence="jsd", beta=0.5)
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    student.zero_grad()
+    lqs = []  # per sample, a plain forward's log-softmax at its completion positions
+    for ids, n in seqs:
+        lq = _plain_logps(tiny_model, ids)
+        lqs.append(lq[n - 1:len(ids) - 1])
+    hand = topk_loss(torch.cat(lqs).float(), top.indices, top.values,
+                     torch.as_tensor(rkl), "jsd", 0.5)
+    assert abs(float(loss) - float(hand)) <= 1e-5
+
 # --- real runs -----------------------------------------------------------------------------------
 
 def write_prompts(data_root: str, version: str = "test0prompts"):
@@ -187,14 +264,43 @@ def opd_inputs(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def opd_run(opd_inputs, teacher, ray_cluster):
+def opd_run(opd_inputs, teacher, ray_cluster, tmp_path_factory):
+    """The one real run, interrupted: `distillery run opd` is SIGKILLed as soon as iteration 0's
+    marker exists, then the same command runs in this process and finishes. Returns (version,
+    iteration 0's stats and its marker's mtime as the killed run left them)."""
     from pipeline.config import load_recipe
     from pipeline.runner import run_stage
+    from pipeline.store import Store
 
     data_root, _ = opd_inputs
-    return run_stage("opd", load_recipe(RECIPE, _overrides(data_root, teacher,
-                                                           ["opd.keep_checkpoints=true"]),
-                                        STAGES))
+    overrides = _overrides(data_root, teacher, ["opd.keep_checkpoints=true"])
+    # Ray's socket paths must stay short (AF_UNIX limit): not under pytest's long tmp_path.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-opd-", dir="/tmp")
+    env = dict(os.environ, DISTILLERY_RAY_TMP=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    log_path = tmp_path_factory.mktemp("opd-log") / "interrupted.log"
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "distillery"),
+                             "run", "opd", "--recipe", RECIPE, *overrides],
+                            cwd=ROOT, env=env, start_new_session=True,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    stage_dir = Store(data_root).stage_dir("opd")
+    marker = None
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and marker is None:
+            for d in os.listdir(stage_dir) if os.path.isdir(stage_dir) else []:
+                found = os.path.join(stage_dir, d, "iterations", "iter-00000", "done.json")
+                marker = found if os.path.exists(found) else marker
+            time.sleep(0.5)
+    finally:
+        _kill_tree(proc, ray_tmp)  # the CLI, its Ray and every engine it started
+    assert marker, "iteration 0 never finished:\n" + log_path.read_text()[-3000:]
+    assert not os.path.exists(marker.replace("iter-00000", "iter-00001"))
+    with open(marker, encoding="utf-8") as f:
+        first = json.load(f)
+    mtime = os.path.getmtime(marker)
+    version = run_stage("opd", load_recipe(RECIPE, overrides, STAGES))
+    return version, first, mtime
 
 
 def _scored(version, i: int):
@@ -218,7 +324,7 @@ def _direct_logps(model, prompt_ids, completion_ids):
 def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_model, teacher):
     from transformers import AutoModelForCausalLM
 
-    version = opd_run
+    version, _, _ = opd_run
     _, sft = opd_inputs
     stats = version.manifest["stats"]
     assert version.manifest["inputs"]["sft"] == sft.version and stats["start"] == sft.ref()
@@ -330,50 +436,12 @@ def test_no_sft_checkpoint_names_sft(tmp_path, teacher, capsys):
 
 # --- kill -9 mid-run, then a rerun ---------------------------------------------------------------
 
-@pytest.mark.slow
-def test_kill_during_iteration_one_then_rerun_repeats_no_finished_work(tmp_path, tiny_model,
-                                                                     teacher, ray_cluster):
-    from pipeline.config import load_recipe
-    from pipeline.runner import run_stage
-    from pipeline.store import Store
-
-    data_root = str(tmp_path / "data")
-    write_select(data_root, n=12)
-    write_sft_version(data_root, tiny_model)
-    write_prompts(data_root)
-    overrides = _overrides(data_root, teacher)
-    # Ray's socket paths must stay short (AF_UNIX limit): not under pytest's long tmp_path.
-    ray_tmp = tempfile.mkdtemp(prefix="ray-opd-", dir="/tmp")
-    env = dict(os.environ, DISTILLERY_RAY_TMP=ray_tmp)
-    env.pop("RAY_ADDRESS", None)
-    log_path = tmp_path / "interrupted.log"
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "distillery"),
-                             "run", "opd", "--recipe", RECIPE, *overrides],
-                            cwd=ROOT, env=env, start_new_session=True,
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    stage_dir = Store(data_root).stage_dir("opd")
-    marker = None
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            found = [os.path.join(stage_dir, d, "iterations", "iter-00000", "done.json")
-                     for d in (os.listdir(stage_dir) if os.path.isdir(stage_dir) else [])]
-            found = [f for f in found if os.path.exists(f)]
-            if found:
-                marker = found[0]
-                break
-            time.sleep(0.5)
-    finally:
-        _kill_tree(proc, ray_tmp)  # the CLI, its Ray and every engine it started
-    assert marker, "iteration 0 never finished:\n" + log_path.read_text()[-3000:]
-    with open(marker, encoding="utf-8") as f:
-        first = json.load(f)
-    mtime = os.path.getmtime(marker)
-    assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(marker)),
-                                           "iter-00001", "done.json"))
-    version = run_stage("opd", load_recipe(RECIPE, overrides, STAGES))
+def test_kill_after_iteration_zero_then_rerun_repeats_no_finished_work(opd_run):
+    version, first, mtime = opd_run
     stats = version.manifest["stats"]
-    assert stats["iterations"][0] == first  # read back, not redone
+    assert stats["iterations"][0] == first  # read back from the marker, not redone
     marker = os.path.join(version.path, "iterations", "iter-00000", "done.json")
     assert os.path.getmtime(marker) == mtime
     assert [h["iteration"] for h in stats["iterations"]] == [0, 1]
+    # the rerun did iteration 1 only: it sampled, scored and trained once
+    assert all(v > 0 for k, v in stats["iterations"][1]["seconds"].items() if k != "verify")
