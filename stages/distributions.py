@@ -34,12 +34,20 @@ crash or kill -9 captures only the missing shards, and every row is there once.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
+from cluster.scoring import score_batches
 from pipeline.errors import UserError
+from pipeline.progress import Progress
 from pipeline.shards import Shards, tagged
 from pipeline.stage import Stage
+from pipeline.store import Store
+from stages.lib.chat import check_chat_format, load_tokenizer, target_format, target_texts
+from stages.lib.models import check_model
+from stages.lib.packed import ATTENTION, encode, fit_length, onednn_linears, register_attention
+from stages.lib.topk import packed_topk
 
 OVERLONG = ("truncate", "drop")
 # What the stage writes per row (the kd stage reads exactly these).
@@ -97,8 +105,6 @@ def vocab_size(model: str, where: str, trust_remote_code: bool = False) -> int:
 def check_config(cfg: DistributionsConfig) -> tuple[str, int, int]:
     """Refuse bad settings before Ray starts. Returns (the chat template text, "" = the
     student's own; the student's vocabulary size; the teacher's)."""
-    from stages.lib.chat import check_chat_format
-    from stages.lib.models import check_model
 
     if cfg.overlong not in OVERLONG:
         raise UserError(f"distributions.overlong: '{cfg.overlong}' (use 'truncate' or 'drop')")
@@ -124,8 +130,6 @@ def student_form(cfg: DistributionsConfig, template: str, messages: list, trace_
     """Per SFT row, sft's (ids, n_prompt, outcome) of the student's text (encode + fit_length),
     after checking that the teacher's tokenizer gives the same ids for that text. Driver-side,
     before any work: a mismatch is a UserError naming both models."""
-    from stages.lib.chat import load_tokenizer, target_format, target_texts
-    from stages.lib.packed import encode, fit_length
 
     student = load_tokenizer(cfg.student, "distributions.student")
     teacher = load_tokenizer(cfg.teacher, "distributions.teacher")
@@ -187,8 +191,6 @@ def capture_batch(models: dict, batch, cfg: DistributionsConfig, vocab: int):
     import numpy as np
     import pyarrow as pa
 
-    from stages.lib.topk import packed_topk
-
     model, _ = models["teacher"]
     prompts = batch.column(PROMPT_IDS).to_pylist()
     completions = batch.column("completion_ids").to_pylist()
@@ -214,8 +216,6 @@ def capture_batch(models: dict, batch, cfg: DistributionsConfig, vocab: int):
 
 def run(cfg: DistributionsConfig, inputs, ctx):
     import pyarrow as pa
-
-    from pipeline.store import Store
 
     template, student_vocab, teacher_vocab = check_config(cfg)
     source = inputs["select"]
@@ -259,13 +259,8 @@ def run(cfg: DistributionsConfig, inputs, ctx):
 
     started, new_positions = time.time(), 0
     if todo:
-        import functools
 
         import ray.data
-
-        from cluster.scoring import score_batches
-        from pipeline.progress import Progress
-        from stages.lib.packed import ATTENTION, onednn_linears, register_attention
 
         ctx.ensure_ray()
         captured = score_batches(

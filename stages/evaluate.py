@@ -27,13 +27,20 @@ completion and the verdict) and `summary` (one row per model x difficulty, "all"
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
+from cluster.inference import Sampling, complete_chats, iter_samples
+from pipeline.config import absolute_if_local
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.lib.chat import PROBLEM_TEMPLATE
-from stages.lib.answers import DEFAULT_FALLBACKS
+from stages.lib.answers import DEFAULT_FALLBACKS, VerifyConfig, answer_parts, verify_rows
+from stages.lib.chat import (PROBLEM_TEMPLATE, check_chat_format, load_tokenizer, opened_reasoning,
+                             prompt_messages, render_prompt, split_think)
+from stages.lib.ingest import normalize, problem_id, read_records
+from stages.lib.references import ANSWER_FROM, reference_answer
+from stages.lib.synthetic import make_problems
 
 # Names that mean "the model this recipe/run already has"; anything else is a path or hub id.
 NAMED = ("teacher", "student", "sft", "kd", "redi", "opd")
@@ -241,11 +248,8 @@ def format_groups(by_group: dict[str, list[dict]]) -> str:
 def load_eval_problems(cfg: EvaluateConfig) -> list[dict]:
     """[{problem, answer, difficulty, groups}] from the synthetic generator or a file; groups:
     {field: value} of cfg.group_fields the row has."""
-    from stages.lib.ingest import normalize, read_records
-    from stages.lib.references import ANSWER_FROM, reference_answer
 
     if cfg.eval_path == "synthetic":
-        from stages.lib.synthetic import make_problems
 
         made = make_problems(cfg.synthetic_n, seed=cfg.synthetic_seed,
                              min_terms=cfg.synthetic_min_terms, max_terms=cfg.synthetic_max_terms,
@@ -284,7 +288,6 @@ def resolve_models(cfg: EvaluateConfig, inputs) -> dict[str, str]:
     found = {"teacher": cfg.teacher, "student": cfg.student,
              **{name: inputs[name].path for name in ("sft", "kd", "redi", "opd")
                 if name in inputs}}
-    from pipeline.config import absolute_if_local
 
     out = {}
     for name in cfg.models:
@@ -297,17 +300,9 @@ def resolve_models(cfg: EvaluateConfig, inputs) -> dict[str, str]:
 
 
 def run(cfg: EvaluateConfig, inputs, ctx):
-    import functools
-
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray.data
-
-    from cluster.inference import Sampling, complete_chats, iter_samples
-    from stages.lib.chat import (check_chat_format, load_tokenizer, opened_reasoning,
-                             prompt_messages, render_prompt, split_think)
-    from stages.lib.ingest import normalize, problem_id
-    from stages.lib.answers import VerifyConfig, answer_parts, verify_rows
 
     if cfg.samples < 1 or not 1 <= cfg.pass_k <= cfg.samples:
         raise UserError(f"evaluate: need samples >= 1 and 1 <= pass_k <= samples, got "

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import os
 import posixpath
 import time
@@ -43,9 +44,12 @@ from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.shards import Shards, tagged
 from pipeline.stage import Stage
+from pipeline.store import Store
+from stages.lib import ingest
 from stages.lib.chat import (PROBLEM_TEMPLATE, check_chat_format, load_tokenizer, messages_type,
-                         opened_reasoning, prompt_messages, reasoning_tags, render_prompt,
-                         split_think, tag_status, trace_id)
+                             opened_reasoning, prompt_messages, reasoning_tags, render_prompt,
+                             split_think, tag_status, trace_id)
+from stages.lib.ingest import Spec
 
 
 @dataclass
@@ -152,8 +156,6 @@ def _percentile(sorted_values: list, q: float):
 def run(cfg: GenerateConfig, inputs, ctx):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipeline.store import Store
 
     if cfg.backend not in ("vllm", "openai", "import"):
         raise UserError(f"generate.backend: '{cfg.backend}' is not 'vllm', 'openai' or 'import'")
@@ -334,8 +336,6 @@ def _finish_shard(t, cfg: GenerateConfig, opened: str = "", teacher: str | None 
 # engines' shards: a rerun skips the finished ones), so memory is one shard whatever the file.
 
 def _import_spec(cfg: GenerateConfig, prompts):
-    from stages.lib.ingest import Spec
-
     if cfg.import_path:
         return Spec(path=cfg.import_path, format=cfg.import_format, fields=dict(cfg.import_fields),
                     keep=dict(cfg.import_keep), drop=dict(cfg.import_drop),
@@ -376,7 +376,6 @@ def _import_schema():
 def _import_rows(batch, start: int, spec, check, known: dict, cfg: GenerateConfig, label: str,
                  counter, drops) -> list[dict]:
     """One shard's source rows -> generate rows (token counts filled in by the caller)."""
-    from stages.lib import ingest
 
     rows = []
     for offset, (where, record) in enumerate(batch):
@@ -414,13 +413,8 @@ def _import_rows(batch, start: int, spec, check, known: dict, cfg: GenerateConfi
 
 
 def _run_import(cfg: GenerateConfig, inputs, ctx):
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipeline.store import Store
-    from stages.lib import ingest
 
     if cfg.shard_size < 1:
         raise UserError("generate.shard_size must be at least 1")

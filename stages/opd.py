@@ -45,8 +45,19 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from cluster.inference import Sampling, complete_chats
+from cluster.scoring import score_batches
+from cluster.train import fit
 from pipeline.errors import UserError
 from pipeline.stage import Stage
+from stages.lib.answers import VerifyConfig, answer_parts, verify_rows
+from stages.lib.chat import (check_chat_format, load_tokenizer, render_prompt, split_think,
+                             target_format)
+from stages.lib.divergences import divergence as topk_divergence, sampled_rkl_loss
+from stages.lib.packed import (ATTENTION, completion_logps, onednn_linears, packed_row,
+                               register_attention, score_token_ids)
+from stages.lib.topk import teacher_topk
+from stages.lib.trainer import train_packed, worker_config
 
 LOSSES = ("sampled_rkl", "topk")
 TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -152,8 +163,6 @@ def opd_loss(new_logps, old_logps, teacher_logps, rkl_mask, neg_mask, keep_seq, 
     """
     import torch
 
-    from stages.lib.divergences import sampled_rkl_loss
-
     loss = sampled_rkl_loss(new_logps, old_logps, teacher_logps, rkl_mask)
     if bool((neg_mask > 0).any()):
         neg = neg_mask.to(new_logps.dtype)
@@ -178,7 +187,6 @@ def row_key(input_ids, cu_seqlens) -> str:
 def topk_loss(student_logps, teacher_ids, teacher_logps, mask, divergence: str, beta: float):
     """Mean over mask's positions of divergences.divergence(divergence) between the teacher's
     top-k + tail and the student's full distribution (student_logps [K, V]), a scalar."""
-    from stages.lib.divergences import divergence as topk_divergence
 
     d = topk_divergence(divergence, student_logps, teacher_ids, teacher_logps, beta=beta)
     keep = mask.to(d.dtype)
@@ -188,8 +196,6 @@ def topk_loss(student_logps, teacher_ids, teacher_logps, mask, divergence: str, 
 def opd_batch_loss(model, batch, aux: dict, alpha: float, loss: str = "sampled_rkl",
                    divergence: str = "reverse_kl", beta: float = 0.5):
     import torch
-
-    from stages.lib.packed import completion_logps
 
     old, teacher, rkl, neg, *top = (torch.as_tensor(a) for a in aux[row_key(
         batch["input_ids"][0].cpu().numpy(), batch["cu_seqlens"].cpu().numpy())])
@@ -225,8 +231,6 @@ def opd_batch_loss(model, batch, aux: dict, alpha: float, loss: str = "sampled_r
 def opd_worker(config: dict) -> None:
     import ray
 
-    from stages.lib.trainer import train_packed
-
     aux = {row_key(r["input_ids"], r["cu_seqlens"]): (
         r["old_logps"], r["teacher_logps"], r["rkl_mask"], r["neg_mask"],
         *((r["topk_ids"], r["topk_logps"]) if "topk_ids" in r else ()))
@@ -243,8 +247,6 @@ def score_batch(models: dict, batch, tokens_per_row: int, topk: int = 0):
     """teacher_logps and student_logps of every sample's completion tokens (pool actor); with
     topk > 0 also the teacher's top-k ids and log-probs at each of those positions."""
     import pyarrow as pa
-
-    from stages.lib.packed import score_token_ids
 
     completion = batch.column("completion_ids").to_pylist()
     for name in ("teacher", "student"):
@@ -265,9 +267,6 @@ def teacher_topk_columns(models: dict, batch, completion: list, k: int):
     """Per sample, the teacher's top-k ([positions][k] ids, log-probs) over the student's ids,
     one packed row per sample (stages/lib/topk.py teacher_topk)."""
     import torch
-
-    from stages.lib.packed import packed_row
-    from stages.lib.topk import teacher_topk
 
     model, _ = models["teacher"]
     vocab = models["student"][0].config.vocab_size
@@ -295,7 +294,6 @@ def teacher_topk_columns(models: dict, batch, completion: list, k: int):
 def check_config(cfg: OpdConfig, start: str):
     """Refuse bad settings before Ray starts; returns (student template, teacher template,
     student tokenizer, teacher tokenizer)."""
-    from stages.lib.chat import check_chat_format, load_tokenizer
 
     if cfg.n < 1:
         raise UserError(f"opd.n: must be >= 1 (completions per problem), got {cfg.n}")
@@ -360,9 +358,6 @@ def sample(cfg, ctx, model: str, problems: list[dict], i: int, template: str):
     import pyarrow as pa
     import ray.data
 
-    from cluster.inference import Sampling, complete_chats
-    from stages.lib.chat import render_prompt
-
     ctx.ensure_ray()
     ds = ray.data.from_items([{"problem_id": p["problem_id"],
                                "prompt_messages": p["prompt_messages"]} for p in problems])
@@ -384,9 +379,6 @@ def sample(cfg, ctx, model: str, problems: list[dict], i: int, template: str):
 def verify(cfg, table, answers: dict):
     import pyarrow as pa
 
-    from stages.lib.answers import VerifyConfig, answer_parts, verify_rows
-    from stages.lib.chat import split_think
-
     finals = [split_think(c or "", cfg.reasoning_tags)[1]
               for c in table.column("completion").to_pylist()]
     cols = verify_rows(finals, [answers[p] for p in table.column("problem_id").to_pylist()],
@@ -400,8 +392,6 @@ def token_ids(cfg, table, messages: dict, toks: dict, templates: dict, fmt):
     """Each sample's completion token ids (its text + the end-of-turn id when it stopped) and
     each model's prompt ids, as the engine rendered them (columns for score_batch)."""
     import pyarrow as pa
-
-    from stages.lib.chat import render_prompt
 
     student = toks["student"]
     eot = student.convert_tokens_to_ids(fmt.end_of_turn)
@@ -430,9 +420,6 @@ def score(cfg, ctx, table, student: str):
     import pyarrow as pa
     import ray.data
 
-    from cluster.scoring import score_batches
-    from stages.lib.packed import ATTENTION, onednn_linears, register_attention
-
     scored = score_batches(ray.data.from_arrow(table),
                            models={"teacher": cfg.teacher, "student": student},
                            score_fn=functools.partial(
@@ -448,10 +435,6 @@ def score(cfg, ctx, table, student: str):
 
 def train(cfg, ctx, table, student: str, out_dir: str, i: int, end_of_turn: str) -> dict:
     import numpy as np
-
-    from cluster.train import fit
-    from stages.lib.packed import packed_row
-    from stages.lib.trainer import worker_config
 
     workers = ctx.resources.num_workers
     per_worker = max(1, cfg.samples_per_step // workers)
@@ -517,8 +500,6 @@ def iteration_stats(table, timings: dict, train_stats: dict) -> dict:
 
 def run(cfg: OpdConfig, inputs, ctx):
     import pyarrow.parquet as pq
-
-    from stages.lib.chat import target_format
 
     start = cfg.start or (inputs["sft"].path if "sft" in inputs else "")
     if not start:

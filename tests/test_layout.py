@@ -127,3 +127,20 @@ def test_the_checker_sees_a_violation(tmp_path):
         assert layer("stages.lib.chat") not in ALLOWED[layer("pipeline._probe")]
     finally:
         del MODULES["pipeline._probe"]
+
+
+HEAVY = ("torch", "ray", "vllm", "transformers", "deepspeed", "trl", "datasets", "duckdb",
+         "fastapi", "matplotlib")
+
+
+def test_the_cli_and_every_stage_import_without_the_heavy_libraries():
+    """`distillery --help`, `inspect` and the runner's start import every stage: those heavy
+    libraries (seconds each) are imported inside the functions that use them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.cli, stages, pipeline.runner\n"
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.strip()
+    assert out == "", f"imported at start-up: {out}"

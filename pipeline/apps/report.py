@@ -25,7 +25,10 @@ import datetime as dt
 import html
 import io
 import json
+import math
 import os
+import posixpath
+import statistics
 
 from pipeline.store import Store, Version
 
@@ -169,8 +172,6 @@ def _pass_rate_section(store: Store, latest: dict[str, Version]) -> str:
 
 
 def _mean_sd(values: list) -> tuple:
-    import statistics
-
     values = [v for v in values if v is not None]
     if not values:
         return None, None
@@ -187,7 +188,6 @@ def teacher_stats(verify_rows: list[dict], provenance_rows: list[dict] | None = 
     log-prob of one trace under the student, so this is the per-trace mean weighted equally
     per trace (not per token); null where provenance did not score (method none).
     """
-    import math
 
     out: dict = {}
     for r in verify_rows:
@@ -216,8 +216,6 @@ def teacher_stats(verify_rows: list[dict], provenance_rows: list[dict] | None = 
 
 
 def _teachers_section(store: Store, latest: dict[str, Version]) -> str:
-    import posixpath
-
     prov = latest.get("provenance")
     verify = (_input(store, _input(store, prov, "prune"), "verify")
               or _input(store, latest.get("prune"), "verify") or latest.get("verify"))
@@ -406,9 +404,6 @@ def mean_sd_text(pair, digits: int = 3) -> str:
 
 
 def _ablations_section(store: Store) -> str:
-
-    import posixpath
-
     path = posixpath.join(store.root, "ablations.json")
     if not store.fs.exists(path):
         return _note("no ablations run under this data root (`distillery demo --ablations`)")

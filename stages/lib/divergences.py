@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it runs: `import stages` (the CLI) stays light
+    import torch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "taid")
 
@@ -68,6 +69,8 @@ def topk_support(student_logps: torch.Tensor, teacher_ids: torch.Tensor,
     hold all the mass of both) the bucket is empty and leaves the support; every divergence then
     equals its dense value over the k ids.
     """
+    import torch
+
     valid = teacher_ids >= 0
     ids = teacher_ids.clamp(min=0).long()
     zero = torch.zeros((), dtype=torch.float32, device=student_logps.device)
@@ -86,12 +89,16 @@ def topk_support(student_logps: torch.Tensor, teacher_ids: torch.Tensor,
 
 def _kl(la: torch.Tensor, lb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """KL(a || b) = sum_i a_i (log a_i - log b_i) over the valid support entries, [N]."""
+    import torch
+
     terms = la.exp() * (la - lb)
     return torch.where(valid, terms, torch.zeros_like(terms)).sum(-1)
 
 
 def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
     """log(w a + (1 - w) b) from log a and log b, exact at w = 0 (log b) and w = 1 (log a)."""
+    import torch
+
     if w <= 0.0:
         return lb
     if w >= 1.0:
@@ -156,6 +163,8 @@ def taid(s: TopkSupport, t: float | torch.Tensor) -> torch.Tensor:
     returns the cross-entropy -sum p_t log q = KL(p_t || q) + H(p_t); the gradient in q is the
     same, the value differs by H(p_t).
     """
+    import torch
+
     if isinstance(t, torch.Tensor):
         t = t.detach().float()
     elif t is None or not 0.0 <= t <= 1.0:
@@ -275,6 +284,8 @@ def sampled_rkl_loss(new_logps: torch.Tensor, old_logps: torch.Tensor,
     the score-function (REINFORCE) gradient of the sampled reverse-KL estimate
     E_{y ~ pi_S} [log pi_S(y) - log pi_T(y)] (its other term, E[grad log pi_S], has mean 0).
     """
+    import torch
+
     keep = mask.bool()
     zero = torch.zeros((), dtype=torch.float32, device=new_logps.device)
     adv = torch.where(keep, sampled_rkl_advantages(old_logps, teacher_logps), zero)

@@ -24,6 +24,9 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from stages.lib.lm_head import unchunked_reason
+from stages.lib.packed import pack, packed_row
+
 log = logging.getLogger(__name__)
 
 
@@ -57,8 +60,6 @@ def teacher_topk(model, batch, k: int, vocab: int, chunk: int = 1024) -> dict:
     """The top-k of the teacher's next-token distribution over ids < `vocab` at every completion
     position of the packed row `batch` (module docstring). No gradient."""
     import torch
-
-    from stages.lib.lm_head import unchunked_reason
 
     head = model.get_output_embeddings()
     reason = unchunked_reason(model, grad=False)
@@ -114,8 +115,6 @@ def packed_topk(model, seqs: list[tuple[list[int], int]], k: int, vocab: int,
     best-fit into rows of tokens_per_row tokens (at least the longest; no padding), each row one
     teacher_topk call."""
     import torch
-
-    from stages.lib.packed import pack, packed_row
 
     out: list[dict] = [{} for _ in seqs]
     capacity = max([tokens_per_row] + [len(ids) for ids, _ in seqs])
