@@ -10,10 +10,14 @@ of 1,024 completion tokens after a 32-token prompt, back to back, so a row of N 
 tokens holds N / 1,024 samples and N + 32 N / 1,024 tokens. Variants, each in its own process
 (peak RSS = that process's ru_maxrss, model load included; "step" = loss + backward, no
 optimizer):
-  today:   stages/lib/packed.py completion_logps with chunk=0 — the K completion positions through
-           the LM head at once (logits_to_keep), fp32 cross-entropy: what training did before
-  chunked: completion_logps as training runs it now (stages/lib/lm_head.py, 1,024 positions a
-           chunk, the logits recomputed in backward)
+  today:   stages/lib/packed.py completion_logps with chunk=0 — the K completion positions
+           through the LM head at once (logits_to_keep), fp32 cross-entropy: what training
+           did before
+  chunked: completion_logps as sft and redi run it now (stages/lib/lm_head.py, 1,024 positions
+           a chunk, the loss's per-token weights given: the head's gradients taken in the
+           forward's chunk loop, 3 head matmuls as today's)
+  recompute: the same chunks without weights (any use of the log-probs, e.g. a future kd
+           loss): the logits recomputed in backward, 4 head matmuls
   trl:     TRL's SFTTrainer, padding_free=True, the same samples as one flattened row;
            trainer.compute_loss + backward. TRL 1.16 always computes the loss with its own
            chunked log-prob LM head (trl/trainer/utils.py add_fused_lm_head, torch tiles on CPU;
@@ -76,7 +80,8 @@ def child(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.lib.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
+    from stages.lib.packed import (ATTENTION, collate, completion_logps, packed_row,
+                                   register_attention)
 
     torch.set_num_threads(args.threads or os.cpu_count())
     register_attention()
@@ -88,10 +93,12 @@ def child(args) -> dict:
     else:
         batch = collate([packed_row(seqs)])
         chunk = 0 if args.child == "today" else 1024
+        # sft_loss on one worker: -sum(logps) / K, every token's weight -1 (up to the 1 / K)
+        weights = torch.full(batch["targets"].shape, -1.0) if args.child == "chunked" else None
 
         def step():
             model.zero_grad(set_to_none=True)
-            loss = -completion_logps(model, batch, chunk).mean()   # sft_loss on one worker
+            loss = -completion_logps(model, batch, chunk, weights).mean()
             loss.backward()
             return loss.item()
 
@@ -125,7 +132,8 @@ def layers_child(args) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from stages.lib.packed import ATTENTION, collate, completion_logps, packed_row, register_attention
+    from stages.lib.packed import (ATTENTION, collate, completion_logps, packed_row,
+                                   register_attention)
 
     torch.set_num_threads(args.threads or os.cpu_count())
     register_attention()
@@ -224,7 +232,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="2048,8192,16384",
                         help="completion tokens per packed row, comma-separated")
-    parser.add_argument("--variants", default="today,chunked,trl")
+    parser.add_argument("--variants", default="today,chunked,recompute,trl")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     parser.add_argument("--model-dir", default="", help="where the model is (built if missing)")
@@ -263,21 +271,22 @@ def main():
             guess = peak.get(v, (None, None))
             free = psutil.virtual_memory().available / 2**20
             if guess[0] and guess[1] * tokens / guess[0] > 0.9 * free:
-                results[tokens, v] = {"skipped": f"expected ~{guess[1] * tokens / guess[0] / 1024:.0f} "
+                expect = guess[1] * tokens / guess[0] / 1024
+                results[tokens, v] = {"skipped": f"expected ~{expect:.0f} "
                                       f"GB > {free / 1024:.0f} GB available"}
             else:
                 results[tokens, v] = run_child(args, v, tokens)
                 if "peak_rss_mb" in results[tokens, v]:
                     peak[v] = (tokens, results[tokens, v]["peak_rss_mb"])
             r = results[tokens, v]
-            print(f"  {tokens:6d} {v:8s} {json.dumps(r)}", flush=True)
+            print(f"  {tokens:6d} {v:9s} {json.dumps(r)}", flush=True)
 
-    print(f"\n{'tokens':>6s} {'variant':8s} {'peak RSS MB':>11s} {'step CPU s':>10s} "
+    print(f"\n{'tokens':>6s} {'variant':9s} {'peak RSS MB':>11s} {'step CPU s':>10s} "
           f"{'wall s':>7s} {'peak/today':>10s} {'speed/today':>11s} {'peak/TRL':>8s} "
           f"{'speed/TRL':>9s}")
     for (tokens, v), r in results.items():
         if "peak_rss_mb" not in r:
-            print(f"{tokens:6d} {v:8s} {r.get('skipped') or r.get('error')}")
+            print(f"{tokens:6d} {v:9s} {r.get('skipped') or r.get('error')}")
             continue
         cols = []
         for ref in ("today", "trl"):
@@ -287,7 +296,7 @@ def main():
                          f"{b['step_cpu_s'] / r['step_cpu_s']:.3f}"]
             else:
                 cols += ["-", "-"]
-        print(f"{tokens:6d} {v:8s} {r['peak_rss_mb']:11.0f} {r['step_cpu_s']:10.2f} "
+        print(f"{tokens:6d} {v:9s} {r['peak_rss_mb']:11.0f} {r['step_cpu_s']:10.2f} "
               f"{r['step_wall_s']:7.2f} {cols[0]:>10s} {cols[1]:>11s} {cols[2]:>8s} "
               f"{cols[3]:>9s}")
     print("speed = reference step time / this step time (> 1: faster); peak = this / reference")
