@@ -11,7 +11,16 @@ import os
 import re
 import sys
 
+from pipeline.config import _nearest, load_recipe
 from pipeline.errors import UserError
+from pipeline.inspect import describe, format_description, lineage
+from pipeline.runner import run_stage
+from pipeline.store import Store
+from stages import STAGES
+
+# The apps (demo, ablations, compare-teachers, report, viewer, tiny models) and cluster.jobs are
+# imported by the command that runs them: some import FastAPI, DuckDB, torch or Ray's job SDK at
+# module level, and `distillery --help` / `inspect` must not pay for them.
 
 DEFAULT_RECIPE = "configs/tiny.yaml"
 
@@ -31,16 +40,10 @@ def _split_refs(items: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def _recipe(args, overrides):
-    from pipeline.config import load_recipe
-    from stages import STAGES
-
     return load_recipe(args.recipe, overrides, STAGES)
 
 
 def cmd_run(args) -> int:
-    from pipeline.runner import run_stage
-    from stages import STAGES
-
     pins, overrides = _split_refs(args.items)
     if args.shared_fs:  # read by pipeline.stage.check_storage on a multi-node cluster
         os.environ["DISTILLERY_SHARED_FS"] = "1"
@@ -49,7 +52,6 @@ def cmd_run(args) -> int:
         names = recipe.stages
     else:
         if args.stage not in STAGES:
-            from pipeline.config import _nearest
             raise UserError(f"unknown stage '{args.stage}'{_nearest(args.stage, list(STAGES) + ['all'])}")
         names = [args.stage]
     done = {name: run_stage(name, recipe, pins) for name in names}
@@ -60,8 +62,6 @@ def cmd_run(args) -> int:
 
 
 def _store(args, overrides):
-    from pipeline.store import Store
-
     # Same order as `run`: data_root= override, else $DISTILLERY_DATA_ROOT, else the recipe.
     for item in overrides:
         if item.startswith("data_root="):
@@ -72,8 +72,6 @@ def _store(args, overrides):
 
 
 def cmd_inspect(args) -> int:
-    from pipeline.inspect import describe, format_description
-
     store = _store(args, args.items)
     version = store.resolve(args.ref)
     d = describe(version, rows=args.rows)
@@ -100,8 +98,6 @@ def cmd_versions(args) -> int:
 
 
 def cmd_lineage(args) -> int:
-    from pipeline.inspect import lineage
-
     store = _store(args, args.items)
     print("\n".join(lineage(store, store.resolve(args.ref))))
     return 0
@@ -164,9 +160,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_view(args) -> int:
-    from pipeline.store import Store
     from pipeline.apps.viewer.server import serve
-    from stages import STAGES
 
     scheme = args.data_root.split("://", 1)[0] if "://" in args.data_root else "file"
     if scheme != "file":  # before Store(): an s3:// root would first fail on a missing s3fs
