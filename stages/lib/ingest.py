@@ -597,7 +597,8 @@ class TokenCounter:
         ids never become Python lists, which cost ~4 GiB and most of the time on 2,048 traces
         of 15k tokens. `encode_batch_fast` (tokenizers >= 0.20) skips the character offsets
         that `encode_batch` tracks for every token and that a count never reads: the same
-        lengths, 2.5-4x the tokens/s on 512 traces of 24,000 characters (docs/performance.md)."""
+        lengths, 2.4-4x the tokens/s on 256 traces of 24,000 characters, 2.1x the import's
+        traces/s (docs/performance.md)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch",
                                                                         None)
