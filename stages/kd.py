@@ -21,13 +21,19 @@ when the model's forward calls it with the K completion positions, computes the 
 `CHUNK` positions at a time, each chunk under torch.utils.checkpoint (backward recomputes that
 chunk's logits). The head module is still *called* by the model's forward, so DeepSpeed ZeRO-3's
 hooks gather its weight around the call and again before its backward (stages/lib/lm_head.py's
-docstring says why that suffices). docs/kd.md is the guide.
+docstring says why that suffices).
+
+MixKD (`online_teacher`): the teacher, frozen in every worker, scores packed rows of mixed
+sequences (two samples' embeddings interpolated with lambda ~ Beta(a, a): mixed_row,
+_mixed_embeddings) and the student's D to it on the same mixed input is added to L with
+`mixup_weight`. docs/kd.md is the guide.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+import os
 import random
 from dataclasses import dataclass
 
@@ -69,6 +75,13 @@ class KdConfig:
     taid_t_start / taid_t_end / taid_alpha / taid_momentum: TAID's interpolation t, from
       t_start towards t_end, moved by alpha sigmoid(momentum-averaged relative loss decrease)
       each optimizer step (SakanaAI/TAID: 0.4, 1.0, 5e-4, 0.99).
+    online_teacher: MixKD (arXiv 2011.00593): load `teacher` frozen in every training worker
+      and add the mixup term (MixKD below); off: the stored distributions only.
+    teacher: the online teacher (hub id or local path); the recipe's top-level `teacher` fills
+      it. It must have the student's tokenizer. Read only with online_teacher.
+    mixup_alpha: a of lambda ~ Beta(a, a), the interpolation weight of two samples' embeddings
+      (MixKD: 0.4; small a puts lambda near 0 or 1, i.e. mostly one of the two samples).
+    mixup_weight: weight of the mixup term added to L (MixKD weighs its terms 1).
     """
 
     student: str = ""
@@ -97,6 +110,10 @@ class KdConfig:
     taid_t_end: float = 1.0
     taid_alpha: float = 5e-4
     taid_momentum: float = 0.99
+    online_teacher: bool = False
+    teacher: str = ""
+    mixup_alpha: float = 0.4
+    mixup_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -237,9 +254,147 @@ def taid_callback(taid: TaidState):
     return TaidCallback()
 
 
-def kd_batch_loss(model, batch, spec: KdLoss, taid: TaidState | None):
+# --- MixKD: the mixup term with an online teacher ---------------------------------------------
+
+class MixKd:
+    """One worker's MixKD: the frozen online teacher, the Beta(a, a) draws and the term's
+    weight. `vocab` is the student's (the teacher's top-k is taken over the student's ids)."""
+
+    def __init__(self, teacher, alpha: float, weight: float, vocab: int, seed: int):
+        self.teacher, self.alpha, self.weight, self.vocab = teacher, alpha, weight, vocab
+        self.rng = random.Random(seed)
+
+
+def load_teacher(path: str, use_gpu: bool):
+    """The online teacher, frozen, in eval mode, on this worker's device (bf16 on GPU, fp32 on
+    CPU). Called before the trainer exists: under ZeRO-3 the trainer's DeepSpeed config makes
+    from_pretrained partition weights (zero.Init), which a model no engine owns cannot use."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.lib.packed import ATTENTION, register_attention
+
+    register_attention()
+    device = "cpu"
+    if use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation=ATTENTION,
+        dtype=torch.bfloat16 if use_gpu else torch.float32).to(device).eval()
+    return model.requires_grad_(False)
+
+
+def mixed_row(batch, alpha: float, rng: random.Random) -> dict:
+    """A packed row of mixed sequences from the samples of `batch` (collate's packed row).
+
+    The row's samples are paired at random (an odd one out pairs with a random sample, perhaps
+    itself). A pair (a, b) gives one sequence of m = min(L_a, L_b) positions whose embedding at
+    position i is lam e(a_i) + (1 - lam) e(b_i), lam ~ Beta(alpha, alpha) per pair (MixKD). Its
+    loss positions are those where both samples are in their completion: from max(n_a, n_b) - 1
+    (n = prompt length; position p predicts token p + 1) to m - 2. A pair with none is left
+    out; a row left with no pair mixes its longest sample with itself (the sample unmixed), so
+    every worker runs the same forwards (ZeRO-3's gathers are collective).
+
+    Returns packed-row tensors on the batch's device: input_ids (sample a's ids), position_ids,
+    cu_seqlens, max_seqlen, keep, targets (a's next tokens: only CE reads them, at weight 0),
+    and other_ids (b's ids) and lam [T] for the embedding mix (_mixed_embeddings).
+    """
+    import bisect
+
+    import torch
+
+    device = batch["input_ids"].device
+    ids = batch["input_ids"][0].tolist()
+    cu = batch["cu_seqlens"].tolist()
+    keep = batch["keep"].tolist()
+    lengths = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+    # the first kept position of sample i is its prompt's last token: n_i - 1 after its start
+    prompt = [keep[bisect.bisect_left(keep, cu[i])] - cu[i] + 1 for i in range(len(lengths))]
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    pairs = list(zip(order[0::2], order[1::2]))
+    if len(order) % 2:
+        pairs.append((order[-1], rng.choice(order)))
+    a_ids, b_ids, lam, pos, kept, bounds = [], [], [], [], [], [0]
+    for a, b in pairs:
+        m = min(lengths[a], lengths[b])
+        first = max(prompt[a], prompt[b]) - 1
+        if first >= m - 1:
+            continue
+        at = len(a_ids)
+        a_ids += ids[cu[a]:cu[a] + m]
+        b_ids += ids[cu[b]:cu[b] + m]
+        lam += [rng.betavariate(alpha, alpha)] * m
+        pos += range(m)
+        kept += range(at + first, at + m - 1)
+        bounds.append(len(a_ids))
+    if not kept:
+        a = max(range(len(lengths)), key=lengths.__getitem__)
+        a_ids = b_ids = ids[cu[a]:cu[a + 1]]
+        lam, pos, bounds = [1.0] * lengths[a], list(range(lengths[a])), [0, lengths[a]]
+        kept = list(range(prompt[a] - 1, lengths[a] - 1))
+
+    def tensor(x, dtype=torch.long):
+        return torch.tensor(x, dtype=dtype, device=device)
+
+    return {"input_ids": tensor(a_ids)[None], "position_ids": tensor(pos)[None],
+            "cu_seqlens": tensor(bounds, torch.int32),
+            "max_seqlen": max(b - a for a, b in zip(bounds, bounds[1:])),
+            "keep": tensor(kept), "targets": tensor([a_ids[p + 1] for p in kept]),
+            "other_ids": tensor(b_ids), "lam": tensor(lam, torch.float32)}
+
+
+@contextlib.contextmanager
+def _mixed_embeddings(model, other_ids, lam):
+    """Within the block, the model's input embedding of ids x [1, T] returns
+    lam e(x) + (1 - lam) e(other_ids), position by position. The embedding module is still
+    called by the model's forward, so ZeRO-3 gathers its weight as usual; its own forward
+    (e.g. a scaled embedding) computes both terms."""
+    emb = model.get_input_embeddings()
+    own = emb.__dict__.get("forward")
+    original = emb.forward
+
+    def forward(x, *args, **kwargs):
+        e_a = original(x, *args, **kwargs)
+        e_b = original(other_ids.view_as(x), *args, **kwargs)
+        w = lam.view(*x.shape, 1).to(e_a.dtype)
+        return w * e_a + (1.0 - w) * e_b
+
+    emb.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del emb.forward
+        else:
+            emb.forward = own
+
+
+def mixup_token_losses(model, batch, spec: KdLoss, mix: MixKd):
+    """The MixKD term's per-position divergence [K'] (with gradient) on a mixed row of `batch`
+    (mixed_row): the online teacher's top-k (k = the stored k) on its own embeddings mixed
+    with the same lam, the student's D to it on its mixed embeddings (kd_ratio 1: a mixed
+    position has no trace token for CE)."""
+    import dataclasses
+
+    from stages.lib.topk import teacher_topk
+
+    row = mixed_row(batch, mix.alpha, mix.rng)
+    k = batch["topk_ids"].shape[-1]
+    with _mixed_embeddings(mix.teacher, row["other_ids"], row["lam"]):
+        top = teacher_topk(mix.teacher, row, k, mix.vocab)
+    row["topk_ids"], row["topk_logps"] = top["ids"], top["logps"]
+    with _mixed_embeddings(model, row["other_ids"], row["lam"]):
+        losses, _, _ = kd_token_losses(model, row, dataclasses.replace(spec, kd_ratio=1.0))
+    return losses
+
+
+def kd_batch_loss(model, batch, spec: KdLoss, taid: TaidState | None, mix: MixKd | None = None):
     """The global step's token mean of the loss, as sft_loss: each worker's sum over its tokens
-    x world / (completion tokens of all workers); the logged CE, D (and t) are global means."""
+    x world / (completion tokens of all workers); the logged CE, D (and t) are global means.
+    With MixKD, + mixup_weight x the global mean of the mixup term over its positions."""
     import dataclasses
 
     import torch.distributed as dist
@@ -254,17 +409,33 @@ def kd_batch_loss(model, batch, spec: KdLoss, taid: TaidState | None):
     if taid is not None:
         taid.last_j = metrics["kd/divergence"]
         metrics["kd/taid_t"] = spec.t
-    return losses.sum() * (world / n_global), metrics
+    loss = losses.sum() * (world / n_global)
+    if mix is not None:
+        mixed = mixup_token_losses(model, batch, spec, mix)
+        n_mix = global_sum(mixed.numel())
+        metrics["kd/mixup"] = global_sum(mixed.detach().sum().item()) / n_mix
+        loss = loss + mix.weight * mixed.sum() * (world / n_mix)
+    return loss, metrics
 
 
 def kd_worker(config: dict) -> None:
+    import torch.distributed as dist
+
+    from cluster.train import worker_env
+
     spec = KdLoss(config["divergence"], config["kd_ratio"], config["beta"], config["skew_alpha"])
     taid = None
     if config["divergence"] == "taid":
         taid = TaidState(TaidSchedule(config["total_steps"], config["taid_t_start"],
                                       config["taid_t_end"], config["taid_alpha"],
                                       config["taid_momentum"]))
-    loss_fn = functools.partial(kd_batch_loss, spec=spec, taid=taid)
+    mix = None
+    if config.get("online_teacher"):
+        worker_env(config)
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        mix = MixKd(load_teacher(config["teacher"], config["use_gpu"]), config["mixup_alpha"],
+                    config["mixup_weight"], config["student_vocab"], config["seed"] * 1000 + rank)
+    loss_fn = functools.partial(kd_batch_loss, spec=spec, taid=taid, mix=mix)
     train_packed(config, loss_fn, collate_fn=collate_kd,
                  callbacks=[taid_callback(taid)] if taid else [])
 
@@ -292,6 +463,62 @@ def check_config(cfg: KdConfig) -> None:
     if not cfg.taid_t_start <= cfg.taid_t_end <= 1.0 or cfg.taid_t_end == 0.0:
         raise UserError(f"kd.taid_t_end: {cfg.taid_t_end} must be in (0, 1] and >= "
                         f"kd.taid_t_start ({cfg.taid_t_start})")
+    if cfg.online_teacher:
+        if cfg.mixup_alpha <= 0.0:
+            raise UserError(f"kd.mixup_alpha: {cfg.mixup_alpha} must be > 0 "
+                            "(lambda ~ Beta(a, a))")
+        if cfg.mixup_weight < 0.0:
+            raise UserError(f"kd.mixup_weight: {cfg.mixup_weight} must be >= 0")
+        if not cfg.teacher:
+            raise UserError("kd.teacher: kd.online_teacher (MixKD) needs a teacher: set the "
+                            "recipe's top-level `teacher` or kd.teacher")
+
+
+# What a worker may spend on the online teacher's weights: the rest of its memory holds the
+# student's weights, gradients, optimizer state and activations.
+TEACHER_SHARE = 0.5
+
+
+def check_online_teacher(cfg: KdConfig, tokenizer, resources) -> None:
+    """MixKD's teacher, checked in the driver before any worker loads it: the student's
+    tokenizer (the mixed embeddings are of the same ids in both models), and weights that fit:
+    on CPU, one fp32 copy per worker on this machine within TEACHER_SHARE of the memory
+    available now; on GPU, one bf16 copy within TEACHER_SHARE of a GPU's memory (checked when
+    the driver sees a GPU of the kind the workers get)."""
+    import psutil
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(cfg.teacher)
+        config = AutoConfig.from_pretrained(cfg.teacher)
+    except (OSError, ValueError) as e:
+        raise UserError(f"kd.teacher: cannot load '{cfg.teacher}': {e}") from e
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"kd.teacher: MixKD needs the student's tokenizer, and '{cfg.teacher}' "
+                        f"has another vocabulary than kd.student '{cfg.student}' "
+                        f"({len(theirs)} vs {len(tokenizer)} entries): cross-tokenizer "
+                        "distillation is not supported")
+    with init_empty_weights():
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    per_param = 2 if resources.use_gpu else 4       # bf16 on GPU, fp32 on CPU
+    need = params * per_param
+    if resources.use_gpu:
+        if not torch.cuda.is_available():
+            return
+        have = torch.cuda.get_device_properties(0).total_memory
+        where, copies = "of one GPU's memory", 1
+    else:
+        have = psutil.virtual_memory().available
+        where, copies = "of the memory available on this machine", resources.num_workers
+    if need * copies > TEACHER_SHARE * have:
+        raise UserError(
+            f"kd.online_teacher: the teacher '{cfg.teacher}' would not fit: {params / 1e6:,.1f}M "
+            f"parameters x {per_param} B x {copies} worker(s) = {need * copies / 2**20:,.0f} MiB, "
+            f"over {TEACHER_SHARE:.0%} {where} ({have / 2**20:,.0f} MiB; the rest holds the "
+            "student's training state); use fewer workers or a smaller teacher, or turn "
+            "kd.online_teacher off")
 
 
 def teacher_arrays(source, split: str | None):
@@ -335,6 +562,8 @@ def run(cfg: KdConfig, inputs, ctx):
     vocab = AutoConfig.from_pretrained(student).get_text_config().vocab_size
     fmt = target_format(tokenizer, student, template, cfg.prompt_format, cfg.reasoning_tags,
                         "kd.student")
+    if cfg.online_teacher:
+        check_online_teacher(cfg, tokenizer, ctx.resources)
     source = inputs["distributions"]
     split = "sft" if "sft" in source.splits else None
     table, teacher = teacher_arrays(source, split)
@@ -395,15 +624,19 @@ def run(cfg: KdConfig, inputs, ctx):
                  # fill = real tokens / row capacity: what padding would have wasted instead
                  pack_fill=round(n_tokens / (len(rows) * capacity), 4),
                  steps_per_epoch=steps_per_epoch, divergence=cfg.divergence,
-                 kd_ratio=cfg.kd_ratio)
+                 kd_ratio=cfg.kd_ratio, online_teacher=cfg.online_teacher)
 
     config = worker_config(cfg, ctx, student, rows, fmt.end_of_turn)
     config.update(divergence=cfg.divergence, kd_ratio=cfg.kd_ratio, beta=cfg.beta,
                   skew_alpha=cfg.skew_alpha, taid_t_start=cfg.taid_t_start,
                   taid_t_end=cfg.taid_t_end, taid_alpha=cfg.taid_alpha,
                   taid_momentum=cfg.taid_momentum, total_steps=total_steps,
+                  online_teacher=cfg.online_teacher, teacher=cfg.teacher,
+                  mixup_alpha=cfg.mixup_alpha, mixup_weight=cfg.mixup_weight,
+                  student_vocab=vocab,
                   metric_lists=["kd/ce", "kd/divergence"]
-                  + (["kd/taid_t"] if cfg.divergence == "taid" else []))
+                  + (["kd/taid_t"] if cfg.divergence == "taid" else [])
+                  + (["kd/mixup"] if cfg.online_teacher else []))
     fit(kd_worker, config, ctx.resources, ctx)
     stats.update(read_stats(ctx))
     stats["zero_stage"] = ctx.resources.zero_stage

@@ -412,3 +412,93 @@ def test_evaluate_takes_kd_by_name(kd_run):
     assert STAGES["evaluate"].uses(EvaluateConfig(models=["student"], decontaminate=False)) \
         == set()
     assert resolve_models(cfg, {"kd": kd_run})["kd"] == kd_run.path
+
+
+# --- MixKD: the mixed row, the mixed embeddings, a run with an online teacher -----------------
+
+def test_mixed_row_pairs_samples_and_mixes_their_embeddings(dense_setup):
+    import random
+
+    import torch
+
+    from stages.kd import _mixed_embeddings, mixed_row
+
+    seqs, batch, model, _ = dense_setup
+    row = mixed_row(batch, 0.4, random.Random(0))
+    bounds = row["cu_seqlens"].tolist()
+    ids, other = row["input_ids"][0].tolist(), row["other_ids"].tolist()
+    lam, pos, keep = row["lam"].tolist(), row["position_ids"][0].tolist(), row["keep"].tolist()
+    assert len(bounds) - 1 == (len(seqs) + 1) // 2       # 5 samples: 2 pairs + 1 odd one out
+    assert row["max_seqlen"] == max(b - a for a, b in zip(bounds, bounds[1:]))
+    by_ids = {tuple(s[:40]): (s, n) for s, n in seqs}
+    for a, b in zip(bounds, bounds[1:]):
+        assert pos[a:b] == list(range(b - a))
+        assert len(set(lam[a:b])) == 1 and 0.0 <= lam[a] <= 1.0
+        (sa, na), (sb, nb) = by_ids[tuple(ids[a:a + 40])], by_ids[tuple(other[a:a + 40])]
+        m = min(len(sa), len(sb))
+        assert b - a == m and ids[a:b] == sa[:m] and other[a:b] == sb[:m]
+        # the loss positions: both samples in their completion, each predicting a next token
+        assert [p - a for p in keep if a <= p < b] == list(range(max(na, nb) - 1, m - 1))
+    assert row["targets"].tolist() == [ids[p + 1] for p in keep]
+
+    emb = model.get_input_embeddings()
+    x = row["input_ids"]
+    with torch.no_grad():
+        with _mixed_embeddings(model, row["other_ids"], row["lam"]):
+            mixed = emb(x)
+        w = row["lam"][None, :, None]
+        expected = w * emb(x) + (1 - w) * emb(row["other_ids"][None])
+        assert "forward" not in emb.__dict__                    # the hook is gone
+    assert torch.allclose(mixed, expected, atol=1e-6)
+    # Beta(0.4, 0.4) over many pairs: U-shaped, mean 1/2
+    draws = [random.Random(s).betavariate(0.4, 0.4) for s in range(2000)]
+    assert abs(sum(draws) / len(draws) - 0.5) < 0.03
+    assert sum(d < 0.1 or d > 0.9 for d in draws) > 0.4 * len(draws)
+
+
+def test_mixkd_trains_with_an_online_teacher(kd_data, tiny_model, teacher_model, ray_cluster):
+    import math
+
+    import torch
+
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+
+    version = run_stage("kd", load_recipe(RECIPE, kd_overrides(
+        kd_data, tiny_model, [f"teacher={teacher_model}", "kd.online_teacher=true",
+                              "kd.max_steps=2"]), STAGES))
+    stats = version.manifest["stats"]
+    assert stats["online_teacher"] is True and stats["steps"] == 2
+    assert len(stats["kd_mixup"]) == 2
+    assert all(math.isfinite(x) and x >= 0 for x in stats["kd_mixup"])
+    # the logged loss is the stored-distribution loss plus the mixup term (weight 1)
+    for loss, ce, d, mix in zip(stats["loss"], stats["kd_ce"], stats["kd_divergence"],
+                                stats["kd_mixup"]):
+        assert loss == pytest.approx(0.5 * ce + 0.5 * d + mix, rel=1e-3)
+    before, after = load_weights(tiny_model), load_weights(version.path)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mixkd_refuses_another_tokenizer_and_a_teacher_that_does_not_fit(
+        kd_data, tiny_model, teacher_model, tmp_path, monkeypatch):
+    from pipeline.apps.tiny_model import build_tiny_model
+    from pipeline.config import load_recipe
+    from pipeline.errors import UserError
+    from pipeline.runner import run_stage
+    import stages.kd
+
+    # the tiny tokenizer saturates at 540 entries: 512 is another vocabulary
+    other = build_tiny_model(str(tmp_path / "other-tokenizer"), vocab_size=512)
+    with pytest.raises(UserError, match=r"kd\.teacher: MixKD needs the student's tokenizer"):
+        run_stage("kd", load_recipe(RECIPE, kd_overrides(
+            kd_data, tiny_model, [f"teacher={other}", "kd.online_teacher=true"]), STAGES))
+    # a machine with a millionth of the memory it has: the teacher's copies do not fit
+    monkeypatch.setattr(stages.kd, "TEACHER_SHARE", 1e-6)
+    with pytest.raises(UserError, match=r"kd\.online_teacher: the teacher .* would not fit"):
+        run_stage("kd", load_recipe(RECIPE, kd_overrides(
+            kd_data, tiny_model, [f"teacher={teacher_model}", "kd.online_teacher=true"]),
+            STAGES))
+    with pytest.raises(UserError, match=r"kd\.mixup_alpha"):
+        run_stage("kd", load_recipe(RECIPE, kd_overrides(
+            kd_data, tiny_model, [f"teacher={teacher_model}", "kd.online_teacher=true",
+                                  "kd.mixup_alpha=0"]), STAGES))
