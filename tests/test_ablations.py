@@ -10,8 +10,9 @@ import os
 
 import pytest
 
-from pipeline.apps.ablations import (COMPARISONS, PAIR_ARMS, PAIR_START, SFT_ARMS, AblationPlan,
-                                format_summary, mean_sd, summarize, targets)
+from pipeline.apps.ablations import (COMPARISONS, KD_ARMS, KD_START, PAIR_ARMS, PAIR_START,
+                                     SFT_ARMS, AblationPlan, format_summary, mean_sd, summarize,
+                                     targets)
 from stages import STAGES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,8 @@ def _runs():
     base = {"random": (0.50, 40.0, 50.0), "dap_budget": (0.495, 30.0, 33.0),
             "dap_rewrite": (0.47, 31.0, 34.0), "provenance": (0.53, 45.0, 60.0),
             "all": (0.55, 41.0, 52.0), "redi": (0.57, 40.0, None), "dpo": (0.56, 40.0, None),
-            "simpo": (0.54, 40.0, None), "sft_cont": (0.555, 40.0, None)}
+            "simpo": (0.54, 40.0, None), "sft_cont": (0.555, 40.0, None),
+            "kd": (0.59, 40.0, 52.0), "taid": (0.60, 40.0, 52.0), "mixkd": (0.58, 40.0, 52.0)}
     runs = {}
     for seed, shift in ((0, 0.0), (1, 0.01), (2, -0.01)):
         runs[seed] = {arm: {"pass_at_1": p + shift, "pass_at_k": p + 0.2,
@@ -55,6 +57,10 @@ def test_summary_pairs_differences_per_seed_and_states_each_target():
     assert any(c.startswith("[met] REDI - SFT continued: pass@1 0.015") for c in checks)
     assert any(c.startswith("[met] REDI - DPO") for c in checks)
     assert any(c.startswith("[met] provenance - random") for c in checks)
+    # kd 0.59 vs all 0.55: +0.04 >= +0.03
+    assert any(c.startswith("[met] KD - SFT: pass@1 0.040") for c in checks)
+    assert by["TAID vs forward KL"]["pass_at_1"][0] == pytest.approx(0.01)
+    assert by["MixKD vs forward KL"]["pass_at_1"][0] == pytest.approx(-0.01)
     text = format_summary(summary, k=4)
     assert "pass@4" in text and "0.500 ± 0.010" in text and "REDI vs SFT continued" in text
 
@@ -98,7 +104,8 @@ def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
     """ablations.main end to end with a run_stage that trains nothing: every arm's overrides
     load as a recipe (the real load_recipe via demo.load) and set what the arm says; every stage
     gets every input it reads pinned to the version made for that arm; the pair arms start from
-    the `all` arm's select and sft; one evaluate holds every model."""
+    the `all` arm's select and sft; distributions reads the `all` arm's select and every KD arm
+    that distributions version, with sft's schedule; one evaluate holds every model."""
     from pipeline.apps import ablations, demo
     from pipeline.apps.ablations import main
     from pipeline.config import parse_override
@@ -133,11 +140,16 @@ def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
     names = [c["name"] for c in calls]
     sft_calls = ["prune", "provenance", "select", "sft"]
     assert names == (["prompts", "generate", "verify"] + sft_calls * len(SFT_ARMS)
-                     + ["redi"] * len(PAIR_ARMS) + ["evaluate"])
-    seeded = ["select.seed=3", "sft.seed=3", "redi.seed=3", "evaluate.seed=3"]
+                     + ["redi"] * len(PAIR_ARMS) + ["distributions"] + ["kd"] * len(KD_ARMS)
+                     + ["evaluate"])
+    seeded = ["select.seed=3", "sft.seed=3", "redi.seed=3", "kd.seed=3", "evaluate.seed=3"]
     arm_calls = {arm: calls[3 + 4 * i: 7 + 4 * i] for i, arm in enumerate(SFT_ARMS)}
     arm_calls.update({arm: [calls[3 + 4 * len(SFT_ARMS) + i]] for i, arm in enumerate(PAIR_ARMS)})
-    arms = {**SFT_ARMS, **{a: SFT_ARMS[PAIR_START] + o for a, o in PAIR_ARMS.items()}}
+    at = 3 + 4 * len(SFT_ARMS) + len(PAIR_ARMS)
+    distributions = calls[at]
+    arm_calls.update({arm: [calls[at + 1 + i]] for i, arm in enumerate(KD_ARMS)})
+    arms = {**SFT_ARMS, **{a: SFT_ARMS[PAIR_START] + o for a, o in PAIR_ARMS.items()},
+            **{a: SFT_ARMS[KD_START] + o for a, o in KD_ARMS.items()}}
     for arm, overrides in arms.items():
         for call in arm_calls[arm]:
             r = call["recipe"]
@@ -154,9 +166,29 @@ def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
     assert [arm_calls[a][0]["recipe"].configs["redi"].loss for a in PAIR_ARMS] == \
         ["redi", "dpo", "simpo", "redi"]
     assert len({arm_calls[a][0]["version"].version for a in PAIR_ARMS}) == len(PAIR_ARMS)
+    # KD: the teacher's distributions of the `all` arm's traces; every KD arm reads them, with
+    # sft's schedule and text settings (same traces, same steps), from the base student
+    kd_start = arm_calls[KD_START]
+    assert distributions["pins"] == {"select": kd_start[2]["version"].version}
+    sft = kd_start[3]["recipe"].configs["sft"]
+    for arm in KD_ARMS:
+        call = arm_calls[arm][0]
+        assert call["pins"] == {"distributions": distributions["version"].version}
+        kd = call["recipe"].configs["kd"]
+        for key in ("epochs", "max_steps", "learning_rate", "tokens_per_step", "max_length",
+                    "warmup_ratio", "seed"):
+            assert getattr(kd, key) == getattr(sft, key), (arm, key)
+        assert kd.student == sft.student == student and kd.teacher == teacher
+    dist = distributions["recipe"].configs["distributions"]
+    assert (dist.max_length, dist.overlong) == (sft.max_length, sft.overlong)
+    assert [arm_calls[a][0]["recipe"].configs["kd"].divergence for a in KD_ARMS] == \
+        ["forward_kl", "taid", "forward_kl"]
+    assert [arm_calls[a][0]["recipe"].configs["kd"].online_teacher for a in KD_ARMS] == \
+        [False, False, True]
     evaluate = calls[-1]["recipe"].configs["evaluate"]
     assert evaluate.models == ["teacher", "student"] + [
-        arm_calls[a][-1]["version"].path for a in list(SFT_ARMS) + list(PAIR_ARMS)]
+        arm_calls[a][-1]["version"].path for a in list(SFT_ARMS) + list(PAIR_ARMS)
+        + list(KD_ARMS)]
     with open(os.path.join(root, "ablations.json")) as f:
         result = json.load(f)
     assert result["complete"] and set(result["runs"]["3"]) == {"teacher", "student", *arms}
@@ -183,7 +215,10 @@ def test_shortened_ablations_run_every_arm(tmp_path, ray_cluster, capsys):
     root = str(tmp_path / "data")
     args = argparse.Namespace(recipe=os.path.join(ROOT, "configs", "tiny.yaml"),
                               items=[f"data_root={root}"], ablations=True)
-    assert main(args, AblationPlan(seeds=(0,), extra=TINY, teacher=TINY_TEACHER)) == 0
+    # the KD arms (distributions + 3 kd fits) are left out: minutes more on 2 cores; the fast
+    # wiring test above covers their recipes and pins
+    assert main(args, AblationPlan(seeds=(0,), extra=TINY, teacher=TINY_TEACHER,
+                                   kd_arms=())) == 0
     out = capsys.readouterr().out
     with open(os.path.join(root, "ablations.json")) as f:
         result = json.load(f)

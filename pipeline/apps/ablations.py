@@ -19,6 +19,12 @@ same held-out problems:
     simpo        TRL CPOTrainer, loss_type simpo
     sft_cont     REDI's loss with alpha 0: the chosen traces only, the same steps and LR — the
                  fair control for "more training"
+  logit-distillation arms (each from the base student, on the `all` arm's select: the teacher's
+  top-k captured once per seed by `distributions`, then `kd` with sft's schedule, so the same
+  traces and the same steps as the `all` SFT model; docs/kd.md):
+    kd           forward KL on the stored top-k, kd_ratio 0.5
+    taid         TAID (the interpolated target, t adapted per step)
+    mixkd        forward KL + MixKD's mixup term (the teacher online in each training worker)
 
 Seeds vary select's shuffle, SFT / REDI init and data order, and evaluate's sampling; the data the
 arms choose from is the same. SEEDS is fixed here, before any run. Printed: per arm the mean and
@@ -63,6 +69,17 @@ PAIR_ARMS = {
     "simpo": ["redi.loss=simpo"],
     "sft_cont": ["redi.loss=redi", "redi.alpha=0.0"],
 }
+KD_START = "all"
+KD_ARMS = {
+    "kd": ["kd.divergence=forward_kl"],
+    "taid": ["kd.divergence=taid"],
+    "mixkd": ["kd.divergence=forward_kl", "kd.online_teacher=true"],
+}
+# kd's settings that sft also has: the KD arms take sft's (same_as_sft), so they train on the
+# same tokens for the same steps; distributions takes the text settings kd's arrays align to.
+SCHEDULE = ("epochs", "max_steps", "learning_rate", "warmup_ratio", "lr_scheduler",
+            "weight_decay", "max_grad_norm", "tokens_per_step", "save_steps")
+TEXT = ("max_length", "overlong", "chat_template", "prompt_format", "reasoning_tags")
 # The comparisons the issue sets targets for: (name, arm, baseline).
 COMPARISONS = (
     ("DAP budget vs unpruned", "dap_budget", "random"),
@@ -71,6 +88,9 @@ COMPARISONS = (
     ("REDI vs SFT continued", "redi", "sft_cont"),
     ("REDI vs DPO", "redi", "dpo"),
     ("REDI vs SimPO", "redi", "simpo"),
+    ("KD vs SFT (same traces, steps)", "kd", KD_START),
+    ("TAID vs forward KL", "taid", "kd"),
+    ("MixKD vs forward KL", "mixkd", "kd"),
 )
 METRICS = ("pass_at_1", "pass_at_k", "mean_completion_tokens", "sft_rows", "mean_sft_tokens")
 
@@ -84,11 +104,13 @@ class AblationPlan:
       epochs (vs the demo's 3), to fit 10 SFT/pair models x 3 seeds in an hour on 2 cores;
       tests: tiny counts.
     teacher: the demo's teacher settings (pipeline/apps/demo.py TEACHER) or smaller ones.
+    kd_arms: which of KD_ARMS run (all by default; none skips distributions and kd).
     """
 
     seeds: tuple = SEEDS
     extra: list = field(default_factory=lambda: ["sft.epochs=2"])
     teacher: dict | None = None
+    kd_arms: tuple = tuple(KD_ARMS)
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -173,6 +195,10 @@ def targets(summary: dict) -> list[str]:
     if c:
         line(c["pass_at_1"][0] >= 0,
              f"provenance - random: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= 0)")
+    c = by.get(f"kd:{KD_START}")
+    if c:
+        line(c["pass_at_1"][0] >= 0.03,
+             f"KD - SFT: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= +0.030)")
     return out
 
 
@@ -230,6 +256,33 @@ def sft_arm(recipe, verify):
     return select, run_stage("sft", recipe, {"select": select.version})
 
 
+def _value(v) -> str:
+    """An override's value as the recipe parser reads it back (strings JSON-quoted)."""
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+def same_as_sft(recipe) -> list[str]:
+    """Overrides giving kd sft's schedule and text settings and distributions sft's text
+    settings, where they differ (equal settings: nothing, so the versions stay the same)."""
+    sft, kd, dist = (recipe.configs[s] for s in ("sft", "kd", "distributions"))
+    out = [f"kd.{key}={_value(getattr(sft, key))}" for key in SCHEDULE + TEXT
+           if getattr(kd, key) != getattr(sft, key)]
+    return out + [f"distributions.{key}={_value(getattr(sft, key))}" for key in TEXT
+                  if getattr(dist, key) != getattr(sft, key)]
+
+
+def kd_arms(recipe_for, arms, seeded, start) -> dict:
+    """distributions once on the start arm's select, then each KD arm: {arm: kd version}."""
+    base = recipe_for(*SFT_ARMS[KD_START], *seeded)
+    like_sft = same_as_sft(base)
+    dist = run_stage("distributions", recipe_for(*SFT_ARMS[KD_START], *seeded, *like_sft),
+                     {"select": start["select"].version})
+    return {arm: run_stage("kd", recipe_for(*SFT_ARMS[KD_START], *seeded, *like_sft,
+                                            *KD_ARMS[arm]),
+                           {"distributions": dist.version})
+            for arm in arms}
+
+
 def main(args, plan: AblationPlan | None = None) -> int:
     plan = plan or AblationPlan()
     started = time.time()
@@ -240,7 +293,7 @@ def main(args, plan: AblationPlan | None = None) -> int:
     evaluations: dict[int, str] = {}
     for seed in plan.seeds:
         seeded = [f"select.seed={seed}", f"sft.seed={seed}", f"redi.seed={seed}",
-                  f"evaluate.seed={seed}"]
+                  f"kd.seed={seed}", f"evaluate.seed={seed}"]
         paths, data = {}, {}
         for arm, overrides in SFT_ARMS.items():
             select, sft = sft_arm(recipe_for(*overrides, *seeded), verify)
@@ -255,6 +308,10 @@ def main(args, plan: AblationPlan | None = None) -> int:
                                          "sft": start["sft"].version})
             paths[arm] = redi.path
             data[arm] = {"pairs": start["select"].manifest["stats"]["pairs"], "redi": redi}
+        kd_start = data[KD_START]
+        for arm, kd in kd_arms(recipe_for, plan.kd_arms, seeded, kd_start).items():
+            paths[arm] = kd.path
+            data[arm] = {m: kd_start[m] for m in ("sft_rows", "mean_sft_tokens")}
         # One evaluate per seed with every model of the seed (the teacher once, at the first).
         names = (["teacher"] if seed == plan.seeds[0] else []) + ["student"] + list(paths)
         model_list = "[" + ", ".join(["teacher"] * (seed == plan.seeds[0]) + ["student"]
