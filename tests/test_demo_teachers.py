@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from pipeline.apps.compare_teachers import demo_items, short_name
+from pipeline.apps.compare_teachers import ARM_KEYS, demo_items, short_name
 from pipeline.apps.demo import CHECKED_STYLE_MIX, STYLE_MIX, TASK, ensure_models, load
 from stages.lib.synthetic import make_problems
 
@@ -51,6 +51,8 @@ def test_demo_items_put_both_teachers_into_one_generate(tmp_path):
     assert recipe.configs["sft"].epochs == 1  # the user's items come last
     assert recipe.configs["generate"].n == 4  # the demo's settings
     assert json.loads(json.dumps(teachers)) == teachers
+    # Nothing compare-teachers sets per arm (it refuses those keys on its command line).
+    assert not [i for i in items if i.split("=", 1)[0] in ARM_KEYS]
     assert [short_name(t) for t in teachers] == [os.path.basename(t) for t in teachers]
 
 

@@ -39,6 +39,10 @@ from pipeline.apps.report import mean_sd_text
 from pipeline.errors import UserError
 
 SEEDS = (0, 1, 2)
+# The keys compare-teachers sets per arm and seed: refused on its command line.
+ARM_KEYS = ("select.teachers", "select.teacher_weights", "select.problems_solved_by",
+            "select.sft_per_problem", "select.seed", "sft.seed", "evaluate.seed",
+            "evaluate.models")
 
 
 @dataclass
@@ -85,7 +89,9 @@ def demo_items(recipe_path: str, items: list[str], log=print,
                                              log=log)
     checked, _, _ = demo.ensure_models(recipe.data_root, held_out, settings=settings, log=log,
                                        style_mix=demo.CHECKED_STYLE_MIX, name="teacher-checked")
-    return demo.DEMO_OVERRIDES + [f"teacher={teacher}", f"student={student}",
+    # The demo's settings less those compare-teachers sets per arm (select.sft_per_problem).
+    settings_items = [o for o in demo.DEMO_OVERRIDES if o.split("=", 1)[0] not in ARM_KEYS]
+    return settings_items + [f"teacher={teacher}", f"student={student}",
                                   f"generate.teachers={json.dumps([teacher, checked])}",
                                   *items]
 
@@ -172,9 +178,7 @@ def main(recipe_path: str, items: list[str], pins: dict, plan: ComparePlan) -> i
     started = time.time()
     if plan.per_problem < 1:
         raise UserError(f"--per-problem: must be >= 1, got {plan.per_problem}")
-    for key in ("select.teachers", "select.teacher_weights", "select.problems_solved_by",
-                "select.sft_per_problem", "select.seed", "sft.seed", "evaluate.seed",
-                "evaluate.models"):
+    for key in ARM_KEYS:
         if any(i.startswith(key + "=") for i in items):
             raise UserError(f"{key}: compare-teachers sets it per arm and seed; leave it out "
                             "(--seeds, --per-problem)")
