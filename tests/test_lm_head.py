@@ -301,6 +301,10 @@ def _zero_rank(rank: int, world: int, port: int, model_path: str, out: str) -> N
             results[f"{stage}/{chunk}"] = {"loss": loss.item(), "logps": logps.detach(),
                                            "grads": grads}
         del engine
+    from stages.lib import lm_head
+
+    # the chunked head ran under both stages: nothing fell back to the unchunked computation
+    results["fell_back"] = sorted(c.__name__ for c in lm_head._post_processing)
     if rank == 0:
         torch.save(results, out)
 
@@ -323,6 +327,7 @@ def test_chunked_loss_under_zero2_and_zero3_on_two_gloo_ranks(tiny_model, tmp_pa
     subprocess.run([sys.executable, "-c", code, ROOT, os.path.join(ROOT, "tests"), str(port),
                     tiny_model, out], check=True, timeout=300, cwd=ROOT)
     results = torch.load(out)
+    assert results.pop("fell_back") == []
 
     register_attention()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION,

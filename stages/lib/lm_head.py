@@ -277,6 +277,16 @@ def _head_returns_logps(head, targets, chunk: int, produced: list, weights=None)
             head.forward = own
 
 
+def _same_tensor(logits, ours) -> bool:
+    """The model returned our head's output: that tensor, or an alias of it (same storage, shape
+    and dtype). ZeRO-3's post-forward hook hands a module's outputs on through an autograd
+    function that returns `output.detach()` (to gather the weight again before their backward),
+    so the model's logits are a new tensor object over our log-probs' storage. Any
+    post-processing that is not in place (soft-capping, scaling) makes new storage."""
+    return logits is ours or (logits.shape == ours.shape and logits.dtype == ours.dtype
+                              and logits.data_ptr() == ours.data_ptr())
+
+
 def completion_logps(model, forward, targets, chunk: int = DEFAULT_CHUNK, weights=None):
     """Log-probs [K] of `targets` (with gradients when grad mode is on): `forward()` runs `model`
     (a transformers causal LM, or a DeepSpeed engine around one) with logits_to_keep = the K
@@ -297,7 +307,7 @@ def completion_logps(model, forward, targets, chunk: int = DEFAULT_CHUNK, weight
         with _head_returns_logps(model.get_output_embeddings(), targets, chunk, produced,
                                  weights):
             out = forward()
-        if len(produced) == 1 and out.logits is produced[0]:
+        if len(produced) == 1 and _same_tensor(out.logits, produced[0]):
             return out.logits.reshape(-1)
         _post_processing.add(_model_class(model))
         reason = (f"{_model_class(model).__name__} transforms the LM head's output "
