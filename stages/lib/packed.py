@@ -115,15 +115,15 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     query [1, heads, T, d], key/value [1, kv_heads, T, d] -> ([1, T, heads, d], None), the
     transformers attention-function contract. GPU: torch's flash varlen kernel over cu_seqlens
-    (not measured in this repo yet). CPU: one fused SDPA call per sample — per-sample cost is
-    L_i², where a dense block-diagonal mask over the packed row costs (sum L_i)²
-    (bench/train.py measures both) — or, for many short samples of similar length, ONE causal
-    SDPA call over the samples right-padded to the longest (a pad key only follows a sample's
-    real tokens, so causality alone hides it): n * L_max² work for one call instead of n calls.
-    That is taken while n * L_max² <= 3 * sum(L_i²): the demo teacher's rows of 32 traces
-    (L_max ~93, mean ~62: ratio ~2.2) train 0.143 vs 0.152 s a step (concise-only rows 0.098
-    vs 0.115), the same loss and gradients to 6e-8 (2026-12-01); real long-CoT rows (one
-    4,000-token trace beside 500-token ones: ratio ~13) keep the per-sample calls.
+    (tests/test_gpu.py checks it against the CPU path). CPU: one fused SDPA call per sample —
+    per-sample cost is L_i², where a dense block-diagonal mask over the packed row costs (sum L_i)²
+    (bench/train.py measures both) — or, for many short samples of similar length, ONE causal SDPA
+    call over the samples right-padded to the longest (a pad key only follows a sample's real
+    tokens, so causality alone hides it): n * L_max² work for one call instead of n calls. That is
+    taken while n * L_max² <= 3 * sum(L_i²): the demo teacher's rows of 32 traces (L_max ~93, mean
+    ~62: 32 * 93² / (32 * 62²) ~ 2.2) take the one call, faster with the same loss and gradients
+    (docs/performance.md); real long-CoT rows (one 4,000-token trace beside 500-token ones: ratio
+    ~13) keep the per-sample calls.
     """
     import torch
     import torch.nn.functional as F
@@ -197,9 +197,9 @@ def onednn_linears(model):
     """CPU fp32 inference: every nn.Linear of `model` runs as a oneDNN matmul on weights packed
     once (what torch.compile's freezing does), in place; returns the model. No gradient.
 
-    Why: torch's fp32 F.linear goes to MKL sgemm, which on this AMD EPYC reaches ~77 GFLOP/s per
-    core; oneDNN with a prepacked weight ~191 (5,500 x 256 @ 256 x 1,024, one thread, measured),
-    and the linears are ~60% of a scoring forward. The same values to ~1e-6.
+    Why: torch's fp32 F.linear goes to MKL sgemm, which on an AMD EPYC reaches ~2/5 of what
+    oneDNN does with a prepacked weight (docs/performance.md), and the linears are ~60% of a
+    scoring forward. The same values to ~1e-6.
     """
     import torch
 

@@ -64,8 +64,8 @@ def packed_trainer_class(loss_fn, sequence_parallel: int = 1):
 
     class PackedTrainer(Trainer):
         metrics = collections.defaultdict(list)
-        tokens = 0            # input tokens this session on this worker (no padding to count)
-        calls = 0             # optimizer steps this session (one packed row per step)
+        tokens = 0            # input tokens this run on this worker (no padding to count)
+        calls = 0             # optimizer steps this run (one packed row per step)
         started = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
