@@ -14,11 +14,13 @@ optional CPU offload). The same code runs on a laptop's local Ray and on a clust
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import re
 import resource
 import shutil
+import time
 
 from pipeline.errors import UserError
 from pipeline.progress import Progress
@@ -69,6 +71,13 @@ def prebuild_deepspeed_ops() -> None:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         print("deepspeed: no shared-memory comm op for this accelerator; nothing to build")
         return
+    # torch's JIT build holds a `lock` file in the op's folder while it compiles; a build killed
+    # midway leaves it behind and every later load waits on it forever. `make install` is the
+    # only builder at its time, so a lock older than a minute here is stale.
+    for lock in glob.glob(os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "*", "lock")):
+        if time.time() - os.path.getmtime(lock) > 60:
+            print(f"deepspeed: removing a stale build lock {lock}")
+            os.remove(lock)
     try:
         builder.load()
     except Exception as ex:  # noqa: BLE001 — install goes on; the first training run builds it
