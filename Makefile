@@ -27,7 +27,7 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml cluster/install-excludes.txt
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	@test -x $(VENV)/bin/uv || $(VENV)/bin/python -m pip install -q --disable-pip-version-check uv
 	# --compile-bytecode: this environment sets PYTHONDONTWRITEBYTECODE=1; without .pyc files
-	# vLLM's start-up doubles (31-35 s instead of 14-17 s, STACK.md).
+	# vLLM's start-up doubles (31-35 s instead of 14-17 s, docs/stack.md).
 	$(VENV)/bin/uv pip install -q -p $(VENV)/bin/python $(FIND_LINKS) \
 	    --excludes cluster/install-excludes.txt --compile-bytecode -e ".[$(EXTRA),dev]"
 	# DeepSpeed's CPU comm op, built here rather than inside the first training run (~38 s).

