@@ -30,19 +30,24 @@ _mixed_embeddings) and the student's D to it on the same mixed input is added to
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import random
 from dataclasses import dataclass
 
+from cluster.train import fit, worker_env
 from pipeline.errors import UserError
 from pipeline.stage import Stage
 from stages.lib.chat import check_chat_format, target_format
 from stages.lib.divergences import DIVERGENCES, TaidSchedule, divergence
-from stages.lib.lm_head import unchunked_reason
-from stages.lib.packed import collate, encode, fit_length, pack, packed_row
+from stages.lib.lm_head import module_forward, unchunked_reason
+from stages.lib.packed import (ATTENTION, collate, encode, fit_length, pack, packed_row,
+                               register_attention)
+from stages.lib.topk import teacher_topk
 from stages.lib.trainer import global_sum, read_stats, train_packed, upstream_drops, worker_config
 
 log = logging.getLogger(__name__)
@@ -148,7 +153,6 @@ def _head_returns_losses(head, batch, spec: KdLoss, chunk: int, produced: list):
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    own = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook)
     targets, ids, lps = batch["targets"], batch["topk_ids"], batch["topk_logps"]
 
     def chunk_terms(h, weight, bias, t, i, lp):
@@ -172,14 +176,8 @@ def _head_returns_losses(head, batch, spec: KdLoss, chunk: int, produced: list):
         produced.append((out, ce, d))
         return out
 
-    head.forward = forward
-    try:
+    with module_forward(head, forward):
         yield
-    finally:
-        if own is None:
-            del head.forward
-        else:
-            head.forward = own
 
 
 def kd_token_losses(model, batch, spec: KdLoss, chunk: int = CHUNK):
@@ -272,8 +270,6 @@ def load_teacher(path: str, use_gpu: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.lib.packed import ATTENTION, register_attention
-
     register_attention()
     device = "cpu"
     if use_gpu:
@@ -301,7 +297,6 @@ def mixed_row(batch, alpha: float, rng: random.Random) -> dict:
     cu_seqlens, max_seqlen, keep, targets (a's next tokens: only CE reads them, at weight 0),
     and other_ids (b's ids) and lam [T] for the embedding mix (_mixed_embeddings).
     """
-    import bisect
 
     import torch
 
@@ -353,7 +348,6 @@ def _mixed_embeddings(model, other_ids, lam):
     called by the model's forward, so ZeRO-3 gathers its weight as usual; its own forward
     (e.g. a scaled embedding) computes both terms."""
     emb = model.get_input_embeddings()
-    own = emb.__dict__.get("forward")
     original = emb.forward
 
     def forward(x, *args, **kwargs):
@@ -362,14 +356,8 @@ def _mixed_embeddings(model, other_ids, lam):
         w = lam.view(*x.shape, 1).to(e_a.dtype)
         return w * e_a + (1.0 - w) * e_b
 
-    emb.forward = forward
-    try:
+    with module_forward(emb, forward):
         yield
-    finally:
-        if own is None:
-            del emb.forward
-        else:
-            emb.forward = own
 
 
 def mixup_token_losses(model, batch, spec: KdLoss, mix: MixKd):
@@ -377,9 +365,6 @@ def mixup_token_losses(model, batch, spec: KdLoss, mix: MixKd):
     (mixed_row): the online teacher's top-k (k = the stored k) on its own embeddings mixed
     with the same lam, the student's D to it on its mixed embeddings (kd_ratio 1: a mixed
     position has no trace token for CE)."""
-    import dataclasses
-
-    from stages.lib.topk import teacher_topk
 
     row = mixed_row(batch, mix.alpha, mix.rng)
     k = batch["topk_ids"].shape[-1]
@@ -395,7 +380,6 @@ def kd_batch_loss(model, batch, spec: KdLoss, taid: TaidState | None, mix: MixKd
     """The global step's token mean of the loss, as sft_loss: each worker's sum over its tokens
     x world / (completion tokens of all workers); the logged CE, D (and t) are global means.
     With MixKD, + mixup_weight x the global mean of the mixup term over its positions."""
-    import dataclasses
 
     import torch.distributed as dist
 
@@ -420,8 +404,6 @@ def kd_batch_loss(model, batch, spec: KdLoss, taid: TaidState | None, mix: MixKd
 
 def kd_worker(config: dict) -> None:
     import torch.distributed as dist
-
-    from cluster.train import worker_env
 
     spec = KdLoss(config["divergence"], config["kd_ratio"], config["beta"], config["skew_alpha"])
     taid = None
@@ -546,8 +528,6 @@ def teacher_arrays(source, split: str | None):
 def run(cfg: KdConfig, inputs, ctx):
     import numpy as np
     from transformers import AutoConfig, AutoTokenizer
-
-    from cluster.train import fit
 
     check_config(cfg)
     workers = ctx.resources.num_workers

@@ -19,12 +19,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
+import time
 from dataclasses import dataclass
 
+from cluster.train import (deepspeed_for_worker, finish, fit, last_checkpoint, peak_memory_mb,
+                           worker_env)
 from pipeline.errors import UserError
 from pipeline.stage import Stage
-from stages.lib.trainer import stop_on_end_of_turn
+from stages.lib.chat import check_chat_format, target_format, target_texts
+from stages.lib.packed import completion_logps, encode, fit_length, packed_row
+from stages.lib.trainer import (global_sum, read_stats, stop_on_end_of_turn, train_packed,
+                                upstream_drops, worker_config)
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +120,6 @@ def pair_logps(model, batch, alpha: float | None = None):
     """
     import torch
 
-    from stages.lib.packed import completion_logps
-
     n = batch["n_seqs"]
     seq = batch["keep_seq"]
     weights = None
@@ -147,8 +152,6 @@ class CollapseWatch:
 
 
 def redi_batch_loss(model, batch, alpha: float, watch: CollapseWatch):
-    from stages.lib.trainer import global_sum
-
     chosen, chosen_len, rejected, rejected_len = pair_logps(model, batch, alpha)
     loss = redi_loss(chosen, chosen_len, rejected, rejected_len, alpha)
     # Logged values are means over all workers' pairs of this step.
@@ -160,8 +163,6 @@ def redi_batch_loss(model, batch, alpha: float, watch: CollapseWatch):
 
 
 def redi_worker(config: dict) -> None:
-    from stages.lib.trainer import train_packed
-
     loss_fn = functools.partial(redi_batch_loss, alpha=config["alpha"],
                                 watch=CollapseWatch(config["collapse_margin"]))
     train_packed(config, loss_fn)
@@ -169,12 +170,8 @@ def redi_worker(config: dict) -> None:
 
 def trl_pair_worker(config: dict) -> None:
     """The baselines: TRL's DPOTrainer (`dpo`) or CPOTrainer with the SimPO loss (`simpo`)."""
-    from cluster.train import (deepspeed_for_worker, finish, last_checkpoint, peak_memory_mb,
-                               worker_env)
 
     worker_env(config)
-    import os
-    import time
 
     import datasets
     import ray
@@ -244,11 +241,6 @@ def trl_pair_worker(config: dict) -> None:
 
 def run(cfg: REDIConfig, inputs, ctx):
     from transformers import AutoTokenizer
-
-    from cluster.train import fit
-    from stages.lib.chat import check_chat_format, target_format, target_texts
-    from stages.lib.packed import encode, fit_length, packed_row
-    from stages.lib.trainer import read_stats, upstream_drops, worker_config
 
     if cfg.loss not in ("redi", "dpo", "simpo"):
         raise UserError(f"redi.loss: '{cfg.loss}' (use 'redi', 'dpo' or 'simpo')")

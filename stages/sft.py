@@ -16,10 +16,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from cluster.train import fit
 from pipeline.errors import UserError
 from pipeline.stage import Stage
 from stages.lib.chat import check_chat_format, target_format
 from stages.lib.packed import completion_logps, encode, fit_length, pack, packed_row
+from stages.lib.sequence_parallel import check
 from stages.lib.trainer import global_sum, read_stats, train_packed, upstream_drops, worker_config
 
 
@@ -82,9 +84,8 @@ def sft_loss(model, batch):
     gradient average over workers then gives exactly the global token mean, however unevenly
     the packed rows split prompt and completion tokens.
     """
-    import torch.distributed as dist
-
     import torch
+    import torch.distributed as dist
 
     # the loss is -sum(logps) x a constant: every token's weight is -1 (lm_head's fused path)
     logps = completion_logps(model, batch,
@@ -104,8 +105,6 @@ def sft_worker(config: dict) -> None:
 def run(cfg: SFTConfig, inputs, ctx):
     from transformers import AutoTokenizer
 
-    from cluster.train import fit
-
     if cfg.overlong not in ("truncate", "drop"):
         raise UserError(f"sft.overlong: '{cfg.overlong}' (use 'truncate' or 'drop')")
     workers, sp = ctx.resources.num_workers, ctx.resources.sequence_parallel
@@ -114,8 +113,6 @@ def run(cfg: SFTConfig, inputs, ctx):
                         f"divides resources.sft.num_workers={workers})")
     if sp > 1:
         from transformers import AutoConfig
-
-        from stages.lib.sequence_parallel import check
 
         reason = check(AutoConfig.from_pretrained(cfg.student), sp)
         if reason:

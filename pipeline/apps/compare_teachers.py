@@ -34,9 +34,15 @@ import os
 import time
 from dataclasses import dataclass
 
+from pipeline.apps import demo
 from pipeline.apps.ablations import NO_PROVENANCE, UNPRUNED, _overall, mean_sd, sft_arm
 from pipeline.apps.report import mean_sd_text
+from pipeline.config import load_recipe
 from pipeline.errors import UserError
+from pipeline.runner import run_stage
+from pipeline.store import Store
+from stages import STAGES
+from stages.evaluate import load_eval_problems
 
 SEEDS = (0, 1, 2)
 # The keys compare-teachers sets per arm and seed: refused on its command line.
@@ -79,8 +85,6 @@ def demo_items(recipe_path: str, items: list[str], log=print,
     mostly checked traces (CHECKED_STYLE_MIX). Both are trained on first use and cached under
     <data_root>/models/ like the demo's; the user's items come last. settings: the teachers'
     training settings (default demo.TEACHER; the tests pass a few-step one)."""
-    from pipeline.apps import demo
-    from stages.evaluate import load_eval_problems
 
     recipe = demo.load(recipe_path, demo.DEMO_OVERRIDES + list(items))
     held_out = [p["problem"] for p in load_eval_problems(recipe.configs["evaluate"])]
@@ -106,8 +110,6 @@ def short_name(name: str, width: int = 28) -> str:
 
 def _upstream(recipe, pins: dict):
     """(prompts, verify): the pinned verify and the prompts of its lineage, or the chain run."""
-    from pipeline.runner import run_stage
-    from pipeline.store import Store
 
     store = Store(recipe.data_root)
     if "verify" in pins:
@@ -171,10 +173,6 @@ def format_table(summary: dict) -> str:
 
 
 def main(recipe_path: str, items: list[str], pins: dict, plan: ComparePlan) -> int:
-    from pipeline.config import load_recipe
-    from pipeline.runner import run_stage
-    from stages import STAGES
-
     started = time.time()
     if plan.per_problem < 1:
         raise UserError(f"--per-problem: must be >= 1, got {plan.per_problem}")

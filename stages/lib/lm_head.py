@@ -251,7 +251,6 @@ def _head_returns_logps(head, targets, chunk: int, produced: list, weights=None)
     `produced`."""
     import torch
 
-    own = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook)
     original = head.forward
 
     def forward(x, *args, **kwargs):
@@ -267,14 +266,25 @@ def _head_returns_logps(head, targets, chunk: int, produced: list, weights=None)
         produced.append(out)
         return out
 
-    head.forward = forward
+    with module_forward(head, forward):
+        yield
+
+
+@contextlib.contextmanager
+def module_forward(module, forward):
+    """Within the block, `module` runs `forward` instead of its own. The model's forward still
+    *calls* the module, so every hook on it runs as before (ZeRO-3 gathers its weight around the
+    call and before its backward); an instance-level forward it already had (an accelerate hook)
+    comes back afterwards."""
+    own = module.__dict__.get("forward")
+    module.forward = forward
     try:
         yield
     finally:
         if own is None:
-            del head.forward
+            del module.forward
         else:
-            head.forward = own
+            module.forward = own
 
 
 def _same_tensor(logits, ours) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 
 from stages.lib.chat import TargetFormat, split_think, target_texts
+from stages.lib.lm_head import completion_logps as head_logps
 
 ATTENTION = "distillery_varlen"  # our attention function's name in transformers' registry
 
@@ -177,7 +178,6 @@ def completion_logps(model, batch, chunk: int = 1024, weights=None):
     scale), and the head's gradients are taken in the forward's chunk loop: 3 head matmuls, as
     unchunked, instead of 4 (stages/lib/lm_head.py HeadLogps).
     """
-    from stages.lib.lm_head import completion_logps as head_logps
 
     def forward():
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],

@@ -26,12 +26,15 @@ whole row, not the worker's slice; only sft takes `resources.sft.sequence_parall
 """
 from __future__ import annotations
 
+import random
+
+from stages.lib.packed import ATTENTION, register_attention
+
 
 def grouped_rows(rows: list, size: int, seed: int) -> list:
     """The training rows for `size`-way groups: a seeded shuffle, each row `size` times in a
     row. With a sequential sampler, accelerate hands item k to worker k mod world, so the
     `size` consecutive workers of a group (DeepSpeed's groups) get the same row each step."""
-    import random
 
     order = random.Random(seed).sample(range(len(rows)), len(rows))
     return [rows[i] for i in order for _ in range(size)]
@@ -56,8 +59,6 @@ def enable(model, size: int):
     import deepspeed
     import torch.distributed as dist
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-
-    from stages.lib.packed import ATTENTION, register_attention
 
     # the groups are made with deepspeed.comm (a no-op when ZeRO-3 initialised it already)
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from stages.lib.lm_head import unchunked_reason
+from stages.lib.lm_head import module_forward, unchunked_reason
 from stages.lib.packed import pack, packed_row
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,13 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def _head_returns_input(head, captured: list):
     """Within the block, calling `head` returns its input unchanged (kept in `captured`)."""
-    own = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook)
 
     def forward(x, *args, **kwargs):
         captured.append(x)
         return x
 
-    head.forward = forward
-    try:
+    with module_forward(head, forward):
         yield
-    finally:
-        if own is None:
-            del head.forward
-        else:
-            head.forward = own
 
 
 def _forward(model, batch, **kwargs):

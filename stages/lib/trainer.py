@@ -7,18 +7,21 @@ starts the workers), built on the packed forward (stages/lib/packed.py).
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
 
+from cluster.train import (deepspeed_for_worker, finish, last_checkpoint, peak_memory_mb,
+                           progress_callback, worker_env)
+from pipeline.store import Store
 from stages.lib.packed import ATTENTION, collate, register_attention
-from stages.lib.sequence_parallel import enable as enable_sequence_parallel
-from stages.lib.sequence_parallel import grouped_rows, shard_row
+from stages.lib.sequence_parallel import (enable as enable_sequence_parallel, grouped_rows,
+                                          shard_row)
 
 
 def upstream_drops(version, data_root: str) -> str:
     """'select dropped {...}; prune dropped {...}; …' — which filter emptied the data."""
-    from pipeline.store import Store
 
     store, parts, todo, seen = Store(data_root), [], [version], set()
     while todo:
@@ -58,7 +61,6 @@ def packed_trainer_class(loss_fn, sequence_parallel: int = 1):
     Metrics are averaged over each logging window and land in the logs (TensorBoard) and the
     manifest's lists. bench/train.py times exactly this class.
     """
-    import collections
 
     from transformers import Trainer
 
@@ -115,8 +117,6 @@ def train_packed(config: dict, loss_fn, collate_fn=collate, callbacks=()) -> Non
     of its rows (kd: the teacher's top-k). `callbacks`: more transformers TrainerCallbacks (kd's
     TAID schedule, saved in each checkpoint's trainer_state.json).
     """
-    from cluster.train import (deepspeed_for_worker, finish, last_checkpoint, peak_memory_mb,
-                               progress_callback, worker_env)
 
     worker_env(config)
     import ray
