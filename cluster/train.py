@@ -101,11 +101,11 @@ def fit(loop, config: dict, resources, ctx) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ctx.ensure_ray()  # the one start of Ray for a training stage
-    # The packed rows once in the object store, not pickled into every worker's config.
-    config = {**config, "rows": ray.put(config["rows"])}
     # More GPU workers than the cluster has would leave Ray Train waiting for them forever:
     # refused now on a fixed cluster, waited for (resources.wait_s) on an autoscaling one.
     claim(ctx.stage, resources, "workers")
+    if "rows" in config:  # a stage's packed rows (worker_config): once in the object store,
+        config = {**config, "rows": ray.put(config["rows"])}  # not pickled into every worker
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = 1
