@@ -16,13 +16,15 @@ Per row, besides select's columns (problem_id, trace_id, messages, difficulty, s
   completion_ids  list<int32>           the student-form completion tokens the positions predict
   topk_ids        list<list<int32>>     [position][k] teacher's top-k ids, most probable first
   topk_logps      list<list<float16>>   their raw log-probs (temperature 1, full softmax)
-  token_logp      list<float32>         the teacher's log-prob of completion_ids[position]
-  tail_mass       list<float32>         1 - sum of the k probabilities (fp32, before fp16)
+  token_logp      list<float16>         the teacher's log-prob of completion_ids[position]
+  tail_mass       list<float16>         1 - sum of the k probabilities (summed in fp32)
   padded_dropped  int32                 top-k entries the teacher spent on ids >= the student's
                                         vocabulary (dropped; see stages/lib/topk.py)
   padded_mass_max float32               the most probability a position put on those ids
-Storage: int32 id + fp16 log-prob = 6 B an entry (k=32: 192 B) + 12 B a token (token_logp,
-tail_mass, completion id) = 204 B/token raw; the manifest also has Parquet's compressed size.
+Storage: int32 id + fp16 log-prob = 6 B an entry (k=32: 192 B) + 8 B a token (token_logp and
+tail_mass in fp16, the completion id in int32) = 200 B/token raw; the manifest also has
+Parquet's compressed size. Every stored probability is fp16: kd reads only the top-k (it derives
+the tail from them in fp32), so token_logp and tail_mass are for inspection and stats.
 
 Compute: the teacher on the scoring pool (cluster/scoring.py, `resources.distributions`), rows
 packed padding-free (stages/lib/packed.py packed_row), the LM head `chunk` positions at a time
@@ -166,7 +168,7 @@ def capture_columns():
     return [("completion_ids", pa.list_(pa.int32())),
             ("topk_ids", pa.list_(pa.list_(pa.int32()))),
             ("topk_logps", pa.list_(pa.list_(pa.float16()))),
-            ("token_logp", pa.list_(pa.float32())), ("tail_mass", pa.list_(pa.float32())),
+            ("token_logp", pa.list_(pa.float16())), ("tail_mass", pa.list_(pa.float16())),
             ("padded_dropped", pa.int32()), ("padded_mass_max", pa.float32())]
 
 
@@ -202,8 +204,8 @@ def capture_batch(models: dict, batch, cfg: DistributionsConfig, vocab: int):
         "topk_ids": _lists([g["ids"] for g in got], pa.int32()),
         # fp16: |x| * 2^-11 rounding at most (4.9e-4 relative), 2 B an entry
         "topk_logps": _lists([g["logps"].astype(np.float16) for g in got], f16),
-        "token_logp": _lists([g["token_logp"] for g in got], f32),
-        "tail_mass": _lists([g["tail"] for g in got], f32),
+        "token_logp": _lists([g["token_logp"].astype(np.float16) for g in got], f16),
+        "tail_mass": _lists([g["tail"].astype(np.float16) for g in got], f16),
         "padded_dropped": pa.array([int(g["dropped"].sum()) for g in got], pa.int32()),
         "padded_mass_max": pa.array([float(g["padded_mass"].max()) for g in got], f32),
     }
@@ -295,9 +297,9 @@ def run(cfg: DistributionsConfig, inputs, ctx):
 
 
 def bytes_per_token(k: int) -> int:
-    """Uncompressed bytes a position costs: k x (int32 id + fp16 log-prob) + token_logp (fp32) +
-    tail_mass (fp32) + the completion id (int32). k=32: 192 + 12 = 204."""
-    return 6 * k + 12
+    """Uncompressed bytes a position costs: k x (int32 id + fp16 log-prob) + token_logp (fp16) +
+    tail_mass (fp16) + the completion id (int32). k=32: 192 + 8 = 200."""
+    return 6 * k + 8
 
 
 def _stats(store, paths: list, cfg: DistributionsConfig) -> dict:
@@ -318,7 +320,8 @@ def _stats(store, paths: list, cfg: DistributionsConfig) -> dict:
         t = pq.read_table(path, filesystem=store.arrow_fs(),
                           columns=["tail_mass", "padded_dropped", "padded_mass_max"])
         rows += t.num_rows
-        tails = pc.list_flatten(t.column("tail_mass"))
+        # Arrow has no sum kernel for halffloat: widen first
+        tails = pc.cast(pc.list_flatten(t.column("tail_mass")), pa.float64())
         positions += len(tails)
         tail_sum += pc.sum(tails).as_py() or 0.0
         dropped += pc.sum(t.column("padded_dropped")).as_py() or 0
