@@ -303,6 +303,7 @@ def bytes_per_token(k: int) -> int:
 
 
 def _stats(store, paths: list, cfg: DistributionsConfig) -> dict:
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
