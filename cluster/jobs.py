@@ -110,7 +110,6 @@ def follow(c, job_id: str, log=print) -> int:
 
 def jobs(address: str, action: str, job_id: str | None, follow_logs: bool, log=print) -> int:
     """`distillery jobs list | status ID | logs ID | stop ID`."""
-
     if action != "list" and not job_id:
         raise UserError(f"distillery jobs {action}: which job? (distillery jobs {action} ID; "
                         "`distillery jobs list` shows them)")

@@ -36,7 +36,6 @@ def deepspeed_config(zero_stage: int, offload: bool) -> dict:
     TrainingArguments, so the json never disagrees with the trainer (docs/stack.md: TRL's SFTConfig
     turns bf16 on by default and a json saying `false` is then rejected).
     """
-
     if zero_stage not in (2, 3):
         raise UserError(f"resources.zero_stage: {zero_stage} is not supported (use 2 or 3)")
     with open(os.path.join(HERE, "deepspeed", f"zero{zero_stage}.json"), encoding="utf-8") as f:
@@ -116,7 +115,6 @@ def fit(loop, config: dict, resources, ctx) -> None:
     config["use_gpu"] = resources.use_gpu
     config["cpus_per_worker"] = resources.cpus_per_worker
     if resources.gradient_checkpointing not in ("auto", True, False):
-
         raise UserError(f"resources.{ctx.stage}.gradient_checkpointing: "
                         f"{resources.gradient_checkpointing!r} (use auto, true or false)")
     config["gradient_checkpointing"] = resources.gradient_checkpointing  # train_packed reads it
@@ -197,7 +195,6 @@ def last_checkpoint(checkpoint_dir: str) -> str | None:
 
     The Trainer writes trainer_state.json last; a folder without it was cut off mid-save.
     """
-
     if not os.path.isdir(checkpoint_dir):
         return None
     done = [name for name in os.listdir(checkpoint_dir)

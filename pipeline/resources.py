@@ -427,7 +427,6 @@ def fit_to_cluster(stage: str, r: StageResources, log=print) -> StageResources:
         return r
     cluster = _local_before_start(r)
     if cluster is None:
-
         ensure_ray()
         cluster = cluster_now()
     out = size(stage, r, cluster, log=log)

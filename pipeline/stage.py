@@ -88,7 +88,6 @@ def check_storage(data_root: str) -> None:
     DISTILLERY_SHARED_FS=1). Only a run joining a cluster (RAY_ADDRESS, as inside a Ray job)
     is checked: a local Ray started on demand is one node.
     """
-
     if "://" in data_root and not data_root.startswith("file://"):
         return
     if os.environ.get("DISTILLERY_SHARED_FS") == "1" or not os.environ.get("RAY_ADDRESS"):

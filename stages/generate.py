@@ -376,7 +376,6 @@ def _import_schema():
 def _import_rows(batch, start: int, spec, check, known: dict, cfg: GenerateConfig, label: str,
                  counter, drops) -> list[dict]:
     """One shard's source rows -> generate rows (token counts filled in by the caller)."""
-
     rows = []
     for offset, (where, record) in enumerate(batch):
         layout = check(record, where)

@@ -97,7 +97,6 @@ def load_problems(cfg: PromptsConfig) -> tuple[list[dict], dict, dict]:
     if cfg.answer_from not in ANSWER_FROM:
         raise UserError(f"prompts.answer_from: '{cfg.answer_from}' is not one of {ANSWER_FROM}")
     if cfg.path == "synthetic":
-
         made = make_problems(cfg.synthetic_n, seed=cfg.synthetic_seed,
                              min_terms=cfg.synthetic_min_terms, max_terms=cfg.synthetic_max_terms,
                              max_operand=cfg.synthetic_max_operand)
@@ -168,7 +167,6 @@ def _trace_file_problems(cfg: PromptsConfig) -> tuple[list[tuple[str, dict]], di
     """[(where, {problem, answer, source})] of a trace file's rows that pass import_keep /
     import_drop, and the rows filtered out by reason. Streamed: only the columns the problems
     and the filters need are read (Parquet, Arrow), one batch at a time."""
-
     spec = ingest.Spec(path=cfg.path, format=cfg.import_format, fields=dict(cfg.import_fields),
                        keep=dict(cfg.import_keep), drop=dict(cfg.import_drop), split=cfg.split)
     spec.check()

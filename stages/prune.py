@@ -186,7 +186,6 @@ def judge_rewrites(rows: list[dict], outputs: dict, vcfg, count_tokens, checker=
     A rewrite is accepted ("rewritten") only if the same verifier finds the reference answer in
     it; otherwise the status names the reason and the original text is carried.
     """
-
     out = []
     for r in rows:
         keep = {"pruned_completion": r["completion"], "pruned_tokens": r["completion_tokens"],

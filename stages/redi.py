@@ -170,7 +170,6 @@ def redi_worker(config: dict) -> None:
 
 def trl_pair_worker(config: dict) -> None:
     """The baselines: TRL's DPOTrainer (`dpo`) or CPOTrainer with the SimPO loss (`simpo`)."""
-
     worker_env(config)
 
     import datasets

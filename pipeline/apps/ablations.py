@@ -230,7 +230,6 @@ def shared_setup(recipe_path: str, items: list[str], plan: AblationPlan, last: t
     (recipe_for, shared recipe, prompts, verify, teacher training info). recipe_for(*overrides)
     = the demo's overrides + plan.extra + overrides + `last` + the models + the user's items.
     Also pipeline/apps/sweeps.py's start."""
-
     items = list(items)
     base = demo.DEMO_OVERRIDES + plan.extra
     _, teacher, student, info = demo.prepare(recipe_path, base, items,
@@ -249,7 +248,6 @@ def shared_setup(recipe_path: str, items: list[str], plan: AblationPlan, last: t
 
 def sft_arm(recipe, verify):
     """One SFT data arm: prune -> provenance -> select -> sft from verify; (select, sft)."""
-
     prune = run_stage("prune", recipe, {"verify": verify.version})
     prov = run_stage("provenance", recipe, {"prune": prune.version})
     select = run_stage("select", recipe, {"provenance": prov.version})

@@ -85,7 +85,6 @@ def demo_items(recipe_path: str, items: list[str], log=print,
     mostly checked traces (CHECKED_STYLE_MIX). Both are trained on first use and cached under
     <data_root>/models/ like the demo's; the user's items come last. settings: the teachers'
     training settings (default demo.TEACHER; the tests pass a few-step one)."""
-
     recipe = demo.load(recipe_path, demo.DEMO_OVERRIDES + list(items))
     held_out = [p["problem"] for p in load_eval_problems(recipe.configs["evaluate"])]
     settings = settings or demo.TEACHER
@@ -110,7 +109,6 @@ def short_name(name: str, width: int = 28) -> str:
 
 def _upstream(recipe, pins: dict):
     """(prompts, verify): the pinned verify and the prompts of its lineage, or the chain run."""
-
     store = Store(recipe.data_root)
     if "verify" in pins:
         verify = store.resolve(f"verify@{pins['verify']}")

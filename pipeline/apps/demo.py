@@ -132,7 +132,6 @@ def train_lm(out: str, tokenizer, phases: list[tuple[int, list[tuple[float, Call
 
 def save(model, tokenizer, out: str) -> None:
     """save_model with the stock attention in the checkpoint (vLLM and transformers load it)."""
-
     model.config._attn_implementation = "sdpa"
     save_model(model, tokenizer, out)
     model.config._attn_implementation = ATTENTION
@@ -202,7 +201,6 @@ def trace_draw(problems: list[dict], style_weights: dict, slip_rate: float) -> C
     the demo task: ~220 with one operation); unbalanced, a teacher hardly sees a one-step
     solution (8.6% greedy on one-operation problems).
     """
-
     levels = by_level(problems)
     styles, weights = list(style_weights), list(style_weights.values())
 
@@ -218,7 +216,6 @@ def rewrite_draw(problems: list[dict], prompts: dict, style_weights: dict,
                  slip_rate: float) -> Callable:
     """draw(rng) -> one DAP rewrite example (stages/lib/synthetic.py rewrite_example), levels
     balanced as in trace_draw."""
-
     levels = by_level(problems)
 
     def draw(rng: random.Random) -> dict:
@@ -325,7 +322,6 @@ def ensure_models(data_root: str, held_out: list[str], task: dict = TASK,
     The student is phase 1's snapshot, which the style mix does not touch: a second style mix
     saves the same student again under its own key (a few MB) rather than sharing folders.
     """
-
     if "://" in data_root:
         raise UserError(f"demo: data_root {data_root} is a URL; the demo trains its models into "
                         "a local folder (data_root=/some/path)")
@@ -382,7 +378,6 @@ def prepare(recipe_path: str, demo_overrides: list[str], items: list[str],
     The held-out set comes from the recipe first: the teacher must never train on it. The
     user's items come last, so `teacher=…` on the command line still wins.
     """
-
     recipe = load(recipe_path, demo_overrides + items)
     held_out = [p["problem"] for p in load_eval_problems(recipe.configs["evaluate"])]
     teacher, student, info = ensure_models(recipe.data_root, held_out, settings=settings, log=log)

@@ -188,7 +188,6 @@ def teacher_stats(verify_rows: list[dict], provenance_rows: list[dict] | None = 
     log-prob of one trace under the student, so this is the per-trace mean weighted equally
     per trace (not per token); null where provenance did not score (method none).
     """
-
     out: dict = {}
     for r in verify_rows:
         t = out.setdefault(r["teacher"], {"traces": 0, "correct": 0, "by_level": {},

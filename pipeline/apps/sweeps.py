@@ -61,7 +61,6 @@ def pick_dap(runs: list[dict], random_arm: dict) -> dict | None:
 
 def _setup(argv: list[str], prog: str):
     """The ablations' start (pipeline/apps/ablations.py shared_setup) with the tuning seed last."""
-
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--recipe", default="configs/tiny.yaml")
     parser.add_argument("items", nargs="*", help="key=value overrides (e.g. data_root=/tmp/demo)")
@@ -76,7 +75,6 @@ def _evaluate(recipe_for, prompts, sft, redi, paths: list[str]) -> dict:
     """pass@1 / pass@k / own tokens of every model path, on the validation problems. redi:
     None = the data root's latest (evaluate resolves an sft and a redi input even when its
     models are all paths; `make pipeline` in the same data root made one)."""
-
     r = recipe_for("evaluate.models=[" + ", ".join(paths) + "]",
                    f"evaluate.synthetic_seed={VALIDATION_SEED}")
     pins = {"prompts": prompts.version, "sft": sft.version}

@@ -265,7 +265,6 @@ def _serve(conn, memory_mib: int) -> None:
 
 def _die_with_parent() -> None:
     """SIGKILL this process when its parent dies, even while it is stuck in C code."""
-
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
@@ -275,7 +274,6 @@ def _helper_main(fd: int, memory_mib: int) -> None:
     A child killed for a timeout is replaced by a fresh fork (a few ms, no re-import); a child
     that exits 0 saw EOF (the Checker closed), and then the helper exits too.
     """
-
     _die_with_parent()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     from math_verify import parse, verify
@@ -379,7 +377,6 @@ class Checker:
 
     def _one_row(self, ref) -> tuple:
         """(pred, (correct, status), child restarted?) for the next row the child answers."""
-
         deadline = time.monotonic() + self.timeout_s
         pred = None
         while True:

@@ -199,7 +199,6 @@ PROMPT_FORMATS = ("chat", "raw")
 def load_chat_template(chat_template: str, where: str) -> str:
     """The template text: "" stays "", an existing file (e.g. `tpl.jinja`) is read, a name that
     ends in .jinja but does not exist is an error, anything else is the Jinja text itself."""
-
     if not chat_template:
         return ""
     if os.path.isfile(os.path.expanduser(chat_template)):
@@ -256,7 +255,6 @@ def check_chat_format(model: str, chat_template: str, prompt_format: str, stage:
     """Check in the driver, before Ray starts, that `model` can be prompted this way; returns
     the template text to hand to workers ("" = the model's own). `role`: the config field that
     names the model (teacher, student, a model of evaluate's list)."""
-
     if prompt_format not in PROMPT_FORMATS:
         raise UserError(f"{stage}.prompt_format: '{prompt_format}' is not one of {PROMPT_FORMATS}")
     template = load_chat_template(chat_template, f"{stage}.chat_template")

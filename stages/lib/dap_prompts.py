@@ -43,7 +43,6 @@ def fill_dap_prompt(prompts: dict, problem: str, trace: str) -> str:
 def parse_rewrite(text: str, tags: str = "think") -> tuple[str | None, str]:
     """(judged level or None, the rewrite in the stored form of `tags`, stages/lib/chat.py
     trace_text). The judge prompts ask for <think> tags, so that is how the answer is read."""
-
     m = re.search(r"difficulty\W{0,4}(simple|moderate|complex)", text[:300], re.IGNORECASE)
     level = m.group(1).lower() if m else None
     body = text[m.end():] if m else text

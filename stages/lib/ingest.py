@@ -302,7 +302,6 @@ def file_hashes(source: Source) -> dict:
 def json_lines(path: str):
     """(line number, record) per non-blank line, one line in memory at a time. A UTF-8 BOM and
     CRLF are fine; UTF-16 with a BOM is decoded as such."""
-
     with open(path, "rb") as raw:
         head = raw.read(4)
         raw.seek(0)
@@ -509,7 +508,6 @@ def traces_of(record, layout: str, spec: Spec, where: str, tags: str) -> list[di
     """Every trace of a row: {problem, answer, source, teacher, prompt (messages or None),
     completion, finish_reason (or None: unknown), correct_math_verify, correct_llama,
     reasoning_complete}. A trace that is not text, parallel lists of other lengths: UserError."""
-
     problem, answer, source = problem_of(record, layout, spec, where)
     teacher, _ = _get(record, layout, "teacher", spec, where)
     teacher = teacher if isinstance(teacher, str) and teacher else None

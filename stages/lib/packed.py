@@ -178,7 +178,6 @@ def completion_logps(model, batch, chunk: int = 1024, weights=None):
     scale), and the head's gradients are taken in the forward's chunk loop: 3 head matmuls, as
     unchunked, instead of 4 (stages/lib/lm_head.py HeadLogps).
     """
-
     def forward():
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],

@@ -35,7 +35,6 @@ def grouped_rows(rows: list, size: int, seed: int) -> list:
     """The training rows for `size`-way groups: a seeded shuffle, each row `size` times in a
     row. With a sequential sampler, accelerate hands item k to worker k mod world, so the
     `size` consecutive workers of a group (DeepSpeed's groups) get the same row each step."""
-
     order = random.Random(seed).sample(range(len(rows)), len(rows))
     return [rows[i] for i in order for _ in range(size)]
 

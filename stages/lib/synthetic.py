@@ -169,7 +169,6 @@ def rewrite_example(problem: dict, rng: random.Random, prompts: dict, style_weig
     (slips only where the style catches them), filled into the judge frame `prompts`
     (load_dap_prompts) as `problem`; the answer `solution` is "Difficulty: <level>" + the
     concise slip-free trace."""
-
     style = rng.choices(list(style_weights), list(style_weights.values()))[0]
     shown = worked_trace(problem["problem"], rng, style, 0.0 if style == "concise" else slip_rate)
     concise = worked_trace(problem["problem"], rng, "concise", 0.0)

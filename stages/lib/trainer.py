@@ -22,7 +22,6 @@ from stages.lib.sequence_parallel import (enable as enable_sequence_parallel, gr
 
 def upstream_drops(version, data_root: str) -> str:
     """'select dropped {...}; prune dropped {...}; …' — which filter emptied the data."""
-
     store, parts, todo, seen = Store(data_root), [], [version], set()
     while todo:
         v = todo.pop(0)
@@ -117,7 +116,6 @@ def train_packed(config: dict, loss_fn, collate_fn=collate, callbacks=()) -> Non
     of its rows (kd: the teacher's top-k). `callbacks`: more transformers TrainerCallbacks (kd's
     TAID schedule, saved in each checkpoint's trainer_state.json).
     """
-
     worker_env(config)
     import ray
     import torch
