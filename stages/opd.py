@@ -57,6 +57,7 @@ from stages.lib.divergences import divergence as topk_divergence, sampled_rkl_lo
 from stages.lib.packed import (ATTENTION, completion_logps, onednn_linears, packed_row,
                                register_attention, score_token_ids)
 from stages.lib.topk import teacher_topk
+from stages.lib.topk_loss import CHUNK, KdLoss, kd_token_losses
 from stages.lib.trainer import train_packed, worker_config
 
 LOSSES = ("sampled_rkl", "topk")
@@ -184,47 +185,50 @@ def row_key(input_ids, cu_seqlens) -> str:
     return hashlib.sha1(blob).hexdigest()
 
 
-def topk_loss(student_logps, teacher_ids, teacher_logps, mask, divergence: str, beta: float):
-    """Mean over mask's positions of divergences.divergence(divergence) between the teacher's
-    top-k + tail and the student's full distribution (student_logps [K, V]), a scalar."""
-
-    d = topk_divergence(divergence, student_logps, teacher_ids, teacher_logps, beta=beta)
+def masked_mean(d, mask):
+    """sum_t m_t d_t / sum_t m_t (0 where the mask is empty): the topk loss over its positions."""
     keep = mask.to(d.dtype)
     return (d * keep).sum() / keep.sum().clamp(min=1)
 
 
+def topk_loss(student_logps, teacher_ids, teacher_logps, mask, divergence: str, beta: float):
+    """Mean over mask's positions of divergences.divergence(divergence) between the teacher's
+    top-k + tail and the student's full distribution (student_logps [K, V]), a scalar: the
+    dense formula (the tests' reference; training takes it chunked, opd_batch_loss)."""
+
+    d = topk_divergence(divergence, student_logps, teacher_ids, teacher_logps, beta=beta)
+    return masked_mean(d, mask)
+
+
 def opd_batch_loss(model, batch, aux: dict, alpha: float, loss: str = "sampled_rkl",
-                   divergence: str = "reverse_kl", beta: float = 0.5):
+                   divergence: str = "reverse_kl", beta: float = 0.5, chunk: int = CHUNK):
+    """One worker's loss on its packed row; `chunk`: LM-head positions at a time (loss topk;
+    0 = the full [K, vocab] logits at once, the tests' reference)."""
     import torch
 
     old, teacher, rkl, neg, *top = (torch.as_tensor(a) for a in aux[row_key(
         batch["input_ids"][0].cpu().numpy(), batch["cu_seqlens"].cpu().numpy())])
+    # What the step trains on, for the logs: the sampled reverse-KL estimate of its tokens.
+    keep = rkl > 0
+    kl = float((old - teacher)[keep].mean()) if bool(keep.any()) else 0.0
     if loss == "topk":
-        # The student's whole distribution at the K completion positions, at once: K x vocab
-        # fp32 logits (fine at the tiny sizes; a chunked head as kd's is not wired in here).
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
-                       max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"],
-                       logits_to_keep=batch["keep"], use_cache=False).logits
-        lq = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
-        new = lq.gather(1, batch["targets"].to(lq.device)[:, None])[:, 0]
+        # kd's chunked head + divergence with kd_ratio 1 (the divergence alone): the student's
+        # [K, vocab] logits never exist for the whole row. The token log-probs new = -CE come
+        # from the same chunks, for REDI's term.
+        device = batch["input_ids"].device
+        row = {**batch, "topk_ids": top[0].to(device), "topk_logps": top[1].to(device)}
+        d, ce, _ = kd_token_losses(model, row, KdLoss(divergence, 1.0, beta=beta), chunk=chunk)
+        new = -ce
         device = new.device
-        zero = torch.zeros_like(rkl)
-        loss_value = topk_loss(lq, top[0].to(device), top[1].to(device), rkl.to(device),
-                               divergence, beta)
-        loss_value = loss_value + opd_loss(new, new.detach(), new.detach(), zero.to(device),
-                                           neg.to(device), batch["keep_seq"].to(device),
-                                           batch["n_seqs"], alpha)
-        keep = rkl > 0
-        kl = float((old - teacher)[keep].mean()) if bool(keep.any()) else 0.0
+        loss_value = masked_mean(d, rkl.to(device))
+        loss_value = loss_value + opd_loss(new, new.detach(), new.detach(),
+                                           torch.zeros_like(rkl).to(device), neg.to(device),
+                                           batch["keep_seq"].to(device), batch["n_seqs"], alpha)
         return loss_value, {"opd/kl": kl}
     new = completion_logps(model, batch)
     device = new.device
     loss = opd_loss(new, old.to(device), teacher.to(device), rkl.to(device), neg.to(device),
                     batch["keep_seq"].to(device), batch["n_seqs"], alpha)
-    # What the step trained on, for the logs: the sampled reverse-KL estimate of its tokens.
-    keep = rkl > 0
-    kl = float((old - teacher)[keep].mean()) if bool(keep.any()) else 0.0
     return loss, {"opd/kl": kl}
 
 

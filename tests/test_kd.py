@@ -147,7 +147,7 @@ def _dense_reference(model, seqs, batch, spec):
     """The same formula on each sample alone: stock sdpa forward, all logits, full log-softmax."""
     import torch
 
-    from stages.kd import token_terms
+    from stages.lib.topk_loss import token_terms
 
     losses, at = [], 0
     for ids, n_prompt in seqs:
@@ -177,7 +177,7 @@ def dense_setup(tiny_model, teacher_model):
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_chunked_kd_loss_and_gradients_equal_the_dense_computation(dense_setup, name):
-    from stages.kd import KdLoss, kd_token_losses
+    from stages.lib.topk_loss import KdLoss, kd_token_losses
 
     seqs, batch, ours, dense = dense_setup
     ours.zero_grad(set_to_none=True)
@@ -208,7 +208,7 @@ def _zero3_rank(rank: int, world: int, port: int, student: str, teacher: str, ou
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoModelForCausalLM
 
-    from stages.kd import KdLoss, kd_token_losses
+    from stages.lib.topk_loss import KdLoss, kd_token_losses
     from stages.lib.packed import ATTENTION, register_attention
 
     torch.set_num_threads(1)
@@ -237,7 +237,7 @@ def test_chunked_kd_loss_under_zero3_on_two_gloo_ranks(tiny_model, teacher_model
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.kd import KdLoss, kd_token_losses
+    from stages.lib.topk_loss import KdLoss, kd_token_losses
     from stages.lib.packed import ATTENTION, register_attention
 
     with socket.socket() as s:

@@ -206,6 +206,51 @@ def test_the_topk_step_is_the_divergence_of_a_direct_forward(varlen_models, tiny
                      torch.as_tensor(rkl), "jsd", 0.5)
     assert abs(float(loss) - float(hand)) <= 1e-5
 
+
+def test_the_chunked_topk_loss_and_its_gradients_equal_the_dense_computation(tiny_model,
+                                                                            caplog):
+    """loss topk through kd's chunked head (3 positions a chunk, so several chunks) against
+    the old dense path: each sample's plain forward, a full log-softmax, the divergence's
+    masked mean and REDI's term by hand; values and every parameter's gradient (fp32)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.lib.packed import ATTENTION, collate, packed_row, register_attention
+    from stages.opd import opd_batch_loss, row_key, token_masks, topk_loss
+
+    register_attention()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    seqs = [([1, 5, 9, 11, 12, 13, 14], 3), ([2, 7, 20, 21], 2), ([3, 8, 30, 31, 32], 2)]
+    row = packed_row(seqs)
+    k = len(row["keep"])
+    g = torch.Generator().manual_seed(1)
+    teacher_lp = torch.log_softmax(3 * torch.randn(k, ours.config.vocab_size, generator=g), -1)
+    top = teacher_lp.topk(6, dim=-1)
+    rkl, neg = token_masks([True, False, None], [4, 2, 3], "redi")
+    aux = {row_key(row["input_ids"], row["cu_seqlens"]): (
+        np.zeros(k), np.zeros(k), rkl, neg, top.indices.numpy(), top.values.numpy())}
+    with caplog.at_level("WARNING"):
+        loss, _ = opd_batch_loss(ours, collate([row]), aux, alpha=0.7, loss="topk",
+                                 divergence="jsd", beta=0.3, chunk=3)
+    assert "full-vocabulary logits" not in caplog.text  # the chunked path, no fallback
+    loss.backward()
+
+    lq = torch.cat([torch.log_softmax(dense(input_ids=torch.tensor([ids])).logits[0].float(),
+                                      -1)[n - 1:len(ids) - 1] for ids, n in seqs])
+    new = lq.gather(1, torch.as_tensor(row["targets"])[:, None])[:, 0]
+    # REDI's term: alpha * (sum of the wrong sample's log-probs / its 2 tokens) / 3 samples
+    hand = (topk_loss(lq, top.indices, top.values, torch.as_tensor(rkl), "jsd", 0.3)
+            + 0.7 * new[4:6].sum() / 2 / 3)
+    hand.backward()
+    assert abs(float(loss) - float(hand)) <= 1e-5
+    grads = dict(dense.named_parameters())
+    for name, p in ours.named_parameters():
+        diff = (p.grad - grads[name].grad).abs().max().item()
+        assert diff <= 1e-5, (name, diff)
+    assert max(p.grad.abs().max().item() for p in ours.parameters()) > 1e-4  # not all zero
+
 # --- real runs -----------------------------------------------------------------------------------
 
 def write_prompts(data_root: str, version: str = "test0prompts"):
