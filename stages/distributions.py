@@ -30,6 +30,15 @@ Compute: the teacher on the scoring pool (cluster/scoring.py, `resources.distrib
 packed padding-free (stages/lib/packed.py packed_row), the LM head `chunk` positions at a time
 with torch.topk per chunk (stages/lib/topk.py): never [K, vocab] logits of a whole row.
 
+Reuse (docs/kd.md, "Reusing provenance's teacher forward"): when select's input is a provenance
+version that kept the teacher's top-k (provenance.topk = k, the same teacher, the same vocabulary
+support and compute dtype), each SFT row whose tokens are exactly the ones provenance's teacher
+scored (same ids, same prompt length: true when teacher and student share tokenizer and chat
+template) takes its capture from provenance's side dataset instead of a second teacher forward;
+every other row is scored on the pool. Either way the stored row is the same (the same function
+on the same tokens, topk.capture_arrays). The manifest's stats count rows_reused_from_provenance
+and rows_scored (and say why nothing was reused, when nothing was: provenance_reuse).
+
 Resume: rows sorted by (problem_id, trace_id), cut into shards of shard_size; each captured shard
 is written atomically as the version's part-NNNNN.parquet (pipeline/shards.py); a rerun after a
 crash or kill -9 captures only the missing shards, and every row is there once.
@@ -37,6 +46,7 @@ crash or kill -9 captures only the missing shards, and every row is there once.
 from __future__ import annotations
 
 import functools
+import posixpath
 import time
 from dataclasses import dataclass
 
@@ -49,12 +59,14 @@ from pipeline.store import Store
 from stages.lib.chat import check_chat_format, load_tokenizer, target_format, target_texts
 from stages.lib.models import check_model
 from stages.lib.packed import ATTENTION, encode, fit_length, onednn_linears, register_attention
-from stages.lib.topk import packed_topk
+from stages.lib.topk import (bytes_per_token, capture_arrays, capture_fields, packed_topk,
+                             vocab_size)
 
 OVERLONG = ("truncate", "drop")
 # What the stage writes per row (the kd stage reads exactly these).
 CAPTURE_COLUMNS = ("completion_ids", "topk_ids", "topk_logps", "token_logp", "tail_mass")
 PROMPT_IDS = "_prompt_ids"  # in flight only: the student-form prompt tokens of each row
+PROVENANCE_TOPK = ".teacher_topk"  # provenance's side dataset (stages/provenance.py TOPK_DIR)
 
 
 @dataclass
@@ -91,17 +103,6 @@ class DistributionsConfig:
     prompt_format: str = "chat"
     reasoning_tags: str = "think"
     trust_remote_code: bool = False
-
-
-def vocab_size(model: str, where: str, trust_remote_code: bool = False) -> int:
-    """Rows of the model's embedding (its config's vocab_size: padded ones included)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    size = config.get_text_config().vocab_size
-    if not size:
-        raise UserError(f"{where} {model}: its config has no vocab_size")
-    return int(size)
 
 
 def check_config(cfg: DistributionsConfig) -> tuple[str, int, int]:
@@ -162,62 +163,100 @@ def student_form(cfg: DistributionsConfig, template: str, messages: list, trace_
 
 # --- capture: one batch of rows in a pool actor ------------------------------------------------
 
-def capture_columns():
-    import pyarrow as pa
-
-    return [("completion_ids", pa.list_(pa.int32())),
-            ("topk_ids", pa.list_(pa.list_(pa.int32()))),
-            ("topk_logps", pa.list_(pa.list_(pa.float16()))),
-            ("token_logp", pa.list_(pa.float16())), ("tail_mass", pa.list_(pa.float16())),
-            ("padded_dropped", pa.int32()), ("padded_mass_max", pa.float32())]
-
-
-def _lists(arrays: list, typ):
-    """list<typ> (1-D numpy arrays) or list<list<typ>> ([n, k] arrays) from one array a row."""
-    import numpy as np
-    import pyarrow as pa
-
-    def offsets(lengths):
-        return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-
-    flat = pa.array(np.concatenate([a.reshape(-1) for a in arrays]), typ)
-    if arrays[0].ndim == 2:
-        k, n = arrays[0].shape[1], sum(len(a) for a in arrays)
-        flat = pa.ListArray.from_arrays(offsets([k] * n), flat)
-    return pa.ListArray.from_arrays(offsets([len(a) for a in arrays]), flat)
-
-
 def capture_batch(models: dict, batch, cfg: DistributionsConfig, vocab: int):
     """Pool actor's call: the batch (pyarrow, with the in-flight prompt ids) -> the batch with
-    the capture columns (capture_columns), the prompt ids dropped."""
-    import numpy as np
-    import pyarrow as pa
-
+    the capture columns (topk.capture_fields), the prompt ids dropped."""
     model, _ = models["teacher"]
     prompts = batch.column(PROMPT_IDS).to_pylist()
     completions = batch.column("completion_ids").to_pylist()
     seqs = [(p + c, len(p)) for p, c in zip(prompts, completions)]
     got = packed_topk(model, seqs, cfg.k, vocab, cfg.tokens_per_row, cfg.chunk)
     batch = batch.drop([PROMPT_IDS])
-    f16, f32 = pa.float16(), pa.float32()
-    columns = {
-        "topk_ids": _lists([g["ids"] for g in got], pa.int32()),
-        # fp16: |x| * 2^-11 rounding at most (4.9e-4 relative), 2 B an entry
-        "topk_logps": _lists([g["logps"].astype(np.float16) for g in got], f16),
-        "token_logp": _lists([g["token_logp"].astype(np.float16) for g in got], f16),
-        "tail_mass": _lists([g["tail"].astype(np.float16) for g in got], f16),
-        "padded_dropped": pa.array([int(g["dropped"].sum()) for g in got], pa.int32()),
-        "padded_mass_max": pa.array([float(g["padded_mass"].max()) for g in got], f32),
-    }
-    for name, value in columns.items():
+    for name, value in capture_arrays(got, cfg.k).items():
         batch = batch.append_column(name, value)
     return batch
+
+
+# --- reuse: provenance's teacher forward ------------------------------------------------------
+
+def provenance_topk(store, source, cfg: DistributionsConfig, support: int, dtype: str):
+    """(the provenance version select read, when its teacher top-k can stand in for this
+    capture, else None; why not, "" when it can)."""
+    ref = (source.manifest.get("inputs") or {}).get("provenance")
+    if not ref:
+        return None, f"{source.ref()} was not made from a provenance version"
+    prov = store.find("provenance", ref)
+    if prov is None:
+        return None, f"provenance@{ref}, select's input, is not under {store.url}"
+    config, stats = prov.manifest.get("config") or {}, prov.manifest.get("stats") or {}
+    have = stats.get("topk") or 0
+    checks = [
+        (config.get("method") == "score",
+         f"{prov.ref()} has provenance.method {config.get('method')!r}: no teacher forward"),
+        (have == cfg.k, f"{prov.ref()} kept provenance.topk={have}, distributions.k is {cfg.k}"),
+        (config.get("teacher") == cfg.teacher,
+         f"{prov.ref()}'s teacher is {config.get('teacher')}, not {cfg.teacher}"),
+        (stats.get("topk_vocab") == support,
+         f"{prov.ref()}'s top-k is over {stats.get('topk_vocab')} ids, this capture's over "
+         f"{support}"),
+        (stats.get("topk_dtype") == dtype,
+         f"{prov.ref()}'s teacher ran in {stats.get('topk_dtype')}, this pool runs {dtype}")]
+    for ok, why in checks:
+        if not ok:
+            return None, why
+    return prov, ""
+
+
+def reuse_plan(prov, trace_ids: list, prompt_ids: list, completion_ids: list) -> dict:
+    """{trace_id: provenance side part} of the rows whose student-form tokens (prompt +
+    completion, prompt length) are exactly the tokens provenance's teacher scored. Reads only
+    the token columns, one part at a time."""
+    import pyarrow.parquet as pq
+
+    want = {t: i for i, t in enumerate(trace_ids)}
+    plan = {}
+    for path in sorted(prov.fs.glob(posixpath.join(prov.path, PROVENANCE_TOPK,
+                                                   "part-*.parquet"))):
+        with prov.fs.open(path, "rb") as f:
+            part = pq.read_table(f, columns=["trace_id", "teacher_ids", "teacher_prompt_len"])
+        for t, ids, n in zip(*(part.column(c).to_pylist() for c in part.column_names)):
+            i = want.get(t)
+            if i is not None and n == len(prompt_ids[i]) and \
+                    ids == prompt_ids[i] + completion_ids[i]:
+                plan[t] = path
+    return plan
+
+
+def reused_rows(fs, rows, plan: dict):
+    """`rows` (a shard's reused rows, with the in-flight prompt ids) with the capture columns
+    read from provenance's side parts, in capture_fields' types: what capture_batch would have
+    made of them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = rows.column("trace_id").to_pylist()
+    names = [name for name, _ in capture_fields()]
+    parts = []
+    for path in sorted({plan[t] for t in ids}):
+        with fs.open(path, "rb") as f:
+            parts.append(pq.read_table(f, columns=["trace_id", *names],
+                                       filters=[("trace_id", "in",
+                                                 [t for t in ids if plan[t] == path])]))
+    found = pa.concat_tables(parts)
+    at = {t: i for i, t in enumerate(found.column("trace_id").to_pylist())}
+    found = found.take(pa.array([at[t] for t in ids], pa.int64()))
+    rows = rows.drop([PROMPT_IDS])
+    for name, typ in capture_fields():
+        # Parquet gives its lists back with "element" item names: the pool's are Arrow's "item"
+        rows = rows.append_column(pa.field(name, typ), found.column(name).cast(typ))
+    return rows
 
 
 # --- the stage --------------------------------------------------------------------------------
 
 def run(cfg: DistributionsConfig, inputs, ctx):
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     template, student_vocab, teacher_vocab = check_config(cfg)
     source = inputs["select"]
@@ -253,34 +292,66 @@ def run(cfg: DistributionsConfig, inputs, ctx):
     shards = [table.slice(start, cfg.shard_size)
               for start in range(0, table.num_rows, cfg.shard_size)]
     store = Store(ctx.data_root)
+    # Which rows provenance's teacher forward already captured: decided for every row on every
+    # run (a few token columns read), so the counts cover the whole version after a resume.
+    dtype = "bfloat16" if ctx.resources.gpus_per_replica else "float32"
+    prov, why_not = provenance_topk(store, source, cfg, support, dtype)
+    plan = reuse_plan(prov, table.column("trace_id").to_pylist(), prompt_ids,
+                      completion_ids) if prov is not None else {}
+    shards = [table.slice(start, cfg.shard_size)
+              for start in range(0, table.num_rows, cfg.shard_size)]
     out = Shards(store.fs, ctx.out_dir)
     todo = out.todo(len(shards))
     print(f"distributions: {table.num_rows} SFT rows in {len(shards)} shards of "
           f"{cfg.shard_size}; {len(shards) - len(todo)} already captured, {len(todo)} to "
           f"capture; k={cfg.k}: {bytes_per_token(cfg.k)} B/token raw", flush=True)
+    print(f"distributions: {len(plan)} rows reused from "
+          f"{prov.ref() if prov is not None else 'provenance'}'s teacher forward, "
+          f"{table.num_rows - len(plan)} scored by the teacher here"
+          + (f" (no reuse: {why_not})" if why_not else ""), flush=True)
 
-    started, new_positions = time.time(), 0
+    started, new_positions, scored_now, reused_now = time.time(), 0, 0, 0
     if todo:
-
-        import ray.data
-
-        ctx.ensure_ray()
-        captured = score_batches(
-            ray.data.from_arrow(tagged({k: shards[k] for k in todo})),
-            models={"teacher": cfg.teacher},
-            score_fn=functools.partial(capture_batch, cfg=cfg, vocab=support),
-            resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
-            prepare=register_attention, cpu_model_hook=onednn_linears,
-            attn_implementation=ATTENTION, trust_remote_code=cfg.trust_remote_code)
         progress = Progress("distributions", total=table.num_rows, unit="rows", errors=False,
                             tokens_label="positions/s",
                             done=table.num_rows - sum(shards[k].num_rows for k in todo))
-        for k, done in out.gather(captured, {k: shards[k].num_rows for k in todo},
-                                  "distributions"):
+
+        def finish(k, parts):
+            nonlocal new_positions
+            done = pa.concat_tables(parts)
             out.write(k, done.sort_by([("problem_id", "ascending"), ("trace_id", "ascending")]))
             positions = sum(len(c) for c in done.column("completion_ids").to_pylist())
             new_positions += positions
             progress.update(done.num_rows, tokens=positions)
+
+        mine, rest = {}, {}
+        for k in todo:
+            hit = pa.array([t in plan for t in shards[k].column("trace_id").to_pylist()])
+            mine[k], rest[k] = shards[k].filter(hit), shards[k].filter(pc.invert(hit))
+        reused_now = sum(t.num_rows for t in mine.values())
+        for k in todo:  # shards provenance captured whole: no teacher, no Ray
+            if not rest[k].num_rows:
+                finish(k, [reused_rows(store.fs, mine[k], plan)])
+        pending = {k: t for k, t in rest.items() if t.num_rows}
+        scored_now = sum(t.num_rows for t in pending.values())
+        if pending:
+
+            import ray.data
+
+            ctx.ensure_ray()
+            captured = score_batches(
+                ray.data.from_arrow(tagged(pending)),
+                models={"teacher": cfg.teacher},
+                score_fn=functools.partial(capture_batch, cfg=cfg, vocab=support),
+                resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
+                prepare=register_attention, cpu_model_hook=onednn_linears,
+                attn_implementation=ATTENTION, trust_remote_code=cfg.trust_remote_code)
+            for k, done in out.gather(captured, {k: t.num_rows for k, t in pending.items()},
+                                      "distributions"):
+                parts = [done]
+                if mine[k].num_rows:
+                    parts.append(reused_rows(store.fs, mine[k], plan))
+                finish(k, parts)
         progress.close()
     capture_s = time.time() - started
     stats = _stats(store, [out.path(k) for k in range(len(shards))], cfg)
@@ -288,18 +359,17 @@ def run(cfg: DistributionsConfig, inputs, ctx):
                  shards=len(shards), shards_captured_this_run=len(todo),
                  positions_this_run=new_positions,
                  # this run's positions over its wall time (actor start, model load included)
-                 positions_per_s=round(new_positions / capture_s, 1) if todo else None)
+                 positions_per_s=round(new_positions / capture_s, 1) if todo else None,
+                 rows_reused_from_provenance=len(plan), rows_scored=table.num_rows - len(plan),
+                 rows_reused_this_run=reused_now, rows_scored_this_run=scored_now,
+                 provenance_reuse=prov.ref() if prov is not None else f"none: {why_not}")
     print(f"distributions: {stats['rows']} rows, {stats['positions']} positions, k={cfg.k}: "
           f"{stats['bytes_per_token_raw']} B/token raw, {stats['bytes_per_token_parquet']} "
-          f"B/token in Parquet; {stats['padded_dropped']} padded-id entries dropped", flush=True)
+          f"B/token in Parquet; {stats['padded_dropped']} padded-id entries dropped; "
+          f"{len(plan)} rows reused from provenance, {table.num_rows - len(plan)} scored",
+          flush=True)
     ctx.stats.update(stats)
     return None
-
-
-def bytes_per_token(k: int) -> int:
-    """Uncompressed bytes a position costs: k x (int32 id + fp16 log-prob) + token_logp (fp16) +
-    tail_mass (fp16) + the completion id (int32). k=32: 192 + 8 = 200."""
-    return 6 * k + 8
 
 
 def _stats(store, paths: list, cfg: DistributionsConfig) -> dict:

@@ -23,10 +23,22 @@ Selection (`selected`, `select_reason`; nothing is dropped, the manifest counts 
 Incorrect and unverified traces are scored too (REDI pairs keep them) but never selected.
 method: none — a pass-through: no model is loaded, the score columns are null, selected = correct.
 
+The teacher's top-k (`topk` > 0, for stage distributions; docs/kd.md "Reusing provenance's
+teacher forward"): the teacher's scoring forward also takes its top-k next-token distribution at
+every completion position (stages/lib/topk.py TopkScorer: the same forward, the same chunked LM
+head; the log-probs above are unchanged). Kept per trace SELECTED at the end (only those can be
+SFT rows), in the hidden side dataset <version>/.teacher_topk/part-XXXXX.parquet (readers of the
+version never see it): trace_id, problem_id, teacher_ids (the prompt + completion tokens the
+teacher scored, its form), teacher_prompt_len, and distributions' columns (topk_ids, topk_logps,
+token_logp, tail_mass, padded_dropped, padded_mass_max: topk.capture_fields), over the ids below
+min(student, teacher) vocabulary size, as distributions takes them. The manifest's stats say k,
+that vocabulary size and the dtype the teacher ran in (topk, topk_vocab, topk_dtype).
+
 Resume: rows sorted by (problem_id, trace_id), cut into shards of shard_size; each scored shard is
 written atomically into the version's temp folder (.scored/part-XXXXX.parquet, a hidden folder no
-reader lists); a rerun scores only the missing shards. Selection needs every row, so it runs
-once all shards are scored and writes the final part-XXXXX.parquet files.
+reader lists; its top-k first, in .scored_topk/); a rerun scores only the missing shards.
+Selection needs every row, so it runs once all shards are scored and writes the final
+part-XXXXX.parquet files (and the selected traces' top-k).
 """
 from __future__ import annotations
 
@@ -47,10 +59,13 @@ from stages.lib.chat import check_chat_format, target_format
 from stages.lib.packed import ATTENTION, onednn_linears, register_attention, score_traces
 from stages.lib.sentences import (completion_mean, geometric_p, label_two, scored_end,
                                   sentence_means, split_sentences)
+from stages.lib.topk import TopkScorer, capture_arrays, capture_fields, vocab_size
 
 METHODS = ("score", "none")
 RULES = ("paper", "score", "all", "random")
 LABELS = ("teacher", "student", "common", "unscored")
+TOPK_DIR = ".teacher_topk"          # the selected traces' teacher top-k, beside the parts
+SCORED_TOPK_DIR = ".scored_topk"    # in flight: every correct trace's, per scored shard
 
 
 @dataclass
@@ -79,6 +94,11 @@ class ProvenanceConfig:
       Each model scores the trace as it would write it after its own prompt (score_traces).
     reasoning_tags: how traces mark their reasoning (the recipe's top-level `reasoning_tags`).
     trust_remote_code: let transformers run code shipped with the models (off by default).
+    topk: also keep the teacher's top-k next-token distribution (k entries) at every scored
+      completion position of the selected traces, from the forward that scores them, so stage
+      distributions with distributions.k = topk reuses it instead of running the teacher again
+      (module docstring; docs/kd.md). 0 = off: no extra work or storage. Costs 6 B an entry per
+      token of the selected traces on disk (k=32: 200 B/token with the extras).
     """
 
     method: str = "score"
@@ -98,6 +118,7 @@ class ProvenanceConfig:
     prompt_format: str = "chat"
     reasoning_tags: str = "think"
     trust_remote_code: bool = False
+    topk: int = 0
 
 
 def check_config(cfg: ProvenanceConfig) -> str:
@@ -114,6 +135,8 @@ def check_config(cfg: ProvenanceConfig) -> str:
         raise UserError(f"provenance.top_fraction: must be in (0, 1], got {cfg.top_fraction}")
     if cfg.max_length < 2 or cfg.shard_size < 1 or cfg.chunk < 1:
         raise UserError("provenance.max_length (>= 2), shard_size and chunk (>= 1) must be positive")
+    if cfg.topk < 0:
+        raise UserError(f"provenance.topk: must be >= 0 (0 = off), got {cfg.topk}")
     if cfg.method == "none":
         return ""
 
@@ -122,6 +145,19 @@ def check_config(cfg: ProvenanceConfig) -> str:
         template = check_chat_format(path, cfg.chat_template, cfg.prompt_format, "provenance",
                                      role)
     return template
+
+
+def topk_support(cfg: ProvenanceConfig) -> int:
+    """The ids the teacher's top-k is taken over: min(student, teacher) vocabulary size, as
+    stage distributions takes them (a teacher's padded rows beyond it are left out). Refuses a
+    topk larger than that."""
+    student = vocab_size(cfg.student, "provenance.student", cfg.trust_remote_code)
+    teacher = vocab_size(cfg.teacher, "provenance.teacher", cfg.trust_remote_code)
+    support = min(student, teacher)
+    if cfg.topk > support:
+        raise UserError(f"provenance.topk: {cfg.topk} is larger than the vocabulary ({support} "
+                        f"ids: student {student}, teacher {teacher}); use topk <= {support}")
+    return support
 
 
 # --- scoring: one batch of rows in a pool actor --------------------------------------------------
@@ -162,24 +198,51 @@ def trace_columns(text: str, teacher: dict, student: dict, beta: float) -> dict:
     }
 
 
-def score_batch(models: dict, batch, cfg: ProvenanceConfig, template: str = ""):
+def topk_columns():
+    """The in-flight top-k columns score_batch adds when cfg.topk > 0 (the driver moves them to
+    the side dataset): the teacher's scored tokens and topk.capture_fields."""
+    import pyarrow as pa
+
+    return [("teacher_ids", pa.list_(pa.int32())), ("teacher_prompt_len", pa.int32()),
+            *capture_fields()]
+
+
+def score_batch(models: dict, batch, cfg: ProvenanceConfig, template: str = "",
+                support: int = 0):
     """Pool actor's call: the batch (pyarrow) + the score columns (see score_columns).
-    template: the chat template text check_config returned ("" = each model's own)."""
+    template: the chat template text check_config returned ("" = each model's own).
+    cfg.topk > 0: also topk_columns, from the teacher's scoring forward over ids < `support`
+    (topk_support), filled for correct traces (only those can be selected) and empty for the
+    rest."""
     import pyarrow as pa
 
     texts = [t or "" for t in batch.column("pruned_completion").to_pylist()]
     messages = batch.column("prompt_messages").to_pylist()
-    scored = {}
+    scored, topk = {}, None
     for name in ("teacher", "student"):
         model, tokenizer = models[name]
         fmt = target_format(tokenizer, name, template, cfg.prompt_format, cfg.reasoning_tags,
                             f"provenance.{name}")
+        if name == "teacher" and cfg.topk:
+            topk = TopkScorer(model, cfg.topk, support, cfg.tokens_per_row, cfg.chunk)
         scored[name] = score_traces(model, tokenizer, messages, texts, fmt, cfg.max_length,
-                                    cfg.tokens_per_row, cfg.chunk)
+                                    cfg.tokens_per_row, cfg.chunk,
+                                    score_ids=topk if name == "teacher" else None)
     rows = [trace_columns(text, t, s, cfg.beta)
             for text, t, s in zip(texts, scored["teacher"], scored["student"])]
     for name, typ in score_columns():
         batch = batch.append_column(pa.field(name, typ), pa.array([r[name] for r in rows], typ))
+    if topk is not None:
+        keep = [c is True and g is not None
+                for c, g in zip(batch.column("correct").to_pylist(), topk.got)]
+        values = {"teacher_ids": pa.array([ids if k else [] for k, (ids, _) in
+                                           zip(keep, topk.seqs)], pa.list_(pa.int32())),
+                  "teacher_prompt_len": pa.array([n if k else 0 for k, (_, n) in
+                                                  zip(keep, topk.seqs)], pa.int32()),
+                  **capture_arrays([g if k else None for k, g in zip(keep, topk.got)],
+                                   cfg.topk)}
+        for name, typ in topk_columns():
+            batch = batch.append_column(pa.field(name, typ), values[name])
     return batch
 
 
@@ -258,6 +321,8 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
     import pyarrow.parquet as pq
 
     template = check_config(cfg)
+    topk = cfg.topk if cfg.method == "score" else 0
+    support = topk_support(cfg) if topk else 0
     table = inputs["prune"].read_table().sort_by([("problem_id", "ascending"),
                                                   ("trace_id", "ascending")])
     shards = [table.slice(start, cfg.shard_size)
@@ -271,6 +336,7 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
     todo, new_tokens = [], 0
     if cfg.method == "score":
         scored = Shards(fs, scored_dir)
+        scored_topk = Shards(fs, posixpath.join(ctx.out_dir, SCORED_TOPK_DIR)) if topk else None
         todo = scored.todo(len(shards))
         print(f"provenance: {table.num_rows} traces in {len(shards)} shards of {cfg.shard_size}; "
               f"{len(shards) - len(todo)} already scored, {len(todo)} to score", flush=True)
@@ -281,7 +347,8 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
         ctx.ensure_ray()
         scores = score_batches(ray.data.from_arrow(tagged({k: shards[k] for k in todo})),
                             models={"teacher": cfg.teacher, "student": cfg.student},
-                            score_fn=functools.partial(score_batch, cfg=cfg, template=template),
+                            score_fn=functools.partial(score_batch, cfg=cfg, template=template,
+                                                       support=support),
                             resources=ctx.resources, ctx=ctx, batch_size=cfg.shard_size,
                             prepare=register_attention, cpu_model_hook=onednn_linears,
                             attn_implementation=ATTENTION,
@@ -291,7 +358,11 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
                             done=table.num_rows - sum(shards[k].num_rows for k in todo))
         for k, done in scored.gather(scores, {k: shards[k].num_rows for k in todo},
                                      "provenance"):
-            scored.write(k, done.sort_by([("problem_id", "ascending"), ("trace_id", "ascending")]))
+            done = done.sort_by([("problem_id", "ascending"), ("trace_id", "ascending")])
+            if scored_topk is not None:  # first: a shard counts as scored once .scored has it
+                scored_topk.write(k, _topk_rows(done))
+                done = done.drop([name for name, _ in topk_columns()])
+            scored.write(k, done)
             shard_tokens = (sum(done.column("scored_tokens_teacher").to_pylist())
                             + sum(done.column("scored_tokens_student").to_pylist()))
             new_tokens += shard_tokens
@@ -313,15 +384,61 @@ def run(cfg: ProvenanceConfig, inputs, ctx):
         part = part.append_column("select_reason", pa.array([plan[t][1] for t in ids],
                                                             pa.string()))
         out.write(k, part)
-    if fs.exists(scored_dir):
-        fs.rm(scored_dir, recursive=True)
+    if topk:
+        _keep_selected_topk(fs, store, ctx.out_dir, len(parts), plan)
+    # .scored first: a run stopped between the two scores every shard again
+    for scratch in (scored_dir, posixpath.join(ctx.out_dir, SCORED_TOPK_DIR)):
+        if fs.exists(scratch):
+            fs.rm(scratch, recursive=True)
     if not parts:  # no rows: readers still need the schema
         empty = null_columns(table.slice(0, 0))
         empty = empty.append_column("selected", pa.array([], pa.bool_()))
         empty = empty.append_column("select_reason", pa.array([], pa.string()))
         out.write(0, empty)
     ctx.stats.update(_stats(parts, plan, cfg, todo, new_tokens, score_s))
+    if topk:
+        ctx.stats.update(topk=topk, topk_vocab=support,
+                         topk_dtype="bfloat16" if ctx.resources.gpus_per_replica else "float32",
+                         **_topk_stats(fs, store, ctx.out_dir, len(parts)))
     return None
+
+
+def _topk_rows(done):
+    """The scored shard's rows that carry a top-k (correct traces with a completion token),
+    with the columns the side dataset keeps."""
+    import pyarrow.compute as pc
+
+    side = done.select(["trace_id", "problem_id", *[name for name, _ in topk_columns()]])
+    return side.filter(pc.greater(pc.list_value_length(side.column("teacher_ids")), 0))
+
+
+def _keep_selected_topk(fs, store, out_dir: str, count: int, plan: dict) -> None:
+    """.scored_topk/part-k -> .teacher_topk/part-k with the selected traces only (one part in
+    memory at a time)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scored = Shards(fs, posixpath.join(out_dir, SCORED_TOPK_DIR))
+    final = Shards(fs, posixpath.join(out_dir, TOPK_DIR))
+    for k in range(count):
+        part = pq.read_table(scored.path(k), filesystem=store.arrow_fs())
+        keep = [plan[t][0] for t in part.column("trace_id").to_pylist()]
+        final.write(k, part.filter(pa.array(keep, pa.bool_())))
+
+
+def _topk_stats(fs, store, out_dir: str, count: int) -> dict:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    rows = positions = 0
+    final = Shards(fs, posixpath.join(out_dir, TOPK_DIR))
+    for k in range(count):
+        t = pq.read_table(final.path(k), filesystem=store.arrow_fs(),
+                          columns=["teacher_ids", "teacher_prompt_len"])
+        rows += t.num_rows
+        positions += (pc.sum(pc.list_value_length(t.column("teacher_ids"))).as_py() or 0) - \
+            (pc.sum(t.column("teacher_prompt_len")).as_py() or 0)
+    return {"topk_traces": rows, "topk_positions": positions}
 
 
 def _stats(parts, plan: dict, cfg: ProvenanceConfig, todo: list, new_tokens: int,

@@ -10,6 +10,7 @@ hand (its sft split's columns), so no upstream stage runs.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -421,6 +422,137 @@ def test_kill_9_then_rerun_captures_every_row_once(tmp_path, teacher, tiny_model
     got = v.read_table(columns=["trace_id", "topk_ids", "completion_ids"]).to_pylist()
     assert sorted(r["trace_id"] for r in got) == [f"t{i:02d}" for i in range(24)]
     assert all(len(r["topk_ids"]) == len(r["completion_ids"]) > 0 for r in got)
+
+
+# --- reusing provenance's teacher forward --------------------------------------------------------
+
+REUSE_ROWS = [  # (problem, answer, trace): prune keeps them, verify marks all but the last correct
+    ("Compute 2 + 2.", "4", TRACES[0]), ("Compute 2 + 2.", "4", TRACES[4].replace("9", "4")),
+    ("Compute 1 + 0.", "1", TRACES[1]), ("Compute 3 + 4.", "7", TRACES[2]),
+    ("Compute 4 + 5.", "9", TRACES[3]), ("Compute 2 + 2.", "4", "<think>\nHmm.\n</think>\n\n"
+                                         "\\boxed{5}")]
+
+
+def _reuse_recipe(tmp, teacher, student, *overrides):
+    """generate (hand-written REUSE_ROWS) -> verify -> prune -> provenance -> select ->
+    distributions in one data root. provenance scores 80 tokens at most and distributions
+    takes 96: the long trace (TRACES[3]) is the one row whose tokens differ."""
+    from test_verify import TEST_STAGES, trace
+
+    stages = {**TEST_STAGES, "distributions": STAGES["distributions"]}
+    rows = [trace(p, a, t, i) for i, (p, a, t) in enumerate(REUSE_ROWS)]
+    (tmp / "rows.json").write_text(json.dumps(rows))
+    (tmp / "recipe.yaml").write_text(
+        f"data_root: {tmp / 'data'}\nteacher: {teacher}\nstudent: {student}\n"
+        f"generate: {{path: {tmp / 'rows.json'}}}\n"
+        "prune: {budgets: {easy: 100000, medium: 100000, hard: 100000}}\n"
+        "provenance: {rule: all, max_length: 80, shard_size: 3, chunk: 16, topk: 8}\n"
+        "select: {sft_per_problem: 0}\n"
+        f"distributions: {{max_length: {MAX_LENGTH}, shard_size: 2, tokens_per_row: 128, "
+        "chunk: 16, k: 8}\n")
+    return load_recipe(str(tmp / "recipe.yaml"), list(overrides), stages)
+
+
+def _through_select(recipe, *names) -> dict:
+    return {name: run_stage(name, recipe, stages=recipe.stage_defs, log=lambda *_: None)
+            for name in names}
+
+
+@pytest.fixture(scope="module")
+def reused(tmp_path_factory, ray_cluster, teacher, tiny_model):
+    """The same SFT rows captured twice: after a provenance that kept the teacher's top-8 (reuse)
+    and after provenance.method=none (no teacher forward to reuse: every row scored)."""
+    tmp = tmp_path_factory.mktemp("dist-reuse")
+    r = _reuse_recipe(tmp, teacher, tiny_model)
+    prov = _through_select(r, "generate", "verify", "prune", "provenance", "select")["provenance"]
+    with_reuse = run_stage("distributions", r, stages=r.stage_defs, log=lambda *_: None)
+    none = _reuse_recipe(tmp, teacher, tiny_model, "provenance.method=none")
+    _through_select(none, "provenance", "select")
+    fresh = run_stage("distributions", none, stages=none.stage_defs, log=lambda *_: None)
+    return dict(tmp=tmp, recipe=r, prov=prov, reuse=with_reuse, fresh=fresh)
+
+
+def test_reuse_equals_a_fresh_capture(reused):
+    """Rows taken from provenance's side dataset equal the rows the teacher scores here, within
+    fp16 storage (the two forwards pack the rows differently: fp32 rounding, then one fp16
+    ulp at most); the long row provenance truncated shorter is scored, and counted."""
+    import numpy as np
+
+    a, b = reused["reuse"], reused["fresh"]
+    assert a.version != b.version                      # provenance's settings reach the hash
+    sa, sb = a.manifest["stats"], b.manifest["stats"]
+    assert sa["rows"] == sb["rows"] == 5
+    assert sa["rows_reused_from_provenance"] == 4 and sa["rows_scored"] == 1
+    assert sa["rows_reused_this_run"] == 4 and sa["rows_scored_this_run"] == 1
+    assert sa["provenance_reuse"] == reused["prov"].ref()
+    assert sb["rows_reused_from_provenance"] == 0 and sb["rows_scored"] == 5
+    assert "method 'none'" in sb["provenance_reuse"]
+    assert a.manifest["schema"] == b.manifest["schema"]
+    rows_a, rows_b = a.read_table().to_pylist(), b.read_table().to_pylist()
+    assert [r["trace_id"] for r in rows_a] == [r["trace_id"] for r in rows_b]
+    compared = 0
+    for x, y in zip(rows_a, rows_b):
+        assert x["completion_ids"] == y["completion_ids"] and x["messages"] == y["messages"]
+        la, lb = (np.asarray(r["topk_logps"], np.float32) for r in (x, y))
+        ulp = np.abs(lb) * 2 ** -10 + 1e-5             # one fp16 ulp, the fp32 difference
+        assert (np.abs(la - lb) <= ulp).all()
+        ia, ib = np.asarray(x["topk_ids"]), np.asarray(y["topk_ids"])
+        # an entry whose value is clear of its neighbours' (no near tie) has the same id
+        gap = np.abs(np.diff(lb, axis=1)) > 2 * ulp[:, 1:]
+        clear = np.pad(gap, ((0, 0), (1, 0)), constant_values=True) & \
+            np.pad(gap, ((0, 0), (0, 1)), constant_values=True)
+        assert (ia[clear] == ib[clear]).all()
+        compared += int(clear.sum())
+        for col in ("token_logp", "tail_mass"):
+            va, vb = (np.asarray(r[col], np.float32) for r in (x, y))
+            assert (np.abs(va - vb) <= np.abs(vb) * 2 ** -10 + 1e-5).all(), col
+        assert x["padded_dropped"] == y["padded_dropped"] == 0
+    # random-init tiny models are near-uniform: many entries sit within an ulp of a neighbour
+    assert compared > 0.25 * sum(len(r["topk_ids"]) * 8 for r in rows_b)
+
+
+def test_provenance_keeps_the_selected_traces_topk(reused):
+    """provenance's side dataset: the selected (correct) traces only, hidden from the version's
+    readers (pandas opens the version folder as before), with its k, support and dtype."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    prov = reused["prov"]
+    stats = prov.manifest["stats"]
+    assert stats["topk"] == 8 and stats["topk_dtype"] == "float32"
+    assert stats["topk_vocab"] == _vocab(reused["recipe"].student)
+    side = pq.read_table(os.path.join(prov.path, ".teacher_topk")).to_pylist()
+    rows = prov.read_table().to_pylist()
+    assert sorted(r["trace_id"] for r in side) == \
+        sorted(r["trace_id"] for r in rows if r["selected"])
+    assert stats["topk_traces"] == len(side) == 5
+    assert stats["topk_positions"] == sum(len(r["topk_ids"]) for r in side)
+    for r in side:
+        assert len(r["topk_ids"]) == len(r["teacher_ids"]) - r["teacher_prompt_len"] > 0
+    assert len(pd.read_parquet(prov.path)) == len(rows) == 6
+    assert not glob.glob(os.path.join(prov.path, ".scored*"))
+
+
+def test_another_chat_template_falls_back_to_scoring(reused, teacher, tiny_model):
+    """A teacher with the student's tokenizer but its own chat template (a system turn): the
+    tokens provenance's teacher scored are not the student-form ones, so no row is reused;
+    every row is scored and counted, and the capture equals the plain teacher's."""
+    import numpy as np
+
+    templated = reused["tmp"] / "templated-teacher"
+    shutil.copytree(teacher, templated)
+    jinja = templated / "chat_template.jinja"
+    jinja.write_text("{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}" + jinja.read_text())
+    r = _reuse_recipe(reused["tmp"], str(templated), tiny_model)
+    _through_select(r, "provenance", "select")
+    v = run_stage("distributions", r, stages=r.stage_defs, log=lambda *_: None)
+    stats = v.manifest["stats"]
+    assert stats["rows_reused_from_provenance"] == 0 and stats["rows_scored"] == 5
+    assert stats["provenance_reuse"].startswith("provenance@")     # usable, no row matched
+    for x, y in zip(v.read_table().to_pylist(), reused["fresh"].read_table().to_pylist()):
+        assert x["trace_id"] == y["trace_id"]
+        np.testing.assert_array_equal(np.asarray(x["topk_logps"], np.float32),
+                                      np.asarray(y["topk_logps"], np.float32))
 
 
 VLLM_SCRIPT = """

@@ -21,8 +21,8 @@ import pytest
 from pipeline.config import load_recipe
 from pipeline.errors import UserError
 from pipeline.runner import run_stage
-from stages.provenance import (ProvenanceConfig, check_config, score_batch, select_plan,
-                               trace_columns)
+from stages.provenance import (ProvenanceConfig, check_config, score_batch, score_columns,
+                               select_plan, topk_support, trace_columns)
 from stages.lib.sentences import label_four, label_two, sentence_means, split_sentences
 from test_verify import TEST_STAGES, trace, write_generate
 
@@ -336,6 +336,46 @@ def test_different_tokenizers_compare_through_character_spans(tiny_model, other_
     assert len(row["sentence_labels"]) == len(spans)
 
 
+def test_topk_comes_from_the_scoring_forward(teacher, tiny_model):
+    """provenance.topk: the teacher's forward that scores the traces also takes its top-k. The
+    score columns are bit for bit those of a run without it; each correct trace carries the
+    tokens the teacher scored and its top-k, equal to stages/lib/topk.py's capture of those
+    tokens on their own (one fp16 ulp: packed with other traces or alone); an incorrect trace
+    carries none."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from stages.lib.topk import packed_topk, vocab_size
+
+    models = {"teacher": _load(teacher), "student": _load(tiny_model)}
+    correct = [True, True, False, True]
+    batch = pa.table({"pruned_completion": COMPLETIONS, "prompt_messages": PROMPTS,
+                      "correct": correct})
+    support = vocab_size(tiny_model, "test")
+    with torch.inference_mode():
+        plain = score_batch(models, batch, ProvenanceConfig(max_length=200, chunk=16))
+        kept = score_batch(models, batch, ProvenanceConfig(max_length=200, chunk=16, topk=8),
+                           support=support)
+    for name, _ in score_columns():
+        assert kept.column(name).to_pylist() == plain.column(name).to_pylist(), name
+    for r, ok in zip(kept.to_pylist(), correct):
+        if not ok:
+            assert r["teacher_ids"] == [] and r["topk_ids"] == [] and r["token_logp"] == []
+            continue
+        n = r["teacher_prompt_len"]
+        assert len(r["topk_ids"]) == len(r["teacher_ids"]) - n == r["scored_tokens_teacher"]
+        with torch.inference_mode():
+            g = packed_topk(models["teacher"][0], [(r["teacher_ids"], n)], 8, support, 256,
+                            16)[0]
+        logps = np.asarray(r["topk_logps"], np.float32)
+        want = g["logps"].astype(np.float16).astype(np.float32)
+        assert (np.abs(logps - want) <= np.abs(want) * 2 ** -10 + 1e-5).all()
+        assert np.array_equal(np.asarray(r["topk_ids"])[:, 0], g["ids"][:, 0])
+        np.testing.assert_allclose(np.asarray(r["token_logp"], np.float32),
+                                   g["token_logp"], rtol=2 ** -10, atol=1e-5)
+
+
 def test_truncated_trace_is_scored_on_its_prefix():
     teacher = {"offsets": [(0, 4), (4, 8)], "logps": [-1.0, -2.0], "truncated": True}
     student = {"offsets": [(0, 2), (2, 5), (5, 9), (9, 12)], "logps": [-1.0, -1.0, -3.0, -5.0],
@@ -465,6 +505,10 @@ def test_bad_inputs_name_the_key(tmp_path, tiny_model):
     with pytest.raises(UserError, match="provenance.rule"):
         check_config(ProvenanceConfig(rule="best", method="none"))
     check_config(ProvenanceConfig(method="none"))                  # none needs no models
+    with pytest.raises(UserError, match="provenance.topk: must be >= 0"):
+        check_config(ProvenanceConfig(method="none", topk=-1))
+    with pytest.raises(UserError, match="provenance.topk: 100000 is larger than the vocab"):
+        topk_support(ProvenanceConfig(teacher=tiny_model, student=tiny_model, topk=100000))
 
 
 # --- resume after kill -9 ----------------------------------------------------------------------

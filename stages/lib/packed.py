@@ -252,7 +252,8 @@ def score_token_ids(model, seqs: list[tuple[list[int], int]], tokens_per_row: in
 
 
 def score_completions(model, tokenizer, prompt_texts: list[str], completions: list[str],
-                      max_length: int, tokens_per_row: int, chunk: int = 1024) -> list[dict]:
+                      max_length: int, tokens_per_row: int, chunk: int = 1024,
+                      score_ids=None) -> list[dict]:
     """Per completion, the log-prob of each of its tokens after its (rendered) prompt.
 
     Returns [{"offsets": [(start, end)] characters of each scored token in the completion text,
@@ -260,6 +261,10 @@ def score_completions(model, tokenizer, prompt_texts: list[str], completions: li
     `encode` does for training), the completion with the tokenizer's offset mapping; a pair longer
     than max_length is scored on the completion's first max_length - len(prompt) tokens
     (truncated; nothing at all when the prompt alone fills max_length).
+
+    score_ids: what turns the [(token ids, prompt length)] into log-probs; None is
+    score_token_ids. provenance passes stages/lib/topk.py's TopkScorer, which also keeps the
+    teacher's top-k from the same forward.
     """
     prompts = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
     comps = tokenizer(completions, add_special_tokens=False, return_offsets_mapping=True)
@@ -269,14 +274,16 @@ def score_completions(model, tokenizer, prompt_texts: list[str], completions: li
         out.append({"offsets": [tuple(o) for o in offsets[:room]], "logps": [],
                     "truncated": len(c_ids) > room})
         seqs.append((p_ids + c_ids[:room], len(p_ids)))
-    for entry, logps in zip(out, score_token_ids(model, seqs, tokens_per_row, chunk)):
+    scored = (score_ids(seqs) if score_ids is not None
+              else score_token_ids(model, seqs, tokens_per_row, chunk))
+    for entry, logps in zip(out, scored):
         entry["logps"] = logps
     return out
 
 
 def score_traces(model, tokenizer, messages: list[list[dict]], traces: list[str],
                  fmt: TargetFormat, max_length: int, tokens_per_row: int,
-                 chunk: int = 1024) -> list[dict]:
+                 chunk: int = 1024, score_ids=None) -> list[dict]:
     """score_completions of each trace in this model's own form after its own prompt (what it
     would generate: stages/lib/chat.py, target_texts), with the offsets mapped back onto `traces`.
 
@@ -285,7 +292,7 @@ def score_traces(model, tokenizer, messages: list[list[dict]], traces: list[str]
     the reasoning or the answer gets its characters in the trace; a tag the trace has too
     (`</think>`) gets the trace's tag; anything else (a tag the trace lacks, the stop token) the
     empty range at the edge of the part before it (no sentence contains it; the completion mean
-    counts it).
+    counts it). score_ids: as score_completions'.
     """
     prompts, targets, spans = [], [], []
     for m, trace in zip(messages, traces):
@@ -294,7 +301,7 @@ def score_traces(model, tokenizer, messages: list[list[dict]], traces: list[str]
         targets.append(target)
         spans.append(parts)
     scored = score_completions(model, tokenizer, prompts, targets, max_length, tokens_per_row,
-                               chunk)
+                               chunk, score_ids)
     for entry, trace, target, parts in zip(scored, traces, targets, spans):
         segments = _trace_segments(trace, len(target), parts, fmt.tags)
         mapped, edge = [], 0  # offsets stay in order: sentences are found by bisection
