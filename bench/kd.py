@@ -52,9 +52,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train import (CountingCollator, StepTimer, build_model, common_args,  # noqa: E402
                          conversations)
-from stages.kd import KdLoss, collate_kd, kd_batch_loss, kd_token_losses  # noqa: E402
+from stages.kd import collate_kd, kd_batch_loss  # noqa: E402
 from stages.lib.packed import (ATTENTION, collate, encode, pack, packed_row,  # noqa: E402
                                register_attention)
+from stages.lib.topk_loss import KdLoss, kd_token_losses  # noqa: E402
 from stages.lib.trainer import packed_trainer_class  # noqa: E402
 from stages.sft import sft_loss  # noqa: E402
 
