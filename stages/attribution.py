@@ -4,8 +4,8 @@
     distillery run attribution --recipe configs/tiny.yaml attribution.distilled=sft
 
 Reads evaluate's `samples` split: the completions the distilled student D (`distilled`: "sft",
-"redi", another model name of evaluate's list, or a checkpoint path evaluate sampled) wrote for
-held-out problems. Each completion is scored, in the prompt evaluate asked it with, under the
+"kd", "redi", "opd", another model name of evaluate's list, or a checkpoint path evaluate
+sampled) wrote for held-out problems. Each completion is scored, in the prompt evaluate asked it with, under the
 teacher T, the original student S and D itself (cluster/scoring.py's actor pool, one packed
 forward per model), split into sentences, and every sentence labelled with four classes
 (stages/lib/sentences.py's label_four): shared if |p_S - p_D|, |p_T - p_D| and |p_T - p_S| are all
@@ -42,8 +42,8 @@ ROLES = ("teacher", "student", "distilled")
 class AttributionConfig:
     """Knobs of the attribution stage (replicas and GPUs: `resources.attribution`).
 
-    distilled: whose answers to analyse: a model name of evaluate's `models` ("sft", "redi", …)
-      or a checkpoint path evaluate sampled; D is that model.
+    distilled: whose answers to analyse: a model name of evaluate's `models` ("sft", "kd",
+      "redi", "opd", …) or a checkpoint path evaluate sampled; D is that model.
     teacher / student: T and the original S (the recipe's top-level teacher / student).
     alpha: "shared" margin: all three pairwise |p differences| <= alpha (set by hand in the
       paper; shared sentences differed by ~0.1 on average).
