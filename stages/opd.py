@@ -11,7 +11,8 @@ folder as its version, like sft.
 Each iteration i = 0 .. iterations-1, on `prompts_per_iteration` problems (a seeded order of
 all problems, taken in turn):
   1. sample: the student of iteration i (the start checkpoint, then iteration i-1's) samples
-     `n` completions per prompt on vLLM engines (cluster/inference.py complete_chats);
+     `n` completions per prompt on vLLM engines kept up across iterations, each iteration's
+     checkpoint loaded into them in place (cluster/inference.py WarmEngines);
   2. verify: each sample's answer against the reference (stages/lib/answers.py) -> `correct`;
   3. score: the teacher and the same student score the sample's tokens after their prompts
      (cluster/scoring.py + stages/lib/packed.py score_token_ids): teacher_logps and the
@@ -45,7 +46,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from cluster.inference import Sampling, complete_chats
+from cluster.inference import Sampling, WarmEngines
 from cluster.scoring import score_batches
 from cluster.train import fit
 from pipeline.errors import UserError
@@ -358,26 +359,48 @@ def _write_atomic(table, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def sample(cfg, ctx, model: str, problems: list[dict], i: int, template: str):
-    import pyarrow as pa
-    import ray.data
-
+def start_engines(cfg, ctx, model: str, i: int, template: str) -> WarmEngines:
+    """The student's vLLM engines, started once on `model` (the start checkpoint, or the last
+    finished iteration's after a rerun) and kept up: later iterations load their checkpoint
+    into them (WarmEngines.load)."""
     ctx.ensure_ray()
-    ds = ray.data.from_items([{"problem_id": p["problem_id"],
-                               "prompt_messages": p["prompt_messages"]} for p in problems])
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                        seed=cfg.seed * 1000 + i)
-    # One batch per engine: every replica gets a share of the iteration's prompts.
-    out = complete_chats(ds, model=model, sampling=sampling, n=cfg.n, resources=ctx.resources,
-                         ctx=ctx, max_model_len=cfg.max_model_len,
-                         batch_size=-(-len(problems) // ctx.resources.replicas),
-                         render=functools.partial(render_prompt, chat_template=template,
-                                                  prompt_format=cfg.prompt_format))
-    table = pa.Table.from_pylist(out.take_all())
+    return WarmEngines(model, sampling=_sampling(cfg, i), n=cfg.n, resources=ctx.resources,
+                       ctx=ctx, max_model_len=cfg.max_model_len,
+                       render=functools.partial(render_prompt, chat_template=template,
+                                                prompt_format=cfg.prompt_format))
+
+
+def _sampling(cfg, i: int) -> Sampling:
+    return Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                    seed=cfg.seed * 1000 + i)
+
+
+def sample(cfg, engines: WarmEngines, problems: list[dict], i: int):
+    """n samples per problem from the engines' current weights (engines.model)."""
+    import pyarrow as pa
+
+    table = engines.complete([{"problem_id": p["problem_id"],
+                               "prompt_messages": p["prompt_messages"]} for p in problems],
+                             _sampling(cfg, i))
     table = table.select(["problem_id", "sample_idx", "completion", "completion_tokens",
                           "finish_reason"])
-    table = table.append_column("sampled_by", pa.array([model] * table.num_rows, pa.string()))
+    table = table.append_column("sampled_by",
+                                pa.array([engines.model] * table.num_rows, pa.string()))
     return table.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
+
+
+def engines_stay_up(resources) -> bool:
+    """Whether the engines can stay up through scoring and training: CPU engines reserve no
+    Ray CPUs while they wait (WarmEngines); GPU engines keep their GPUs, so the cluster must
+    hold them and the training workers' GPUs at once (engines + workers <= GPUs), else each
+    iteration starts its engines and stops them after sampling."""
+    import ray
+
+    r = resources
+    if not r.gpus_per_replica:
+        return True
+    workers = r.num_workers if r.use_gpu else 0
+    return r.replicas * r.gpus_per_replica + workers <= ray.cluster_resources().get("GPU", 0)
 
 
 def verify(cfg, table, answers: dict):
@@ -523,55 +546,73 @@ def run(cfg: OpdConfig, inputs, ctx):
 
     root = os.path.join(ctx.out_dir, "iterations")
     os.makedirs(root, exist_ok=True)
-    history, student = [], start
-    for i in range(cfg.iterations):
-        folder = os.path.join(root, f"iter-{i:05d}")
-        model_dir = os.path.join(folder, "model")
-        done = os.path.join(folder, "done.json")
-        if os.path.exists(done):
-            with open(done, encoding="utf-8") as f:
-                history.append(json.load(f))
-            student = model_dir
-            continue
-        os.makedirs(folder, exist_ok=True)
-        timings = {"sample": 0.0, "verify": 0.0, "score": 0.0, "train": 0.0}
-        batch = batch_of(problems, i, cfg.prompts_per_iteration, cfg.seed)
-        sampled_path = os.path.join(folder, "sampled.parquet")
-        scored_path = os.path.join(folder, "scored.parquet")
-        if not os.path.exists(scored_path):
-            if os.path.exists(sampled_path):
-                table = pq.read_table(sampled_path)
-            else:
+    history, student, engines = [], start, None
+    try:
+        for i in range(cfg.iterations):
+            folder = os.path.join(root, f"iter-{i:05d}")
+            model_dir = os.path.join(folder, "model")
+            done = os.path.join(folder, "done.json")
+            if os.path.exists(done):
+                with open(done, encoding="utf-8") as f:
+                    history.append(json.load(f))
+                student = model_dir
+                continue
+            os.makedirs(folder, exist_ok=True)
+            timings = {"engine_start": 0.0, "weight_sync": 0.0, "sample": 0.0, "verify": 0.0,
+                       "score": 0.0, "train": 0.0}
+            batch = batch_of(problems, i, cfg.prompts_per_iteration, cfg.seed)
+            sampled_path = os.path.join(folder, "sampled.parquet")
+            scored_path = os.path.join(folder, "scored.parquet")
+            if not os.path.exists(scored_path):
+                if os.path.exists(sampled_path):
+                    table = pq.read_table(sampled_path)
+                else:
+                    # One set of engines for the whole run: started on the first iteration this
+                    # run samples (after a rerun: the last finished iteration's checkpoint), then
+                    # each iteration's checkpoint loaded into them (weight_sync).
+                    t0 = time.perf_counter()
+                    if engines is None:
+                        engines = start_engines(cfg, ctx, student, i, student_t)
+                        timings["engine_start"] = time.perf_counter() - t0
+                    else:
+                        engines.load(student)
+                        timings["weight_sync"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    table = sample(cfg, engines, batch, i)
+                    timings["sample"] = time.perf_counter() - t0
+                    if i == cfg.iterations - 1 or not engines_stay_up(ctx.resources):
+                        engines.close()  # their memory (and GPUs) go to scoring and training
+                        engines = None
+                    t0 = time.perf_counter()
+                    table = verify(cfg, table, answers)
+                    timings["verify"] = time.perf_counter() - t0
+                    _write_atomic(table, sampled_path)
                 t0 = time.perf_counter()
-                table = sample(cfg, ctx, student, batch, i, student_t)
-                timings["sample"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                table = verify(cfg, table, answers)
-                timings["verify"] = time.perf_counter() - t0
-                _write_atomic(table, sampled_path)
+                messages = {p["problem_id"]: p["prompt_messages"] for p in batch}
+                table = token_ids(cfg, table, messages,
+                                  {"student": student_tok, "teacher": teacher_tok},
+                                  {"student": student_t, "teacher": teacher_t}, fmt)
+                table = score(cfg, ctx, table, student)
+                table = table.append_column("scored_by", _constant(student, table.num_rows))
+                timings["score"] = time.perf_counter() - t0
+                _write_atomic(table, scored_path)
+            table = pq.read_table(scored_path)
             t0 = time.perf_counter()
-            messages = {p["problem_id"]: p["prompt_messages"] for p in batch}
-            table = token_ids(cfg, table, messages,
-                              {"student": student_tok, "teacher": teacher_tok},
-                              {"student": student_t, "teacher": teacher_t}, fmt)
-            table = score(cfg, ctx, table, student)
-            table = table.append_column("scored_by", _constant(student, table.num_rows))
-            timings["score"] = time.perf_counter() - t0
-            _write_atomic(table, scored_path)
-        table = pq.read_table(scored_path)
-        t0 = time.perf_counter()
-        train_stats = train(cfg, ctx, table, student, model_dir, i, fmt.end_of_turn)
-        timings["train"] = time.perf_counter() - t0
-        stats = {"iteration": i, "student": student, **iteration_stats(table, timings,
-                                                                       train_stats)}
-        with open(done + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(stats, f, indent=1)
-        os.replace(done + ".tmp", done)  # the marker: iteration i is complete
-        print(f"opd: iteration {i}: pass rate {stats['pass_rate']}, mean tokens "
-              f"{stats['mean_tokens']}, kl {stats['kl']}, loss {stats['loss']}; seconds "
-              + ", ".join(f"{k} {v}" for k, v in stats["seconds"].items()), flush=True)
-        history.append(stats)
-        student = model_dir
+            train_stats = train(cfg, ctx, table, student, model_dir, i, fmt.end_of_turn)
+            timings["train"] = time.perf_counter() - t0
+            stats = {"iteration": i, "student": student, **iteration_stats(table, timings,
+                                                                           train_stats)}
+            with open(done + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(stats, f, indent=1)
+            os.replace(done + ".tmp", done)  # the marker: iteration i is complete
+            print(f"opd: iteration {i}: pass rate {stats['pass_rate']}, mean tokens "
+                  f"{stats['mean_tokens']}, kl {stats['kl']}, loss {stats['loss']}; seconds "
+                  + ", ".join(f"{k} {v}" for k, v in stats["seconds"].items()), flush=True)
+            history.append(stats)
+            student = model_dir
+    finally:
+        if engines is not None:
+            engines.close()
 
     # The version is the last iteration's checkpoint; intermediate checkpoints go (unless kept).
     for name in os.listdir(student):

