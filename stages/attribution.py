@@ -5,11 +5,12 @@
 
 Reads evaluate's `samples` split: the completions the distilled student D (`distilled`: "sft",
 "kd", "redi", "opd", another model name of evaluate's list, or a checkpoint path evaluate
-sampled) wrote for held-out problems. Each completion is scored, in the prompt evaluate asked it with, under the
-teacher T, the original student S and D itself (cluster/scoring.py's actor pool, one packed
-forward per model), split into sentences, and every sentence labelled with four classes
-(stages/lib/sentences.py's label_four): shared if |p_S - p_D|, |p_T - p_D| and |p_T - p_S| are all
-<= alpha; teacher if p_T - p_S > beta; student if p_S - p_T > beta; otherwise boosted.
+sampled) wrote for held-out problems. Each completion is scored, in the prompt evaluate asked
+it with, under the teacher T, the original student S and D itself (cluster/scoring.py's actor
+pool, one packed forward per model), split into sentences, and every sentence labelled with
+four classes (stages/lib/sentences.py's label_four): shared if |p_S - p_D|, |p_T - p_D| and
+|p_T - p_S| are all <= alpha; teacher if p_T - p_S > beta; student if p_S - p_T > beta;
+otherwise boosted.
 
 Reported (manifest stats, `distillery report`): the share of teacher-originated sentences in D's
 correct answers vs its incorrect ones (the paper: higher in the correct ones), pooled over
