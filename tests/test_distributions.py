@@ -555,6 +555,27 @@ def test_another_chat_template_falls_back_to_scoring(reused, teacher, tiny_model
                                       np.asarray(y["topk_logps"], np.float32))
 
 
+def test_reuse_resumes_and_counts_the_whole_version(reused):
+    """A reusing run that stopped after its first shard: the rerun captures shards 1 and 2 (the
+    rows it reuses read again from provenance), the rows are those of the uninterrupted run, and
+    the counts cover the whole version, with this run's beside them."""
+    from pipeline.store import Store
+
+    v, r = reused["reuse"], reused["recipe"]
+    rows = v.read_table().to_pylist()
+    tmp = Store(r.data_root).tmp_dir("distributions", v.version)
+    os.makedirs(tmp)
+    shutil.copy(os.path.join(v.path, "part-00000.parquet"), tmp)
+    shutil.rmtree(v.path)
+    again = run_stage("distributions", r, pins=v.manifest["inputs"], stages=r.stage_defs,
+                      log=lambda *_: None)      # pinned: a later test made another select
+    assert again.version == v.version and again.read_table().to_pylist() == rows
+    stats = again.manifest["stats"]
+    assert stats["rows_reused_from_provenance"] == 4 and stats["rows_scored"] == 1
+    assert stats["shards_captured_this_run"] == 2
+    assert stats["rows_reused_this_run"] + stats["rows_scored_this_run"] == 3
+
+
 VLLM_SCRIPT = """
 import json, os, sys
 os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"

@@ -515,8 +515,10 @@ def test_bad_inputs_name_the_key(tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_scores_every_row_once(tmp_path, ray_cluster, teacher, tiny_model):
-    """A real `distillery run provenance` is SIGKILLed after its first scored shard; the same
-    command rerun scores only the missing shards, and every row is there exactly once."""
+    """A real `distillery run provenance` (keeping the teacher's top-8) is SIGKILLed after its
+    first scored shard; the same command rerun scores only the missing shards, every row is
+    there exactly once, and so is each selected trace's top-k."""
+    import pyarrow.parquet as pq
     from test_sft import _kill_tree
 
     from pipeline.store import Store
@@ -531,7 +533,7 @@ def test_kill_9_then_rerun_scores_every_row_once(tmp_path, ray_cluster, teacher,
         run_stage(name, recipe, stages=TEST_STAGES, log=lambda *_: None)
     cli_recipe = tmp_path / "cli.yaml"
     cli_recipe.write_text(f"data_root: {data}\nteacher: {teacher}\nstudent: {tiny_model}\n"
-                          "provenance: {shard_size: 1, max_length: 512}\n")
+                          "provenance: {shard_size: 1, max_length: 512, topk: 8}\n")
     cmd = [os.path.join(os.path.dirname(sys.executable), "distillery"), "run", "provenance",
            "--recipe", str(cli_recipe)]
     # Bad input first: no student -> exit 2 naming the key, no traceback, no version.
@@ -565,8 +567,13 @@ def test_kill_9_then_rerun_scores_every_row_once(tmp_path, ray_cluster, teacher,
     assert v.manifest["stats"]["shards_scored_this_run"] == 80 - done_before
     got = v.read_table().to_pylist()
     assert sorted(r["trace_id"] for r in got) == sorted(r["trace_id"] for r in rows)
-    assert not glob.glob(os.path.join(v.path, ".scored"))           # scratch shards removed
+    assert not glob.glob(os.path.join(v.path, ".scored*"))          # scratch shards removed
     assert all(r["sentence_labels"] and r["lp_teacher"] is not None for r in got)
+    side = pq.read_table(os.path.join(v.path, ".teacher_topk")).to_pylist()
+    assert sorted(r["trace_id"] for r in side) == sorted(r["trace_id"] for r in got
+                                                         if r["selected"])
+    assert all(len(r["topk_ids"]) == len(r["teacher_ids"]) - r["teacher_prompt_len"] > 0
+               for r in side)
 
 
 # --- the distilled-student analysis (stage `attribution`) ---------------------------------------
