@@ -97,8 +97,8 @@ class ProvenanceConfig:
     topk: also keep the teacher's top-k next-token distribution (k entries) at every scored
       completion position of the selected traces, from the forward that scores them, so stage
       distributions with distributions.k = topk reuses it instead of running the teacher again
-      (module docstring; docs/kd.md). 0 = off: no extra work or storage. Costs 6 B an entry per
-      token of the selected traces on disk (k=32: 200 B/token with the extras).
+      (module docstring; docs/kd.md). 0 = off: no extra work or storage. On disk, per token of
+      a selected trace: 6 B an entry + 8 B (k=32: 200 B), plus 4 B a token id scored.
     """
 
     method: str = "score"
