@@ -1,6 +1,6 @@
 """Stage `distributions` — the teacher's top-k next-token distribution at every completion
-position of select's SFT rows, captured once for logit-level distillation (stage kd; METHODS.md,
-"Logit-level distillation"; docs/kd.md).
+position of select's SFT rows, captured once for logit-level distillation (stage kd;
+docs/methods.md, "Logit-level distillation"; docs/kd.md).
 
     distillery run distributions --recipe configs/tiny.yaml distributions.k=32
 

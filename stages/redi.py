@@ -6,7 +6,7 @@ Train workers, and writes a Hugging Face checkpoint folder as its version.
 
     distillery run redi --recipe configs/tiny.yaml redi.alpha=0.8
 
-The loss (METHODS.md, arXiv 2505.24850) is reference-free:
+The loss (docs/methods.md, arXiv 2505.24850) is reference-free:
 
     L = − log π(y+|x) / |y+|  +  α · log π(y−|x) / |y−|
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class REDIConfig:
-    """Knobs of the REDI stage (defaults: METHODS.md, REDI stage 2).
+    """Knobs of the REDI stage (defaults: docs/methods.md, REDI stage 2).
 
     loss: "redi" (ours, packed), or the baselines "dpo" (TRL DPOTrainer, sigmoid loss, with a
       frozen reference copy of the SFT model) and "simpo" (TRL CPOTrainer, loss_type="simpo").

@@ -13,8 +13,8 @@ Reads `provenance` (every prune row + the `selected` column; with `provenance.me
 selected = correct, and select behaves as it did on prune). Per problem, its traces are put in a
 seeded shuffle (sorted by trace_id first, so the order does not depend on how rows arrived): SFT
 takes the first `sft_per_problem` SELECTED correct traces; a pair is the first correct with the
-first incorrect trace (METHODS.md, REDI), both within the length caps, where the chosen trace is
-the first selected correct one when the problem has one within the cap (else the first correct:
+first incorrect trace (docs/methods.md, REDI), both within the length caps, where the chosen
+trace is the first selected correct one when the problem has one within the cap (else the first correct:
 provenance chooses what SFT imitates; REDI's contrast needs a correct trace either way).
 Problems that give no pair are counted by reason.
 

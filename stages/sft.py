@@ -27,7 +27,7 @@ from stages.lib.trainer import global_sum, read_stats, train_packed, upstream_dr
 
 @dataclass
 class SFTConfig:
-    """Knobs of the SFT stage (defaults: METHODS.md, REDI stage 1).
+    """Knobs of the SFT stage (defaults: docs/methods.md, REDI stage 1).
 
     student: the model to train (hub id or local path); the recipe's top-level `student` fills it.
     epochs: passes over the SFT set (METHODS: 3 for ablations, 5 final).

@@ -1,6 +1,6 @@
 """`distillery compare-teachers` — pick the teacher by a short distillation, not by its score.
 
-DED (arXiv 2508.09883, ../shared/METHODS.md "Several teachers and choosing one"): a teacher's
+DED (arXiv 2508.09883, docs/methods.md "Several teachers and choosing one"): a teacher's
 benchmark score does not say how well a student learns from its traces; a smoke-test
 distillation does. For one verify version with traces of several teachers (generate.teachers,
 or an imported file with a teacher per row):
