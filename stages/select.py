@@ -14,8 +14,9 @@ selected = correct, and select behaves as it did on prune). Per problem, its tra
 seeded shuffle (sorted by trace_id first, so the order does not depend on how rows arrived): SFT
 takes the first `sft_per_problem` SELECTED correct traces; a pair is the first correct with the
 first incorrect trace (docs/methods.md, REDI), both within the length caps, where the chosen
-trace is the first selected correct one when the problem has one within the cap (else the first correct:
-provenance chooses what SFT imitates; REDI's contrast needs a correct trace either way).
+trace is the first selected correct one when the problem has one within the cap (else the first
+correct: provenance chooses what SFT imitates; REDI's contrast needs a correct trace either
+way).
 Problems that give no pair are counted by reason.
 
 Several teachers (docs/teachers.md), before the per-problem walk: `teachers` keeps only the
