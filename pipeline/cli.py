@@ -116,6 +116,8 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.arms and not args.ablations:
+        raise UserError("--arms picks ablation arms: use it with --ablations")
     if args.ablations:  # the ablations build on the demo (its models, its data): not its part
         from pipeline.apps.ablations import main as ablations_main
 
@@ -257,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ablations", action="store_true",
                    help="the method comparisons instead (DAP, provenance, REDI vs DPO / SimPO / "
                         "SFT continued), 3 seeds, ~1 h on 2 cores; docs/demo.md")
+    d.add_argument("--arms", type=lambda v: tuple(a for a in v.split(",") if a), default=(),
+                   help="with --ablations: only these arms, comma-separated (e.g. kd,taid,"
+                        "mixkd; a pair or KD arm brings its SFT start along); default all")
     d.add_argument("items", nargs="*", metavar="key=value")
     d.set_defaults(func=cmd_demo, recipe="configs/tiny.yaml")
 

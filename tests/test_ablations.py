@@ -100,15 +100,11 @@ class _FakeVersion:
                                      for m in self._models])
 
 
-def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
-    """ablations.main end to end with a run_stage that trains nothing: every arm's overrides
-    load as a recipe (the real load_recipe via demo.load) and set what the arm says; every stage
-    gets every input it reads pinned to the version made for that arm; the pair arms start from
-    the `all` arm's select and sft; distributions reads the `all` arm's select and every KD arm
-    that distributions version, with sft's schedule; one evaluate holds every model."""
+def _run_without_training(tmp_path, monkeypatch, plan):
+    """ablations.main with a run_stage that trains nothing; every call it made (name, recipe,
+    pins, version), and the teacher, student and data root it ran with."""
     from pipeline.apps import ablations, demo
     from pipeline.apps.ablations import main
-    from pipeline.config import parse_override
 
     calls = []
 
@@ -132,10 +128,23 @@ def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
     teacher, student = str(tmp_path / "teacher"), str(tmp_path / "student")
     monkeypatch.setattr(demo, "prepare", lambda *a, **k: (None, teacher, student, {}))
     root = str(tmp_path / "data")
-    os.makedirs(root)  # where ablations.json goes; the fake stages write nothing
+    os.makedirs(root, exist_ok=True)  # where ablations.json goes; the fake stages write nothing
     args = argparse.Namespace(recipe=os.path.join(ROOT, "configs", "tiny.yaml"),
                               items=[f"data_root={root}"], ablations=True)
-    assert main(args, AblationPlan(seeds=(3,))) == 0
+    assert main(args, plan) == 0
+    return calls, teacher, student, root
+
+
+def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
+    """ablations.main end to end with a run_stage that trains nothing: every arm's overrides
+    load as a recipe (the real load_recipe via demo.load) and set what the arm says; every stage
+    gets every input it reads pinned to the version made for that arm; the pair arms start from
+    the `all` arm's select and sft; distributions reads the `all` arm's select and every KD arm
+    that distributions version, with sft's schedule; one evaluate holds every model."""
+    from pipeline.config import parse_override
+
+    calls, teacher, student, root = _run_without_training(tmp_path, monkeypatch,
+                                                          AblationPlan(seeds=(3,)))
 
     names = [c["name"] for c in calls]
     sft_calls = ["prune", "provenance", "select", "sft"]
@@ -194,6 +203,40 @@ def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
     assert result["complete"] and set(result["runs"]["3"]) == {"teacher", "student", *arms}
 
 
+@pytest.mark.parametrize("arms, sft_arms, runs", [
+    (("kd", "taid"), ["all"], ["distributions", "kd", "kd"]),
+    (("dpo",), ["all"], ["redi"]),
+    (("random", "provenance"), ["random", "provenance"], []),
+])
+def test_arms_run_only_those_and_their_start(tmp_path, monkeypatch, arms, sft_arms, runs):
+    """--arms: the named arms and the SFT arm a pair or KD arm starts from, nothing else (no
+    distributions without a KD arm); evaluate holds exactly their models."""
+    calls, *_ = _run_without_training(tmp_path, monkeypatch,
+                                      AblationPlan(seeds=(0,), arms=arms))
+    assert [c["name"] for c in calls] == (["prompts", "generate", "verify"]
+                                          + ["prune", "provenance", "select", "sft"]
+                                          * len(sft_arms) + runs + ["evaluate"])
+    trained = [c["version"].path for c in calls if c["name"] in ("sft", "redi", "kd")]
+    assert calls[-1]["recipe"].configs["evaluate"].models == ["teacher", "student"] + trained
+    with open(tmp_path / "data" / "ablations.json") as f:
+        assert set(json.load(f)["runs"]["0"]) == {"teacher", "student", *sft_arms, *arms}
+
+
+def test_unknown_arm_is_a_user_error(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.apps.ablations import arms_to_run
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="--arms: unknown arm.*nope"):
+        arms_to_run(("kd", "nope"))
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--arms", "kd"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "use it with --ablations" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 # --- a shortened real run -----------------------------------------------------------------------
 
 # A 1-layer teacher trained on the 40 prompt problems themselves (train_seed = prompts' seed 0):
@@ -218,7 +261,7 @@ def test_shortened_ablations_run_every_arm(tmp_path, ray_cluster, capsys):
     # the KD arms (distributions + 3 kd fits) are left out: minutes more on 2 cores; the fast
     # wiring test above covers their recipes and pins
     assert main(args, AblationPlan(seeds=(0,), extra=TINY, teacher=TINY_TEACHER,
-                                   kd_arms=())) == 0
+                                   arms=tuple(SFT_ARMS) + tuple(PAIR_ARMS))) == 0
     out = capsys.readouterr().out
     with open(os.path.join(root, "ablations.json")) as f:
         result = json.load(f)

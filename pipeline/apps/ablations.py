@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from pipeline.apps import demo
 from pipeline.apps.report import mean_sd_text
+from pipeline.errors import UserError
 from pipeline.runner import run_stage
 
 SEEDS = (0, 1, 2)
@@ -104,13 +105,32 @@ class AblationPlan:
       epochs (vs the demo's 3), to fit 10 SFT/pair models x 3 seeds in an hour on 2 cores;
       tests: tiny counts.
     teacher: the demo's teacher settings (pipeline/apps/demo.py TEACHER) or smaller ones.
-    kd_arms: which of KD_ARMS run (all by default; none skips distributions and kd).
+    arms: which arms run (`--arms`; empty = every arm of SFT_ARMS, PAIR_ARMS and KD_ARMS). A
+      pair arm brings its start (PAIR_START's SFT arm) along, a KD arm KD_START's; no KD arm
+      skips distributions and kd.
     """
 
     seeds: tuple = SEEDS
     extra: list = field(default_factory=lambda: ["sft.epochs=2"])
     teacher: dict | None = None
-    kd_arms: tuple = tuple(KD_ARMS)
+    arms: tuple = ()
+
+
+def arms_to_run(wanted: tuple) -> tuple[list, list, list]:
+    """(SFT arms, pair arms, KD arms) in their tables' order for the requested arm names."""
+    every = {**SFT_ARMS, **PAIR_ARMS, **KD_ARMS}
+    unknown = [a for a in wanted if a not in every]
+    if unknown:
+        raise UserError(f"--arms: unknown arm(s) {', '.join(unknown)} (the arms: "
+                        f"{', '.join(every)})")
+    wanted = set(wanted or every)
+    pairs = [a for a in PAIR_ARMS if a in wanted]
+    kds = [a for a in KD_ARMS if a in wanted]
+    if pairs:
+        wanted.add(PAIR_START)
+    if kds:
+        wanted.add(KD_START)
+    return [a for a in SFT_ARMS if a in wanted], pairs, kds
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -270,7 +290,10 @@ def same_as_sft(recipe) -> list[str]:
 
 
 def kd_arms(recipe_for, arms, seeded, start) -> dict:
-    """distributions once on the start arm's select, then each KD arm: {arm: kd version}."""
+    """distributions once on the start arm's select, then each KD arm: {arm: kd version}
+    (none: nothing runs)."""
+    if not arms:
+        return {}
     base = recipe_for(*SFT_ARMS[KD_START], *seeded)
     like_sft = same_as_sft(base)
     dist = run_stage("distributions", recipe_for(*SFT_ARMS[KD_START], *seeded, *like_sft),
@@ -282,7 +305,8 @@ def kd_arms(recipe_for, arms, seeded, start) -> dict:
 
 
 def main(args, plan: AblationPlan | None = None) -> int:
-    plan = plan or AblationPlan()
+    plan = plan or AblationPlan(arms=tuple(getattr(args, "arms", ()) or ()))
+    sft_arms, pair_arms, kd_arm_names = arms_to_run(plan.arms)
     started = time.time()
     recipe_for, shared, prompts, verify, info = shared_setup(args.recipe, args.items, plan)
     k = shared.configs["evaluate"].pass_k
@@ -293,21 +317,21 @@ def main(args, plan: AblationPlan | None = None) -> int:
         seeded = [f"select.seed={seed}", f"sft.seed={seed}", f"redi.seed={seed}",
                   f"kd.seed={seed}", f"evaluate.seed={seed}"]
         paths, data = {}, {}
-        for arm, overrides in SFT_ARMS.items():
-            select, sft = sft_arm(recipe_for(*overrides, *seeded), verify)
+        for arm in sft_arms:
+            select, sft = sft_arm(recipe_for(*SFT_ARMS[arm], *seeded), verify)
             paths[arm] = sft.path
             data[arm] = {"sft_rows": select.manifest["stats"]["sft_rows"],
                          "mean_sft_tokens": select.manifest["stats"]["mean_sft_tokens"],
                          "select": select, "sft": sft}
-        start = data[PAIR_START]
-        for arm, overrides in PAIR_ARMS.items():
-            r = recipe_for(*SFT_ARMS[PAIR_START], *overrides, *seeded)
+        start = data.get(PAIR_START)
+        for arm in pair_arms:
+            r = recipe_for(*SFT_ARMS[PAIR_START], *PAIR_ARMS[arm], *seeded)
             redi = run_stage("redi", r, {"select": start["select"].version,
                                          "sft": start["sft"].version})
             paths[arm] = redi.path
             data[arm] = {"pairs": start["select"].manifest["stats"]["pairs"], "redi": redi}
-        kd_start = data[KD_START]
-        for arm, kd in kd_arms(recipe_for, plan.kd_arms, seeded, kd_start).items():
+        kd_start = data.get(KD_START)
+        for arm, kd in kd_arms(recipe_for, kd_arm_names, seeded, kd_start).items():
             paths[arm] = kd.path
             data[arm] = {m: kd_start[m] for m in ("sft_rows", "mean_sft_tokens")}
         # One evaluate per seed with every model of the seed (the teacher once, at the first).
@@ -315,9 +339,14 @@ def main(args, plan: AblationPlan | None = None) -> int:
         model_list = "[" + ", ".join(["teacher"] * (seed == plan.seeds[0]) + ["student"]
                                      + [paths[a] for a in paths]) + "]"
         r = recipe_for(*seeded, f"evaluate.models={model_list}")
-        ev = run_stage("evaluate", r, {"prompts": prompts.version,
-                                       "sft": start["sft"].version,
-                                       "redi": data["redi"]["redi"].version})
+        # every model is named by path: evaluate needs no sft / redi input (pinned when run,
+        # so the version records them)
+        pins = {"prompts": prompts.version}
+        if start:
+            pins["sft"] = start["sft"].version
+        if "redi" in data:
+            pins["redi"] = data["redi"]["redi"].version
+        ev = run_stage("evaluate", r, pins)
         summary_rows = ev.read_table("summary").to_pylist()
         evaluations[seed] = ev.ref()
         runs[seed] = {}
