@@ -363,7 +363,7 @@ def opd_inputs(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def opd_run(opd_inputs, teacher, ray_cluster, tmp_path_factory):
-    """The one real run (3 iterations), interrupted: `distillery run opd` is SIGKILLed as soon
+    """The one real run (4 iterations), interrupted: `distillery run opd` is SIGKILLed as soon
     as iteration 0's marker exists, then the same command runs in this process and finishes.
     Returns (version, iteration 0's stats and its marker's mtime as the killed run left them,
     the recipe)."""
@@ -372,9 +372,10 @@ def opd_run(opd_inputs, teacher, ray_cluster, tmp_path_factory):
     from pipeline.store import Store
 
     data_root, _ = opd_inputs
-    # 3 iterations: the rerun starts its engines once (iteration 1, on iteration 0's checkpoint)
-    # and loads iteration 1's checkpoint into them for iteration 2
-    overrides = _overrides(data_root, teacher, ["opd.keep_checkpoints=true", "opd.iterations=3"])
+    # 4 iterations: the killed run may get as far as sampling (and scoring) iteration 1 before
+    # the kill (its warm engines take ~1 s to get there), so the rerun's engines start at
+    # iteration 1 or 2 and load a new checkpoint at least once (iteration 3)
+    overrides = _overrides(data_root, teacher, ["opd.keep_checkpoints=true", "opd.iterations=4"])
     # Ray's socket paths must stay short (AF_UNIX limit): not under pytest's long tmp_path.
     ray_tmp = tempfile.mkdtemp(prefix="ray-opd-", dir="/tmp")
     env = dict(os.environ, DISTILLERY_RAY_TMP=ray_tmp)
@@ -430,7 +431,7 @@ def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_mod
     _, sft = opd_inputs
     stats = version.manifest["stats"]
     assert version.manifest["inputs"]["sft"] == sft.version and stats["start"] == sft.ref()
-    assert [h["iteration"] for h in stats["iterations"]] == [0, 1, 2]
+    assert [h["iteration"] for h in stats["iterations"]] == [0, 1, 2, 3]
     for h in stats["iterations"]:
         assert h["samples"] == 8 and h["steps"] == 1
         assert 0 <= h["pass_rate"] <= 1 and 0 < h["mean_tokens"] <= 16
@@ -468,16 +469,17 @@ def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_mod
         assert max(abs(a - b) for a, b in zip(direct, r["student_logps"])) <= 1e-4
         start = _direct_logps(s_model, r["student_prompt_ids"], r["completion_ids"])
         assert max(abs(a - b) for a, b in zip(start, r["student_logps"])) > 1e-4
-    last = load_weights(os.path.join(version.path, "iterations", "iter-00002", "model"))
+    last = load_weights(os.path.join(version.path, "iterations", "iter-00003", "model"))
     assert all((last[k] == after[k]).all() for k in after)
 
 
 def test_the_engines_start_once_per_run_then_serve_each_new_checkpoint(opd_run, opd_inputs,
                                                                        tiny_model):
     """The killed run started its engines on the start checkpoint (iteration 0). The rerun
-    started them once, on iteration 0's checkpoint (iteration 1), and loaded iteration 1's into
-    them (iteration 2, weight_sync) instead of starting new ones. What they sampled there is
-    what engines started fresh on iteration 1's checkpoint sample for iteration 2's problems."""
+    started them once, at the first iteration it sampled (1, or 2 when the killed run had
+    sampled 1 already), on the checkpoint before it, and loaded each later iteration's
+    checkpoint into them (weight_sync) instead of starting new ones. What they sampled in the
+    last iteration is what engines started fresh on the checkpoint before it sample."""
     from pipeline.stage import Context
     from pipeline.store import Store
     from stages.lib.chat import check_chat_format
@@ -486,22 +488,25 @@ def test_the_engines_start_once_per_run_then_serve_each_new_checkpoint(opd_run, 
     version, _, _, recipe = opd_run
     seconds = [h["seconds"] for h in version.manifest["stats"]["iterations"]]
     assert seconds[0]["engine_start"] > 0 and seconds[0]["weight_sync"] == 0
-    assert seconds[1]["engine_start"] > 0 and seconds[1]["weight_sync"] == 0
-    assert seconds[2]["engine_start"] == 0 and seconds[2]["weight_sync"] > 0
-    rows = _scored(version, 2)
-    kept = os.path.join(version.path, "iterations", "iter-00001", "model")
-    assert all(r["sampled_by"].endswith(os.path.join("iter-00001", "model")) for r in rows)
+    first = min(i for i in (1, 2, 3) if seconds[i]["sample"] > 0)
+    assert first in (1, 2)
+    assert seconds[first]["engine_start"] > 0 and seconds[first]["weight_sync"] == 0
+    for i in range(first + 1, 4):
+        assert seconds[i]["engine_start"] == 0 and seconds[i]["weight_sync"] > 0
+    rows = _scored(version, 3)
+    kept = os.path.join(version.path, "iterations", "iter-00002", "model")
+    assert all(r["sampled_by"].endswith(os.path.join("iter-00002", "model")) for r in rows)
 
     cfg = recipe.configs["opd"]
     store = Store(opd_inputs[0])
     problems = problems_of({"select": store.latest("select"), "prompts": store.latest("prompts")})
     ctx = Context(stage="opd", version="fresh", out_dir=version.path, data_root=opd_inputs[0],
                   teacher="", student="", resources=recipe.resources["opd"])
-    engines = start_engines(cfg, ctx, kept, 2, check_chat_format(tiny_model, "", "chat", "opd",
+    engines = start_engines(cfg, ctx, kept, 3, check_chat_format(tiny_model, "", "chat", "opd",
                                                                  "student"))
     try:
-        fresh = sample(cfg, engines, batch_of(problems, 2, cfg.prompts_per_iteration, cfg.seed),
-                       2).to_pylist()
+        fresh = sample(cfg, engines, batch_of(problems, 3, cfg.prompts_per_iteration, cfg.seed),
+                       3).to_pylist()
     finally:
         engines.close()
     assert [(r["problem_id"], r["sample_idx"], r["completion"]) for r in fresh] == \
@@ -626,7 +631,10 @@ def test_kill_after_iteration_zero_then_rerun_repeats_no_finished_work(opd_run):
     assert stats["iterations"][0] == first  # read back from the marker, not redone
     marker = os.path.join(version.path, "iterations", "iter-00000", "done.json")
     assert os.path.getmtime(marker) == mtime
-    assert [h["iteration"] for h in stats["iterations"]] == [0, 1, 2]
-    # the rerun did iterations 1 and 2 only: each sampled, scored and trained once
+    assert [h["iteration"] for h in stats["iterations"]] == [0, 1, 2, 3]
+    # the rerun did iterations 1 to 3 only: each trained once, and each sampled and scored
+    # except what the killed run had finished of iteration 1 (its files were kept)
     for h in stats["iterations"][1:]:
-        assert all(h["seconds"][k] > 0 for k in ("sample", "score", "train"))
+        assert h["seconds"]["train"] > 0
+    for h in stats["iterations"][2:]:
+        assert all(h["seconds"][k] > 0 for k in ("sample", "score"))
