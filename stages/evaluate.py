@@ -8,7 +8,7 @@ problem on vLLM (generate's `complete_chats`: the same engines, chat rendering a
 knobs), and every completion is checked by verify's own extractor + math-verify (`verify_rows`),
 so evaluation and training data agree on what "correct" means.
 
-Reported per model, overall and per difficulty level (METHODS.md "Evaluation"):
+Reported per model, overall and per difficulty level (docs/methods.md "Evaluation"):
   pass@1   = mean over problems of c/n (c correct of n samples): pass@1 averaged over n samples;
   pass@k   = mean over problems of 1 - C(n-c, k) / C(n, k), the unbiased estimator of
              Chen et al. 2021 (HumanEval) — the chance that at least one of k samples is correct;
@@ -73,7 +73,7 @@ class EvaluateConfig:
     decontaminate: drop problems whose normalized text is among the training prompts read.
     samples: completions per problem (n); pass@1 is averaged over them.
     pass_k: k of the pass@k column (1 <= k <= samples).
-    temperature / top_p / top_k / max_tokens / seed: sampling (METHODS.md: T 0.6, top-p 0.95).
+    temperature / top_p / top_k / max_tokens / seed: sampling (docs/methods.md: T 0.6, top-p 0.95).
     system_prompt / problem_template: how a problem becomes the chat sent to the model; keep
       them equal to generate's, so the models are asked as the teacher was.
     chat_template / prompt_format: how that chat becomes the prompt text, for every model in

@@ -63,7 +63,7 @@ class KdConfig:
       chat_template / prompt_format / reasoning_tags must be those distributions used: the
       teacher's arrays are aligned to exactly these completion tokens (checked per row).
     kd_ratio: weight of the divergence against cross-entropy, in [0, 1]:
-      L = (1 - kd_ratio) CE + kd_ratio D (METHODS.md: torchtune and DistillKit use 0.5).
+      L = (1 - kd_ratio) CE + kd_ratio D (docs/methods.md: torchtune and DistillKit use 0.5).
     divergence: D, one of DIVERGENCES: forward_kl, reverse_kl, jsd, skew_kl, skew_rkl, taid
       (formulas in stages/lib/divergences.py and docs/kd.md).
     beta: jsd's mixture weight (TRL GKD's; 0 = forward KL, 1 = reverse KL).

@@ -1,5 +1,5 @@
 """Stage `opd` — on-policy distillation: the student samples, the teacher scores the student's
-own tokens, the student learns from them (METHODS.md, "On-policy distillation"; docs/opd.md).
+own tokens, the student learns from them (docs/methods.md, "On-policy distillation"; docs/opd.md).
 
 Reads `select` (split `sft`: its problems and the prompts sft trained on), `sft` (the checkpoint
 the student starts from; `opd.start=PATH` starts from any other, e.g. a redi one) and `prompts`
