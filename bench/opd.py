@@ -83,6 +83,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # the stage tests' input writer
 def prepare(args) -> dict:
     """Tiny student and teacher, and a data_root holding select, sft and prompts versions."""
     from pipeline.apps.tiny_model import build_tiny_model
+    from test_opd import write_prompts
     from test_redi import write_sft_version
     from test_sft import write_select
 
@@ -93,35 +94,8 @@ def prepare(args) -> dict:
     data_root = os.path.join(work, "data")
     write_select(data_root, n=args.problems)
     write_sft_version(data_root, student)
-    write_prompts(data_root)
+    write_prompts(data_root, "bench0prompts")
     return dict(work=work, student=student, teacher=teacher, data_root=data_root)
-
-
-def write_prompts(data_root: str) -> None:
-    """A `prompts` version: each select problem's text and answer (a + b), with the schema in
-    its manifest (the runner checks generate's required columns against it)."""
-    import re
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.store import Store
-
-    store = Store(data_root)
-    rows = []
-    for r in store.latest("select").read_table("sft", columns=["problem_id", "messages"]
-                                                ).to_pylist():
-        a, b = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
-        rows.append({"problem_id": r["problem_id"], "problem": r["messages"][0]["content"],
-                     "answer": str(a + b), "source": "bench"})
-    table = pa.Table.from_pylist(rows)
-    out = store.begin("prompts", "bench0prompts", clear=True)
-    pq.write_table(table, os.path.join(out, "part-00000.parquet"))
-    store.commit("prompts", "bench0prompts", {
-        "stage": "prompts", "version": "bench0prompts", "inputs": {}, "drops": {},
-        "splits": [], "rows_in": len(rows), "rows_out": len(rows),
-        "schema": {f.name: str(f.type) for f in table.schema},
-        "finished_at": "2026-01-01T00:00:00+00:00"})
 
 
 def opd_overrides(args, env: dict) -> list[str]:

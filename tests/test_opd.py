@@ -307,7 +307,9 @@ def test_warm_engines_serve_a_loaded_checkpoint_as_a_fresh_engine_does(ray_clust
 # --- real runs -----------------------------------------------------------------------------------
 
 def write_prompts(data_root: str, version: str = "test0prompts"):
-    """A `prompts` version with each select problem's answer (a + b)."""
+    """A `prompts` version with each select problem's answer (a + b), its schema in the
+    manifest (the runner checks generate's required columns against it: bench/opd.py runs
+    generate on it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -320,11 +322,13 @@ def write_prompts(data_root: str, version: str = "test0prompts"):
         a, b = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
         rows.append({"problem_id": r["problem_id"], "problem": r["messages"][0]["content"],
                      "answer": str(a + b), "source": "test"})
+    table = pa.Table.from_pylist(rows)
     out = store.begin("prompts", version, clear=True)
-    pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "part-00000.parquet"))
+    pq.write_table(table, os.path.join(out, "part-00000.parquet"))
     return store.commit("prompts", version, {
         "stage": "prompts", "version": version, "inputs": {}, "drops": {}, "splits": [],
         "rows_in": len(rows), "rows_out": len(rows),
+        "schema": {f.name: str(f.type) for f in table.schema},
         "finished_at": "2026-11-23T00:00:00+00:00"})
 
 
