@@ -1,6 +1,6 @@
 """How training runs — Ray Train workers with DeepSpeed ZeRO — never what it computes.
 
-The training stages (stages/sft.py, stages/redi.py) call `fit(loop, config, resources, ctx)`:
+The training stages (sft, redi, kd, opd) call `fit(loop, config, resources, ctx, rows)`:
 one Ray Train `TorchTrainer` with `resources.num_workers` workers (one process per GPU on GPU),
 the torch process group on gloo (CPU) or NCCL (GPU), and inside each worker a transformers/TRL
 trainer configured with the ZeRO json from cluster/deepspeed/ (stage 2 default, 3 selectable,
@@ -86,8 +86,12 @@ def prebuild_deepspeed_ops() -> None:
     print(f"deepspeed: {builder.absolute_name()} built into {os.environ['TORCH_EXTENSIONS_DIR']}")
 
 
-def fit(loop, config: dict, resources, ctx) -> None:
+def fit(loop, config: dict, resources, ctx, rows=None) -> None:
     """Run `loop(config)` on `resources.num_workers` Ray Train workers.
+
+    rows: the stage's training rows (packed rows, or TRL's pair texts), put once in Ray's object
+    store and handed to every worker as `config["rows"]`, a reference the worker `ray.get`s: not
+    pickled into every worker's config.
 
     A worker or node lost mid-run: Ray Train (FailureConfig) tears the worker group down and
     starts `loop` again on a new one, up to `resources.max_failures` times; the loop resumes
@@ -103,12 +107,12 @@ def fit(loop, config: dict, resources, ctx) -> None:
     # More GPU workers than the cluster has would leave Ray Train waiting for them forever:
     # refused now on a fixed cluster, waited for (resources.wait_s) on an autoscaling one.
     claim(ctx.stage, resources, "workers")
-    if "rows" in config:  # a stage's packed rows (worker_config): once in the object store,
-        config = {**config, "rows": ray.put(config["rows"])}  # not pickled into every worker
+    config = dict(config)
+    if rows is not None:
+        config["rows"] = ray.put(rows)
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = 1
-    config = dict(config)
     # The DeepSpeed comm op is JIT-built once and cached here (prebuild_deepspeed_ops).
     config["torch_extensions_dir"] = torch_extensions_dir()
     config["deepspeed"] = deepspeed_config(resources.zero_stage, resources.offload)

@@ -507,7 +507,7 @@ def run(cfg: KdConfig, inputs, ctx):
                  steps_per_epoch=steps_per_epoch, divergence=cfg.divergence,
                  kd_ratio=cfg.kd_ratio, online_teacher=cfg.online_teacher)
 
-    config = worker_config(cfg, ctx, student, rows, fmt.end_of_turn)
+    config = worker_config(cfg, ctx, student, fmt.end_of_turn)
     config.update(divergence=cfg.divergence, kd_ratio=cfg.kd_ratio, beta=cfg.beta,
                   skew_alpha=cfg.skew_alpha, taid_t_start=cfg.taid_t_start,
                   taid_t_end=cfg.taid_t_end, taid_alpha=cfg.taid_alpha,
@@ -518,7 +518,7 @@ def run(cfg: KdConfig, inputs, ctx):
                   metric_lists=["kd/ce", "kd/divergence"]
                   + (["kd/taid_t"] if cfg.divergence == "taid" else [])
                   + (["kd/mixup"] if cfg.online_teacher else []))
-    fit(kd_worker, config, ctx.resources, ctx)
+    fit(kd_worker, config, ctx.resources, ctx, rows)
     stats.update(read_stats(ctx))
     stats["zero_stage"] = ctx.resources.zero_stage
     ctx.stats.update(stats)

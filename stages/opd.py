@@ -490,10 +490,10 @@ def train(cfg, ctx, table, student: str, out_dir: str, i: int, end_of_turn: str)
         rows.append(row)
     schedule = dict(epochs=1.0, max_steps=0, warmup_ratio=0.0, lr_scheduler="constant")
     config = worker_config(_Knobs(cfg, seed=cfg.seed * 1000 + i, **schedule), ctx, student,
-                           rows, end_of_turn)
+                           end_of_turn)
     config.update(out_dir=out_dir, alpha=cfg.redi_alpha, metric_lists=["opd/kl"],
                   loss=cfg.loss, divergence=cfg.divergence, beta=cfg.beta)
-    fit(opd_worker, config, ctx.resources, ctx)
+    fit(opd_worker, config, ctx.resources, ctx, rows)
     with open(os.path.join(out_dir, "train_stats.json"), encoding="utf-8") as f:
         return json.load(f)
 

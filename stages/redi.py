@@ -297,10 +297,10 @@ def run(cfg: REDIConfig, inputs, ctx):
         rows = [packed_row([(ids, n) for _, sides in pairs[k:k + per_worker]
                             for ids, n, _ in sides])
                 for k in range(0, len(pairs), per_worker)]
-        config = worker_config(cfg, ctx, start, rows, fmt.end_of_turn)
+        config = worker_config(cfg, ctx, start, fmt.end_of_turn)
         config.update(alpha=cfg.alpha, collapse_margin=cfg.collapse_margin,
                       metric_lists=["logps/chosen", "logps/rejected"])
-        fit(redi_worker, config, ctx.resources, ctx)
+        fit(redi_worker, config, ctx.resources, ctx, rows)
     else:
         # TRL's text form: the rendered prompt and each side's target (the student's own form
         # of the trace, ending with its stop token), never the messages its template re-renders.
@@ -311,10 +311,10 @@ def run(cfg: REDIConfig, inputs, ctx):
             _, rejected, _ = target_texts(tokenizer, row["prompt"],
                                           row["rejected"][-1]["content"], fmt)
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        config = worker_config(cfg, ctx, start, rows, fmt.end_of_turn)
+        config = worker_config(cfg, ctx, start, fmt.end_of_turn)
         config.update(loss=cfg.loss, beta=cfg.beta, simpo_gamma=cfg.simpo_gamma,
                       max_length=cfg.max_length, pairs_per_worker=per_worker)
-        fit(trl_pair_worker, config, ctx.resources, ctx)
+        fit(trl_pair_worker, config, ctx.resources, ctx, rows)
     stats.update(read_stats(ctx))
     if cfg.loss == "redi":
         warning = collapse_message(stats["logps_chosen"], stats["logps_rejected"],

@@ -163,7 +163,7 @@ def run(cfg: SFTConfig, inputs, ctx):
                  pack_fill=round(n_tokens / (len(rows) * capacity), 4),
                  steps_per_epoch=-(-len(rows) // rows_per_step))
 
-    fit(sft_worker, worker_config(cfg, ctx, student, rows, fmt.end_of_turn), ctx.resources, ctx)
+    fit(sft_worker, worker_config(cfg, ctx, student, fmt.end_of_turn), ctx.resources, ctx, rows)
     stats.update(read_stats(ctx))
     stats["zero_stage"] = ctx.resources.zero_stage
     ctx.stats.update(stats)

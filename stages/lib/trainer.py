@@ -212,12 +212,12 @@ def stop_on_end_of_turn(model, tokenizer, end_of_turn: str) -> None:
         model.generation_config.eos_token_id = ids + [eot] if ids else eot
 
 
-def worker_config(cfg, ctx, model_path: str, rows, end_of_turn: str) -> dict:
-    """What every worker gets: the schedule knobs, where to write, the packed rows (by ref) and
-    the stop token the targets end with (saved as the model's EOS: stop_on_end_of_turn). The
-    rows go to the workers through Ray's object store (cluster/train.py's fit puts them)."""
+def worker_config(cfg, ctx, model_path: str, end_of_turn: str) -> dict:
+    """What every worker gets besides its rows: the schedule knobs, where to write and the stop
+    token the targets end with (saved as the model's EOS: stop_on_end_of_turn). The rows go to
+    `fit(..., rows=rows)`, which hands them over through Ray's object store."""
     return {
-        "model_path": model_path, "out_dir": ctx.out_dir, "rows": rows,
+        "model_path": model_path, "out_dir": ctx.out_dir,
         "epochs": cfg.epochs, "max_steps": cfg.max_steps, "learning_rate": cfg.learning_rate,
         "warmup_ratio": cfg.warmup_ratio, "lr_scheduler": cfg.lr_scheduler,
         "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed,
