@@ -222,6 +222,20 @@ def test_arms_run_only_those_and_their_start(tmp_path, monkeypatch, arms, sft_ar
         assert set(json.load(f)["runs"]["0"]) == {"teacher", "student", *sft_arms, *arms}
 
 
+def test_one_capture_serves_every_seed(tmp_path, monkeypatch):
+    """The KD arms' start keeps every correct trace, so the teacher's distributions are captured
+    at the first seed only; each later seed's kd fits read that version, with their own seed."""
+    calls, *_ = _run_without_training(tmp_path, monkeypatch,
+                                      AblationPlan(seeds=(0, 1), arms=("kd", "taid")))
+    assert [c["name"] for c in calls].count("distributions") == 1
+    capture = next(c for c in calls if c["name"] == "distributions")
+    kd = [c for c in calls if c["name"] == "kd"]
+    assert len(kd) == 4
+    assert all(c["pins"] == {"distributions": capture["version"].version} for c in kd)
+    assert [c["recipe"].configs["kd"].seed for c in kd] == [0, 0, 1, 1]
+    assert len({c["version"].version for c in kd}) == 4
+
+
 def test_unknown_arm_is_a_user_error(tmp_path):
     import subprocess
     import sys

@@ -20,8 +20,8 @@ same held-out problems:
     sft_cont     REDI's loss with alpha 0: the chosen traces only, the same steps and LR — the
                  fair control for "more training"
   logit-distillation arms (each from the base student, on the `all` arm's select: the teacher's
-  top-k captured once per seed by `distributions`, then `kd` with sft's schedule, so the same
-  traces and the same steps as the `all` SFT model; docs/kd.md):
+  top-k captured once by `distributions` (the same traces at every seed), then `kd` with sft's
+  schedule, so the same traces and the same steps as the `all` SFT model; docs/kd.md):
     kd           forward KL on the stored top-k, kd_ratio 0.5
     taid         TAID (the interpolated target, t adapted per step)
     mixkd        forward KL + MixKD's mixup term (the teacher online in each training worker)
@@ -289,19 +289,26 @@ def same_as_sft(recipe) -> list[str]:
                   if getattr(dist, key) != getattr(sft, key)]
 
 
-def kd_arms(recipe_for, arms, seeded, start) -> dict:
-    """distributions once on the start arm's select, then each KD arm: {arm: kd version}
-    (none: nothing runs)."""
+def kd_arms(recipe_for, arms, seeded, start, capture=None) -> tuple:
+    """(distributions version, {arm: kd version}) for one seed: distributions on the start
+    arm's select (or `capture`, an earlier seed's), then each KD arm (no arms: nothing runs).
+
+    The start arm keeps every correct trace (select.sft_per_problem=0), so its SFT split holds
+    the same traces at every seed, only shuffled, and distributions sorts its rows by (problem,
+    trace): one capture serves every seed. At the demo's counts that is 6,766 traces, ~310k
+    teacher positions, minutes of CPU scoring per capture saved twice."""
     if not arms:
-        return {}
+        return capture, {}
     base = recipe_for(*SFT_ARMS[KD_START], *seeded)
     like_sft = same_as_sft(base)
-    dist = run_stage("distributions", recipe_for(*SFT_ARMS[KD_START], *seeded, *like_sft),
-                     {"select": start["select"].version})
-    return {arm: run_stage("kd", recipe_for(*SFT_ARMS[KD_START], *seeded, *like_sft,
-                                            *KD_ARMS[arm]),
-                           {"distributions": dist.version})
-            for arm in arms}
+    if capture is None or base.configs["select"].sft_per_problem != 0:
+        capture = run_stage("distributions",
+                            recipe_for(*SFT_ARMS[KD_START], *seeded, *like_sft),
+                            {"select": start["select"].version})
+    return capture, {arm: run_stage("kd", recipe_for(*SFT_ARMS[KD_START], *seeded, *like_sft,
+                                                     *KD_ARMS[arm]),
+                                    {"distributions": capture.version})
+                     for arm in arms}
 
 
 def main(args, plan: AblationPlan | None = None) -> int:
@@ -313,6 +320,7 @@ def main(args, plan: AblationPlan | None = None) -> int:
 
     runs: dict[int, dict[str, dict]] = {}
     evaluations: dict[int, str] = {}
+    capture = None  # the KD arms' teacher distributions, captured at the first seed
     for seed in plan.seeds:
         seeded = [f"select.seed={seed}", f"sft.seed={seed}", f"redi.seed={seed}",
                   f"kd.seed={seed}", f"evaluate.seed={seed}"]
@@ -331,7 +339,8 @@ def main(args, plan: AblationPlan | None = None) -> int:
             paths[arm] = redi.path
             data[arm] = {"pairs": start["select"].manifest["stats"]["pairs"], "redi": redi}
         kd_start = data.get(KD_START)
-        for arm, kd in kd_arms(recipe_for, kd_arm_names, seeded, kd_start).items():
+        capture, kds = kd_arms(recipe_for, kd_arm_names, seeded, kd_start, capture)
+        for arm, kd in kds.items():
             paths[arm] = kd.path
             data[arm] = {m: kd_start[m] for m in ("sft_rows", "mean_sft_tokens")}
         # One evaluate per seed with every model of the seed (the teacher once, at the first).
