@@ -325,3 +325,15 @@ def test_dap_sweep_picks_the_loosest_budgets_that_meet_the_target():
     # More than 1 point below random fails the target however short the traces are.
     runs = [{"budgets": "tight", "mean_sft_tokens": 30.0, "pass_at_1": 0.18}]
     assert pick_dap(runs, random_arm) is None
+
+
+def test_kd_sweep_picks_the_largest_margin_over_sft_never_the_ratio_0_control():
+    from pipeline.apps.sweeps import pick_kd
+
+    sft = {"pass_at_1": 0.20}
+    runs = [{"kd_ratio": 0.0, "pass_at_1": 0.30},    # the control: never the pick
+            {"kd_ratio": 0.25, "pass_at_1": 0.22},
+            {"kd_ratio": 0.5, "pass_at_1": 0.25},    # +0.05: the pick,
+            {"kd_ratio": 1.0, "pass_at_1": 0.25}]    # not this tie after it
+    assert pick_kd(runs, sft) == {"kd_ratio": 0.5}
+    assert [round(r["margin_vs_sft"], 3) for r in runs] == [0.1, 0.02, 0.05, 0.05]

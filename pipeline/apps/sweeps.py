@@ -1,4 +1,4 @@
-"""The settings sweeps behind the ablations: `python -m pipeline.apps.sweeps redi|dap [key=value …]`.
+"""The settings sweeps behind the ablations: `python -m pipeline.apps.sweeps redi|dap|kd [key=value …]`.
 
 Both choose settings on data the ablations never report, so the ablations' seeds stay unpicked:
   - their own seed (TUNING_SEED, not in pipeline/apps/ablations.py SEEDS) for select / SFT / REDI /
@@ -18,6 +18,13 @@ dap: DAP budget mode's budgets, loose to tight (DAP_GRID; the first is the demo'
   from the base student, beside the unpruned `random` arm. Rule: the loosest budgets whose SFT
   traces are >= 30% shorter than random's with pass@1 >= random's - 0.01 (the issue's target),
   or none. Written to <data_root>/dap_sweep.json.
+kd: kd's kd_ratio (forward KL; the ablations' first run used 0.5, torchtune's and DistillKit's
+  default, and KD missed SFT + 0.03: docs/demo.md). From the base student on the tuning seed's
+  `all` arm (the ablations' KD_START) and one capture of its distributions, every kd_ratio of
+  KD_GRID trains with sft's schedule; kd_ratio 0 is sft's loss through kd's code (a control that
+  should land near the SFT model). Rule: the kd_ratio > 0 with the largest pass@1 margin over
+  the `all` SFT model; the ablations' KD arms then run at it. Written to
+  <data_root>/kd_sweep.json.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ VALIDATION_SEED = 424242
 REDI_GRID = {"learning_rate": (1e-5, 3e-5), "alpha": (0.0, 0.2, 0.5, 0.8)}
 # (easy, medium, hard) token budgets by the teacher's pass-rate level, loose to tight.
 DAP_GRID = ((40, 56, 80), (36, 48, 64), (34, 44, 56))
+KD_GRID = {"kd_ratio": (0.0, 0.25, 0.5, 0.75, 1.0)}
 
 
 def pick_redi(runs: list[dict]) -> dict:
@@ -59,13 +67,22 @@ def pick_dap(runs: list[dict], random_arm: dict) -> dict | None:
     return {"budgets": ok[0]["budgets"]} if ok else None
 
 
+def pick_kd(runs: list[dict], sft_run: dict) -> dict:
+    """The kd rule: each run's pass@1 margin over the `all` SFT model (written into the runs),
+    then the kd_ratio > 0 with the largest margin (the first on a tie)."""
+    for run in runs:
+        run["margin_vs_sft"] = run["pass_at_1"] - sft_run["pass_at_1"]
+    best = max((run for run in runs if run["kd_ratio"] > 0), key=lambda run: run["margin_vs_sft"])
+    return {"kd_ratio": best["kd_ratio"]}
+
+
 def _setup(argv: list[str], prog: str):
     """The ablations' start (pipeline/apps/ablations.py shared_setup) with the tuning seed last."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--recipe", default="configs/tiny.yaml")
     parser.add_argument("items", nargs="*", help="key=value overrides (e.g. data_root=/tmp/demo)")
     args = parser.parse_args(argv)
-    seeded = [f"{s}.seed={TUNING_SEED}" for s in ("select", "sft", "redi", "evaluate")]
+    seeded = [f"{s}.seed={TUNING_SEED}" for s in ("select", "sft", "redi", "kd", "evaluate")]
     recipe_for, shared, prompts, verify, _ = ablations.shared_setup(
         args.recipe, args.items, ablations.AblationPlan(), last=tuple(seeded))
     return recipe_for, shared, prompts, verify
@@ -162,11 +179,41 @@ def dap(argv: list[str]) -> int:
     return 0
 
 
+def kd(argv: list[str]) -> int:
+    started = time.time()
+    recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.apps.sweeps kd")
+    start_arm = ablations.SFT_ARMS[ablations.KD_START]
+    select, sft = ablations.sft_arm(recipe_for(*start_arm), verify)
+    like_sft = ablations.same_as_sft(recipe_for(*start_arm))
+    capture = run_stage("distributions", recipe_for(*start_arm, *like_sft),
+                        {"select": select.version})
+    paths = {}
+    for ratio in KD_GRID["kd_ratio"]:
+        r = recipe_for(*start_arm, *like_sft, "kd.divergence=forward_kl", f"kd.kd_ratio={ratio}")
+        paths[run_stage("kd", r, {"distributions": capture.version}).path] = ratio
+    ev = _evaluate(recipe_for, prompts, sft, None, [sft.path] + list(paths))
+    sft_run = ev["rows"][sft.path]
+    runs = [{"kd_ratio": ratio, **ev["rows"][path]} for path, ratio in paths.items()]
+    result = {"sft": sft_run, "runs": runs, "sft_rows": select.manifest["stats"]["sft_rows"],
+              "evaluate": ev["evaluate"], "chosen": pick_kd(runs, sft_run),
+              "wall_s": round(time.time() - started, 1)}
+    out = _write(shared, "kd_sweep.json", result)
+    print(f"kd sweep (seed {TUNING_SEED}, validation problems seed {VALIDATION_SEED}, "
+          f"{result['sft_rows']} SFT rows; the `all` SFT model's pass@1 "
+          f"{sft_run['pass_at_1']:.3f}):")
+    print(f"{'kd_ratio':>8} {'pass@1':>7} {'pass@k':>7} {'own tok':>8} {'vs SFT':>7}")
+    for run in runs:
+        print(f"{run['kd_ratio']:>8g} {run['pass_at_1']:>7.3f} {run['pass_at_k']:>7.3f} "
+              f"{run['mean_completion_tokens']:>8.1f} {run['margin_vs_sft']:>+7.3f}")
+    print(f"chosen: {result['chosen']} ({result['wall_s']:.0f} s); {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    sweeps = {"redi": redi, "dap": dap}
+    sweeps = {"redi": redi, "dap": dap, "kd": kd}
     if not argv or argv[0] not in sweeps:
-        print("usage: python -m pipeline.apps.sweeps redi|dap [--recipe …] [key=value …]",
+        print("usage: python -m pipeline.apps.sweeps redi|dap|kd [--recipe …] [key=value …]",
               file=sys.stderr)
         return 2
 
