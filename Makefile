@@ -42,20 +42,13 @@ else
 	$(VENV)/bin/distillery run all --recipe configs/recipe.yaml teacher=$(TEACHER) $(if $(STUDENT),student=$(STUDENT)) $(ARGS)
 endif
 
-# Two test files at a time (pytest-xdist, whole files per worker so module fixtures are built
-# once): most of a test's time is one core busy (process starts, imports, engine start-up, tiny
-# models' Python overhead), so two run in about the time of one on this 2-core machine
-# (docs/status.md has both tiers' times). TEST_WORKERS=0 runs them one by one in this process.
-TEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
-
 test: install
-	$(PYTEST) $(ARGS)
+	$(VENV)/bin/python -m pytest $(ARGS)
 
 # The development loop: skips the `slow` marker's minutes-long runs (pyproject.toml says which
 # kinds; docs/status.md lists them and the tiers' times). CI runs `make test`, slow ones included.
 test-fast: install
-	$(PYTEST) -m "not slow" $(ARGS)
+	$(VENV)/bin/python -m pytest -m "not slow" $(ARGS)
 
 # The same `distillery run STAGE` as a Ray job on the cluster at ADDRESS; logs stream back.
 submit: install
