@@ -15,8 +15,9 @@ all problems, taken in turn):
      checkpoint loaded into them in place (cluster/inference.py WarmEngines);
   2. verify: each sample's answer against the reference (stages/lib/answers.py) -> `correct`;
   3. score: the teacher and the same student score the sample's tokens after their prompts
-     (cluster/scoring.py + stages/lib/packed.py score_token_ids): teacher_logps and the
-     sampling policy's student_logps per completion token;
+     (stages/lib/packed.py score_token_ids) in scoring actors kept up across iterations, the
+     teacher loaded once and each iteration's student in place (cluster/scoring.py
+     WarmScorers): teacher_logps and the sampling policy's student_logps per completion token;
   4. train: one Ray Train fit (stages/lib/trainer.py train_packed) over the samples with
 
        loss = sampled_rkl_loss(new, old, teacher, mask)     (stages/lib/divergences.py)
@@ -47,7 +48,7 @@ import time
 from dataclasses import dataclass
 
 from cluster.inference import Sampling, WarmEngines
-from cluster.scoring import score_batches
+from cluster.scoring import WarmScorers, score_batches
 from cluster.train import fit
 from pipeline.errors import UserError
 from pipeline.stage import Stage
@@ -389,18 +390,20 @@ def sample(cfg, engines: WarmEngines, problems: list[dict], i: int):
     return table.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
 
 
-def engines_stay_up(resources) -> bool:
-    """Whether the engines can stay up through scoring and training: CPU engines reserve no
-    Ray CPUs while they wait (WarmEngines); GPU engines keep their GPUs, so the cluster must
-    hold them and the training workers' GPUs at once (engines + workers <= GPUs), else each
-    iteration starts its engines and stops them after sampling."""
+def stay_up(resources, pools: int = 1) -> bool:
+    """Whether `pools` sets of `resources.replicas` actors (warm engines, warm scorers) can stay
+    up through the rest of each iteration: CPU actors reserve no Ray CPUs while they wait
+    (WarmEngines, WarmScorers); GPU actors keep their GPUs, so the cluster must hold them and
+    the training workers' GPUs at once (pools x replicas x GPUs + workers <= GPUs), else each
+    iteration starts them and stops them after its call."""
     import ray
 
     r = resources
     if not r.gpus_per_replica:
         return True
     workers = r.num_workers if r.use_gpu else 0
-    return r.replicas * r.gpus_per_replica + workers <= ray.cluster_resources().get("GPU", 0)
+    return (pools * r.replicas * r.gpus_per_replica + workers
+            <= ray.cluster_resources().get("GPU", 0))
 
 
 def verify(cfg, table, answers: dict):
@@ -443,20 +446,36 @@ def token_ids(cfg, table, messages: dict, toks: dict, templates: dict, fmt):
     return table.append_column("completion_ids", pa.array(completion, ids))
 
 
-def score(cfg, ctx, table, student: str):
+def _score_fn(cfg):
+    return functools.partial(score_batch, tokens_per_row=cfg.tokens_per_row,
+                             topk=cfg.topk if cfg.loss == "topk" else 0)
+
+
+def start_scorers(cfg, ctx, student: str) -> WarmScorers:
+    """The teacher and `student` loaded once in the scoring actors, kept up for the run; each
+    later iteration loads only its student checkpoint into them (WarmScorers.load)."""
+    return WarmScorers({"teacher": cfg.teacher, "student": student}, score_fn=_score_fn(cfg),
+                       resources=ctx.resources, ctx=ctx, prepare=register_attention,
+                       cpu_model_hook=onednn_linears, attn_implementation=ATTENTION)
+
+
+def score(cfg, ctx, table, student: str, scorers: WarmScorers | None):
+    """teacher_logps / student_logps (and the teacher's top-k) of every sample: on the warm
+    scorers when the run keeps them, else on a scoring pool started for this call."""
     import pyarrow as pa
     import ray.data
 
-    scored = score_batches(ray.data.from_arrow(table),
-                           models={"teacher": cfg.teacher, "student": student},
-                           score_fn=functools.partial(
-                               score_batch, tokens_per_row=cfg.tokens_per_row,
-                               topk=cfg.topk if cfg.loss == "topk" else 0),
-                           resources=ctx.resources, ctx=ctx,
-                           batch_size=max(1, -(-table.num_rows // ctx.resources.replicas)),
-                           prepare=register_attention, cpu_model_hook=onednn_linears,
-                           attn_implementation=ATTENTION)
-    out = pa.Table.from_pylist(scored.take_all())
+    if scorers is not None:
+        scorers.load("student", student)
+        out = scorers.score(table)
+    else:
+        scored = score_batches(ray.data.from_arrow(table),
+                               models={"teacher": cfg.teacher, "student": student},
+                               score_fn=_score_fn(cfg), resources=ctx.resources, ctx=ctx,
+                               batch_size=max(1, -(-table.num_rows // ctx.resources.replicas)),
+                               prepare=register_attention, cpu_model_hook=onednn_linears,
+                               attn_implementation=ATTENTION)
+        out = pa.Table.from_pylist(scored.take_all())
     return out.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
 
 
@@ -546,7 +565,7 @@ def run(cfg: OpdConfig, inputs, ctx):
 
     root = os.path.join(ctx.out_dir, "iterations")
     os.makedirs(root, exist_ok=True)
-    history, student, engines = [], start, None
+    history, student, engines, scorers = [], start, None, None
     try:
         for i in range(cfg.iterations):
             folder = os.path.join(root, f"iter-{i:05d}")
@@ -559,7 +578,7 @@ def run(cfg: OpdConfig, inputs, ctx):
                 continue
             os.makedirs(folder, exist_ok=True)
             timings = {"engine_start": 0.0, "weight_sync": 0.0, "sample": 0.0, "verify": 0.0,
-                       "score": 0.0, "train": 0.0}
+                       "scorer_start": 0.0, "score": 0.0, "train": 0.0}
             batch = batch_of(problems, i, cfg.prompts_per_iteration, cfg.seed)
             sampled_path = os.path.join(folder, "sampled.parquet")
             scored_path = os.path.join(folder, "scored.parquet")
@@ -580,19 +599,25 @@ def run(cfg: OpdConfig, inputs, ctx):
                     t0 = time.perf_counter()
                     table = sample(cfg, engines, batch, i)
                     timings["sample"] = time.perf_counter() - t0
-                    if i == cfg.iterations - 1 or not engines_stay_up(ctx.resources):
+                    if i == cfg.iterations - 1 or not stay_up(ctx.resources):
                         engines.close()  # their memory (and GPUs) go to scoring and training
                         engines = None
                     t0 = time.perf_counter()
                     table = verify(cfg, table, answers)
                     timings["verify"] = time.perf_counter() - t0
                     _write_atomic(table, sampled_path)
+                # The scorers, like the engines, start once (the first iteration this run
+                # scores) and then load each iteration's student; the teacher stays loaded.
+                if scorers is None and stay_up(ctx.resources, 2 if engines else 1):
+                    t0 = time.perf_counter()
+                    scorers = start_scorers(cfg, ctx, student)
+                    timings["scorer_start"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 messages = {p["problem_id"]: p["prompt_messages"] for p in batch}
                 table = token_ids(cfg, table, messages,
                                   {"student": student_tok, "teacher": teacher_tok},
                                   {"student": student_t, "teacher": teacher_t}, fmt)
-                table = score(cfg, ctx, table, student)
+                table = score(cfg, ctx, table, student, scorers)
                 table = table.append_column("scored_by", _constant(student, table.num_rows))
                 timings["score"] = time.perf_counter() - t0
                 _write_atomic(table, scored_path)
@@ -613,6 +638,8 @@ def run(cfg: OpdConfig, inputs, ctx):
     finally:
         if engines is not None:
             engines.close()
+        if scorers is not None:
+            scorers.close()
 
     # The version is the last iteration's checkpoint; intermediate checkpoints go (unless kept).
     for name in os.listdir(student):

@@ -440,8 +440,8 @@ def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_mod
         assert h["samples"] == 8 and h["steps"] == 1
         assert 0 <= h["pass_rate"] <= 1 and 0 < h["mean_tokens"] <= 16
         assert h["kl"] is not None and h["loss"] is not None
-        assert set(h["seconds"]) == {"engine_start", "weight_sync", "sample", "verify", "score",
-                                     "train"}
+        assert set(h["seconds"]) == {"engine_start", "weight_sync", "sample", "verify",
+                                     "scorer_start", "score", "train"}
     assert stats["pass_rate"] == [h["pass_rate"] for h in stats["iterations"]]
 
     # The version is a checkpoint transformers loads, with moved weights.
@@ -477,8 +477,9 @@ def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_mod
     assert all((last[k] == after[k]).all() for k in after)
 
 
-def test_the_engines_start_once_per_run_then_serve_each_new_checkpoint(opd_run, opd_inputs,
-                                                                       tiny_model):
+def test_engines_and_scorers_start_once_per_run_then_serve_each_new_checkpoint(opd_run,
+                                                                               opd_inputs,
+                                                                               tiny_model):
     """The killed run started its engines on the start checkpoint (iteration 0). The rerun
     started them once, at the first iteration it sampled (1, or 2 when the killed run had
     sampled 1 already), on the checkpoint before it, and loaded each later iteration's
@@ -497,6 +498,12 @@ def test_the_engines_start_once_per_run_then_serve_each_new_checkpoint(opd_run, 
     assert seconds[first]["engine_start"] > 0 and seconds[first]["weight_sync"] == 0
     for i in range(first + 1, 4):
         assert seconds[i]["engine_start"] == 0 and seconds[i]["weight_sync"] > 0
+    # The scorers too: started at the first iteration each run scored, then kept (the
+    # students' log-probs of each iteration's checkpoint: test_opd_trains_the_student_...).
+    assert seconds[0]["scorer_start"] > 0
+    scored = min(i for i in (1, 2, 3) if seconds[i]["score"] > 0)
+    assert seconds[scored]["scorer_start"] > 0
+    assert all(seconds[i]["scorer_start"] == 0 for i in range(scored + 1, 4))
     rows = _scored(version, 3)
     kept = os.path.join(version.path, "iterations", "iter-00002", "model")
     assert all(r["sampled_by"].endswith(os.path.join("iter-00002", "model")) for r in rows)
