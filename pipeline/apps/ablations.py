@@ -22,7 +22,7 @@ same held-out problems:
   logit-distillation arms (each from the base student, on the `all` arm's select: the teacher's
   top-k captured once by `distributions` (the same traces at every seed), then `kd` with sft's
   schedule, so the same traces and the same steps as the `all` SFT model; docs/kd.md):
-    kd           forward KL on the stored top-k, kd_ratio 0.5
+    kd           forward KL on the stored top-k, kd_ratio KD_RATIO (swept)
     taid         TAID (the interpolated target, t adapted per step)
     mixkd        forward KL + MixKD's mixup term (the teacher online in each training worker)
 
@@ -71,10 +71,13 @@ PAIR_ARMS = {
     "sft_cont": ["redi.loss=redi", "redi.alpha=0.0"],
 }
 KD_START = "all"
+# kd_ratio of every KD arm, from pipeline/apps/sweeps.py kd (tuning seed, validation problems;
+# docs/demo.md): 1.0, the largest margin over SFT there (+0.019; 0.5, the first runs', -0.007).
+KD_RATIO = 1.0
 KD_ARMS = {
-    "kd": ["kd.divergence=forward_kl"],
-    "taid": ["kd.divergence=taid"],
-    "mixkd": ["kd.divergence=forward_kl", "kd.online_teacher=true"],
+    "kd": ["kd.divergence=forward_kl", f"kd.kd_ratio={KD_RATIO}"],
+    "taid": ["kd.divergence=taid", f"kd.kd_ratio={KD_RATIO}"],
+    "mixkd": ["kd.divergence=forward_kl", f"kd.kd_ratio={KD_RATIO}", "kd.online_teacher=true"],
 }
 # kd's settings that sft also has: the KD arms take sft's (same_as_sft), so they train on the
 # same tokens for the same steps; distributions takes the text settings kd's arrays align to.
