@@ -45,7 +45,8 @@ from stages.lib.packed import (ATTENTION, collate, encode, fit_length, pack, pac
                                register_attention)
 from stages.lib.topk import teacher_topk
 from stages.lib.topk_loss import KdLoss, kd_token_losses
-from stages.lib.trainer import global_sum, read_stats, train_packed, upstream_drops, worker_config
+from stages.lib.trainer import (global_sum, read_stats, refuse_sequence_parallel, train_packed,
+                                upstream_drops, worker_config)
 
 # The teacher's per-token columns a distributions row carries (stages/distributions.py).
 TEACHER_COLUMNS = ("topk_ids", "topk_logps", "completion_ids")
@@ -430,6 +431,7 @@ def run(cfg: KdConfig, inputs, ctx):
     import numpy as np
     from transformers import AutoConfig, AutoTokenizer
 
+    refuse_sequence_parallel(ctx, "each position's stored top-k beside its token")
     check_config(cfg)
     workers = ctx.resources.num_workers
     capacity = cfg.tokens_per_step // workers  # e.g. 16,384 tokens / 8 workers = 2,048 per row

@@ -60,7 +60,7 @@ from stages.lib.packed import (ATTENTION, completion_logps, onednn_linears, pack
                                register_attention, score_token_ids)
 from stages.lib.topk import teacher_topk
 from stages.lib.topk_loss import CHUNK, KdLoss, kd_token_losses
-from stages.lib.trainer import train_packed, worker_config
+from stages.lib.trainer import refuse_sequence_parallel, train_packed, worker_config
 
 LOSSES = ("sampled_rkl", "topk")
 TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -547,6 +547,7 @@ def iteration_stats(table, timings: dict, train_stats: dict) -> dict:
 def run(cfg: OpdConfig, inputs, ctx):
     import pyarrow.parquet as pq
 
+    refuse_sequence_parallel(ctx, "each sample's recorded log-probs beside its tokens")
     start = cfg.start or (inputs["sft"].path if "sft" in inputs else "")
     if not start:
         raise UserError("opd: no student checkpoint to start from: run sft first "

@@ -30,8 +30,8 @@ from pipeline.errors import UserError
 from pipeline.stage import Stage
 from stages.lib.chat import check_chat_format, target_format, target_texts
 from stages.lib.packed import completion_logps, encode, fit_length, packed_row
-from stages.lib.trainer import (global_sum, read_stats, stop_on_end_of_turn, train_packed,
-                                upstream_drops, worker_config)
+from stages.lib.trainer import (global_sum, read_stats, refuse_sequence_parallel,
+                                stop_on_end_of_turn, train_packed, upstream_drops, worker_config)
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +247,7 @@ def run(cfg: REDIConfig, inputs, ctx):
         raise UserError(f"redi.overlong: '{cfg.overlong}' (use 'truncate' or 'drop')")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise UserError(f"redi.alpha: {cfg.alpha} is outside [0, 1]")
-    if ctx.resources.sequence_parallel != 1:  # pair_logps needs each pair's whole row
-        raise UserError(f"resources.redi.sequence_parallel: "
-                        f"{ctx.resources.sequence_parallel!r} (only sft splits a row; use 1)")
+    refuse_sequence_parallel(ctx, "each pair's whole row")  # pair_logps sums over pairs
     workers = ctx.resources.num_workers
     per_worker = cfg.pairs_per_step // workers  # 32 pairs / 8 workers = 4 pairs per row
     if per_worker < 1:

@@ -172,3 +172,23 @@ def test_sequence_parallel_that_does_not_divide_is_refused(tmp_path, ray_cluster
                                                        num_key_value_heads=1), 2)
     assert "neither divides" in check(Qwen2Config(num_attention_heads=12,
                                                   num_key_value_heads=3), 2)
+
+
+@pytest.mark.parametrize("stage", ["redi", "kd", "opd"])
+def test_stages_whose_loss_needs_whole_rows_refuse_it_before_any_work(stage, tmp_path):
+    """redi's pairs, kd's stored top-k and opd's recorded log-probs are not sliced by
+    shard_row: resources.<stage>.sequence_parallel 2 is a UserError naming the key (exit 2
+    through the CLI) before the stage reads an input (it is handed none here)."""
+    from pipeline.config import load_recipe
+    from pipeline.errors import UserError
+    from pipeline.stage import Context
+    from stages import STAGES
+
+    recipe = load_recipe(os.path.join(ROOT, "configs", "tiny.yaml"), [
+        f"data_root={tmp_path}", f"resources.{stage}.num_workers=2",
+        f"resources.{stage}.sequence_parallel=2"], STAGES)
+    ctx = Context(stage=stage, version="v", out_dir=str(tmp_path / "out"),
+                  data_root=str(tmp_path), teacher="", student="",
+                  resources=recipe.resources[stage])
+    with pytest.raises(UserError, match=rf"resources\.{stage}\.sequence_parallel: 2 \(only sft"):
+        STAGES[stage].run(recipe.configs[stage], {}, ctx)

@@ -14,6 +14,7 @@ import time
 
 from cluster.train import (deepspeed_for_worker, finish, last_checkpoint, peak_memory_mb,
                            progress_callback, worker_env)
+from pipeline.errors import UserError
 from pipeline.store import Store
 from stages.lib.packed import ATTENTION, collate, register_attention
 from stages.lib.sequence_parallel import (enable as enable_sequence_parallel, grouped_rows,
@@ -210,6 +211,17 @@ def stop_on_end_of_turn(model, tokenizer, end_of_turn: str) -> None:
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if eot is not None and eot not in ids:
         model.generation_config.eos_token_id = ids + [eot] if ids else eot
+
+
+def refuse_sequence_parallel(ctx, needs: str) -> None:
+    """Exit 2 before any work when resources.<stage>.sequence_parallel is not 1 for a stage
+    whose loss needs `needs` whole in one worker: stages/lib/sequence_parallel.py shard_row
+    slices only sft's arrays (tokens, targets), not kd's top-k, redi's pairs or opd's recorded
+    log-probs."""
+    sp = ctx.resources.sequence_parallel
+    if sp != 1:
+        raise UserError(f"resources.{ctx.stage}.sequence_parallel: {sp!r} (only sft splits a "
+                        f"row across workers; {ctx.stage} needs {needs} in one worker: use 1)")
 
 
 def worker_config(cfg, ctx, model_path: str, end_of_turn: str) -> dict:
