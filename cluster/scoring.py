@@ -118,9 +118,10 @@ class WarmScorers:
 
     Saves each round an actor process, its imports and every unchanged model's load. Actors
     that die are restarted by Ray with their first models and their calls retried; every
-    `score` call names the current models, so a restarted actor loads them before it scores. CPU actors reserve no
-    Ray CPUs while they wait (Train workers need those cores in between), as cluster/inference.py
-    WarmEngines; `claim` still checks the cluster holds them. GPU actors keep their GPUs.
+    `score` call names the current models, so a restarted actor loads them before it scores.
+    CPU actors reserve no Ray CPUs while they wait (Train workers need those cores in
+    between), as cluster/inference.py WarmEngines; `claim` still checks the cluster holds
+    them. GPU actors keep their GPUs.
     """
 
     def __init__(self, models: dict, *, score_fn, resources, ctx, prepare=None,
@@ -139,7 +140,7 @@ class WarmScorers:
         self.actors = [actor.remote(self.models, score_fn, prepare, cpu_model_hook,
                                     attn_implementation, use_gpu, threads, trust_remote_code)
                        for _ in range(r.replicas)]
-        ray.get([a.__ray_ready__.remote() for a in self.actors])  # every model is loaded
+        ray.get([a.load.remote(self.models) for a in self.actors])  # every actor is up
 
     def load(self, name: str, path: str) -> None:
         """Every actor scores with `path` as model `name` from now on."""
@@ -153,8 +154,8 @@ class WarmScorers:
         import pyarrow as pa
         import ray
 
-        share = -(-table.num_rows // len(self.actors))
-        parts = [table.slice(k, share) for k in range(0, table.num_rows, share)]
+        share = max(1, -(-table.num_rows // len(self.actors)))
+        parts = [table.slice(k, share) for k in range(0, table.num_rows, share)] or [table]
         return pa.concat_tables(ray.get([a.score.remote(self.models, part)
                                          for a, part in zip(self.actors, parts)]))
 

@@ -1,6 +1,8 @@
-"""The settings sweeps behind the ablations: `python -m pipeline.apps.sweeps redi|dap|kd [key=value …]`.
+"""The settings sweeps behind the ablations:
 
-Both choose settings on data the ablations never report, so the ablations' seeds stay unpicked:
+    python -m pipeline.apps.sweeps redi|dap|kd [key=value …]
+
+Each chooses settings on data the ablations never report, so the ablations' seeds stay unpicked:
   - their own seed (TUNING_SEED, not in pipeline/apps/ablations.py SEEDS) for select / SFT / REDI /
     evaluate sampling;
   - their own problems (VALIDATION_SEED instead of the held-out set's synthetic_seed; still
