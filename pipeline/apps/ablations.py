@@ -71,8 +71,8 @@ PAIR_ARMS = {
     "sft_cont": ["redi.loss=redi", "redi.alpha=0.0"],
 }
 KD_START = "all"
-# kd_ratio of every KD arm, from pipeline/apps/sweeps.py kd (tuning seed, validation problems;
-# docs/demo.md): 1.0, the largest margin over SFT there (+0.019; 0.5, the first runs', -0.007).
+# kd_ratio of every KD arm: pipeline/apps/sweeps.py kd's pick (tuning seed, validation
+# problems); its table and the arms' results at 0.5 and at this ratio are in docs/demo.md.
 KD_RATIO = 1.0
 KD_ARMS = {
     "kd": ["kd.divergence=forward_kl", f"kd.kd_ratio={KD_RATIO}"],
@@ -298,8 +298,7 @@ def kd_arms(recipe_for, arms, seeded, start, capture=None) -> tuple:
 
     The start arm keeps every correct trace (select.sft_per_problem=0), so its SFT split holds
     the same traces at every seed, only shuffled, and distributions sorts its rows by (problem,
-    trace): one capture serves every seed. At the demo's counts that is 6,766 traces, ~310k
-    teacher positions, minutes of CPU scoring per capture saved twice."""
+    trace): one capture serves every seed (its version records the first seed's select)."""
     if not arms:
         return capture, {}
     base = recipe_for(*SFT_ARMS[KD_START], *seeded)
