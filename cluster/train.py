@@ -99,20 +99,21 @@ def fit(loop, config: dict, resources, ctx, rows=None) -> None:
     not redone and the logged history continues from the checkpoint's. Only when the failures
     run out does fit raise.
     """
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     ctx.ensure_ray()  # the one start of Ray for a training stage
     # More GPU workers than the cluster has would leave Ray Train waiting for them forever:
     # refused now on a fixed cluster, waited for (resources.wait_s) on an autoscaling one.
     claim(ctx.stage, resources, "workers")
+    _torch_trainer(loop, job_config(config, resources, ctx, rows), resources, ctx).fit()
+
+
+def job_config(config: dict, resources, ctx, rows=None) -> dict:
+    """`config` plus what every worker of a fit needs from the driver (the rows' object
+    reference, the ZeRO dict, the resources the worker acts on)."""
+    import ray
+
     config = dict(config)
     if rows is not None:
         config["rows"] = ray.put(rows)
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        per_worker["GPU"] = 1
     # The DeepSpeed comm op is JIT-built once and cached here (prebuild_deepspeed_ops).
     config["torch_extensions_dir"] = torch_extensions_dir()
     config["deepspeed"] = deepspeed_config(resources.zero_stage, resources.offload)
@@ -124,7 +125,17 @@ def fit(loop, config: dict, resources, ctx, rows=None) -> None:
     config["gradient_checkpointing"] = resources.gradient_checkpointing  # train_packed reads it
     config["sequence_parallel"] = resources.sequence_parallel  # checked by the stage (sft)
     config["stage"] = ctx.stage  # names the progress lines
-    trainer = TorchTrainer(
+    return config
+
+
+def _torch_trainer(loop, config: dict, resources, ctx):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = 1
+    return TorchTrainer(
         loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=resources.num_workers,
@@ -136,7 +147,137 @@ def fit(loop, config: dict, resources, ctx, rows=None) -> None:
                              storage_path=ctx.scratch_dir("ray-train"),
                              failure_config=FailureConfig(max_failures=resources.max_failures)),
     )
-    trainer.fit()
+
+
+class TrainGroup:
+    """One Ray Train worker group kept up for several fits in a row: a stage that trains many
+    times on little data (opd: once per iteration) starts the workers, their imports
+    (torch, transformers, DeepSpeed), the process group and DeepSpeed's first initialize once,
+    instead of paying them every fit (docs/performance.md: most of a small fit's time).
+
+        group = TrainGroup(loop, resources, ctx)
+        group.run(config, rows)      # loop(config + rows) on every worker, as fit(...) does
+        group.run(config2, rows2)
+        group.close()
+
+    The workers run `group_loop`: take job k from a mailbox actor, run `loop` on it, rank 0
+    marks k finished, wait for k + 1. The group starts at the first `run` (Ray Train's
+    TorchTrainer.fit, in a driver thread) and ends at `close`. A worker lost mid-job: Ray Train
+    restarts the group (resources.max_failures) and the new one takes up the unfinished job,
+    where `loop` resumes from its checkpoints as under fit. A group that ends for good (a
+    UserError in the loop, the failures used up) makes `run` raise its error, as fit would.
+    """
+
+    def __init__(self, loop, resources, ctx):
+        self.loop, self.resources, self.ctx = loop, resources, ctx
+        self.mailbox = None
+        self.thread = None
+        self.error = None
+
+    def _start(self) -> None:
+        import threading
+
+        import ray
+
+        self.ctx.ensure_ray()
+        claim(self.ctx.stage, self.resources, "workers")
+        self.mailbox = ray.remote(num_cpus=0)(_Mailbox).remote()
+        trainer = _torch_trainer(group_loop, {"loop": self.loop, "mailbox": self.mailbox},
+                                 self.resources, self.ctx)
+
+        def serve():
+            try:
+                trainer.fit()
+            except BaseException as e:  # noqa: BLE001 — handed to the driver's run()
+                self.error = e
+
+        self.thread = threading.Thread(target=serve, name="train-group", daemon=True)
+        self.thread.start()
+
+    def run(self, config: dict, rows=None) -> float:
+        """loop(config) on every worker with `rows` as in fit; returns the seconds the job
+        waited for the workers to take it (the group's start, for the first job; ~0 after)."""
+        import ray
+
+        if self.thread is None:
+            self._start()
+        if not self.thread.is_alive():
+            raise self.error or RuntimeError(f"{self.ctx.stage}: the training group ended")
+        k = ray.get(self.mailbox.post.remote(job_config(config, self.resources, self.ctx,
+                                                        rows)))
+        finished = self.mailbox.wait_finished.remote(k)
+        while not ray.wait([finished], timeout=1.0)[0]:
+            if not self.thread.is_alive():
+                raise self.error or RuntimeError(
+                    f"{self.ctx.stage}: the training group ended before its job {k} finished")
+        return ray.get(finished)
+
+    def close(self) -> None:
+        import ray
+
+        if self.thread is None:
+            return
+        if self.thread.is_alive():
+            ray.get(self.mailbox.post.remote(None))  # the workers' loop returns
+            self.thread.join(timeout=120)
+        ray.kill(self.mailbox)
+        self.thread = None
+
+
+class _Mailbox:
+    """A TrainGroup's jobs, in order (a Ray async actor): the driver posts, the workers take."""
+
+    def __init__(self):
+        import asyncio
+
+        self.jobs, self.posted, self.taken = [], [], {}
+        self.finished = -1
+        self.changed = asyncio.Condition()
+
+    async def post(self, job) -> int:
+        async with self.changed:
+            self.jobs.append(job)
+            self.posted.append(time.monotonic())
+            self.changed.notify_all()
+            return len(self.jobs) - 1
+
+    def next_job(self) -> int:
+        """The first unfinished job: where a restarted group takes up the work."""
+        return self.finished + 1
+
+    async def take(self, k: int):
+        async with self.changed:
+            await self.changed.wait_for(lambda: len(self.jobs) > k)
+            self.taken.setdefault(k, time.monotonic())
+            return self.jobs[k]
+
+    async def finish(self, k: int) -> None:
+        async with self.changed:
+            self.finished = max(self.finished, k)
+            self.jobs[k] = {}  # its rows' reference goes: no worker takes a finished job again
+            self.changed.notify_all()
+
+    async def wait_finished(self, k: int) -> float:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.finished >= k)
+            return self.taken.get(k, self.posted[k]) - self.posted[k]
+
+
+def group_loop(config: dict) -> None:
+    """A TrainGroup worker: its jobs in order, each `config["loop"](job)`, until a None job."""
+    import ray
+    import ray.train
+
+    mailbox, loop = config["mailbox"], config["loop"]
+    k = ray.get(mailbox.next_job.remote())
+    while True:
+        job = ray.get(mailbox.take.remote(k))
+        if job is None:
+            return
+        loop(job)
+        if ray.train.get_context().get_world_rank() == 0:
+            ray.get(mailbox.finish.remote(k))
+        k += 1
 
 
 # --- inside a worker -------------------------------------------------------------------------

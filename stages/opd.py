@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 from cluster.inference import Sampling, WarmEngines
 from cluster.scoring import WarmScorers, score_batches
-from cluster.train import fit
+from cluster.train import TrainGroup, fit
 from pipeline.errors import UserError
 from pipeline.stage import Stage
 from stages.lib.answers import VerifyConfig, answer_parts, verify_rows
@@ -479,7 +479,10 @@ def score(cfg, ctx, table, student: str, scorers: WarmScorers | None):
     return out.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
 
 
-def train(cfg, ctx, table, student: str, out_dir: str, i: int, end_of_turn: str) -> dict:
+def train(cfg, ctx, table, student: str, out_dir: str, i: int, end_of_turn: str,
+          trainers: TrainGroup | None) -> tuple[dict, float]:
+    """Iteration i's training from `student` into out_dir: (train_stats.json, the seconds the
+    job waited for the training workers: the kept-up group's start, else 0)."""
     import numpy as np
 
     workers = ctx.resources.num_workers
@@ -512,9 +515,13 @@ def train(cfg, ctx, table, student: str, out_dir: str, i: int, end_of_turn: str)
                            end_of_turn)
     config.update(out_dir=out_dir, alpha=cfg.redi_alpha, metric_lists=["opd/kl"],
                   loss=cfg.loss, divergence=cfg.divergence, beta=cfg.beta)
-    fit(opd_worker, config, ctx.resources, ctx, rows)
+    waited = 0.0
+    if trainers is not None:
+        waited = trainers.run(config, rows)
+    else:
+        fit(opd_worker, config, ctx.resources, ctx, rows)
     with open(os.path.join(out_dir, "train_stats.json"), encoding="utf-8") as f:
-        return json.load(f)
+        return json.load(f), waited
 
 
 class _Knobs:
@@ -567,6 +574,9 @@ def run(cfg: OpdConfig, inputs, ctx):
     root = os.path.join(ctx.out_dir, "iterations")
     os.makedirs(root, exist_ok=True)
     history, student, engines, scorers = [], start, None, None
+    # The training workers, like the engines and scorers, stay up for the run where all three
+    # fit at once (stay_up); else each iteration is one fit.
+    trainers = None
     try:
         for i in range(cfg.iterations):
             folder = os.path.join(root, f"iter-{i:05d}")
@@ -579,7 +589,7 @@ def run(cfg: OpdConfig, inputs, ctx):
                 continue
             os.makedirs(folder, exist_ok=True)
             timings = {"engine_start": 0.0, "weight_sync": 0.0, "sample": 0.0, "verify": 0.0,
-                       "scorer_start": 0.0, "score": 0.0, "train": 0.0}
+                       "scorer_start": 0.0, "score": 0.0, "trainer_start": 0.0, "train": 0.0}
             batch = batch_of(problems, i, cfg.prompts_per_iteration, cfg.seed)
             sampled_path = os.path.join(folder, "sampled.parquet")
             scored_path = os.path.join(folder, "scored.parquet")
@@ -623,9 +633,13 @@ def run(cfg: OpdConfig, inputs, ctx):
                 timings["score"] = time.perf_counter() - t0
                 _write_atomic(table, scored_path)
             table = pq.read_table(scored_path)
+            if trainers is None and stay_up(ctx.resources, 2):
+                trainers = TrainGroup(opd_worker, ctx.resources, ctx)
             t0 = time.perf_counter()
-            train_stats = train(cfg, ctx, table, student, model_dir, i, fmt.end_of_turn)
-            timings["train"] = time.perf_counter() - t0
+            train_stats, waited = train(cfg, ctx, table, student, model_dir, i,
+                                        fmt.end_of_turn, trainers)
+            timings["trainer_start"] = waited
+            timings["train"] = time.perf_counter() - t0 - waited
             stats = {"iteration": i, "student": student, **iteration_stats(table, timings,
                                                                            train_stats)}
             with open(done + ".tmp", "w", encoding="utf-8") as f:
@@ -641,6 +655,8 @@ def run(cfg: OpdConfig, inputs, ctx):
             engines.close()
         if scorers is not None:
             scorers.close()
+        if trainers is not None:
+            trainers.close()
 
     # The version is the last iteration's checkpoint; intermediate checkpoints go (unless kept).
     for name in os.listdir(student):

@@ -441,7 +441,7 @@ def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_mod
         assert 0 <= h["pass_rate"] <= 1 and 0 < h["mean_tokens"] <= 16
         assert h["kl"] is not None and h["loss"] is not None
         assert set(h["seconds"]) == {"engine_start", "weight_sync", "sample", "verify",
-                                     "scorer_start", "score", "train"}
+                                     "scorer_start", "score", "trainer_start", "train"}
     assert stats["pass_rate"] == [h["pass_rate"] for h in stats["iterations"]]
 
     # The version is a checkpoint transformers loads, with moved weights.
@@ -504,6 +504,10 @@ def test_engines_and_scorers_start_once_per_run_then_serve_each_new_checkpoint(o
     scored = min(i for i in (1, 2, 3) if seconds[i]["score"] > 0)
     assert seconds[scored]["scorer_start"] > 0
     assert all(seconds[i]["scorer_start"] == 0 for i in range(scored + 1, 4))
+    # The training workers too: the rerun's group started for its first job (iteration 1: a
+    # process start, imports, DeepSpeed), and the later jobs found it waiting.
+    assert seconds[0]["trainer_start"] > 1.0 and seconds[1]["trainer_start"] > 1.0
+    assert all(seconds[i]["trainer_start"] < 0.5 for i in (2, 3))
     rows = _scored(version, 3)
     kept = os.path.join(version.path, "iterations", "iter-00002", "model")
     assert all(r["sampled_by"].endswith(os.path.join("iter-00002", "model")) for r in rows)
