@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import os
 import types
 import typing
@@ -79,18 +80,25 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def build_config(cls: type, values: dict, where: str):
-    """Instantiate dataclass `cls` from `values`, rejecting unknown keys and wrong types."""
+    """Instantiate dataclass `cls` from `values`, rejecting unknown keys and wrong types.
+
+    A key that is a Python keyword is the field of that name with a trailing underscore
+    (PEP 8's convention: `opd.async` is OpdConfig.async_)."""
     if not isinstance(values, dict):
         raise UserError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    fields = {}
     for key, value in values.items():
-        if key not in names:
-            raise UserError(f"{where}: unknown key '{key}'{_nearest(key, names)}")
-        if not _type_ok(value, hints[key]):
-            tname = getattr(hints[key], "__name__", str(hints[key]))
+        name = key + "_" if keyword.iskeyword(key) else key
+        if name not in names:
+            keys = [n[:-1] if keyword.iskeyword(n[:-1]) else n for n in names]
+            raise UserError(f"{where}: unknown key '{key}'{_nearest(key, keys)}")
+        if not _type_ok(value, hints[name]):
+            tname = getattr(hints[name], "__name__", str(hints[name]))
             raise UserError(f"{where}.{key}: expected {tname}, got {value!r}")
-    return cls(**values)
+        fields[name] = value
+    return cls(**fields)
 
 
 def is_local_model(model: str) -> bool:

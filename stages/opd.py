@@ -38,6 +38,7 @@ every iteration stays (the learning curve's data).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -90,6 +91,11 @@ class OpdConfig:
       "drop" (their tokens leave the loss), "redi" (they leave the sampled_rkl term and add
       REDI's negative term, weight redi_alpha).
     redi_alpha: REDI's alpha for incorrect=redi.
+    async_ (the recipe's `opd.async`): 0 = each iteration samples with the checkpoint the
+      previous one trained; 1 = iteration i samples and scores while iteration i-1 trains,
+      with the checkpoint before (one iteration stale: slightly off-policy; sampled_rkl's
+      importance ratio exp(new - old) corrects the token log-probs for it, the topk loss does
+      not need it). Needs the engines, scorers and training workers up at once.
     samples_per_step: samples in one optimizer step, all workers together; each worker packs
       samples_per_step / num_workers samples into one row. Iteration i trains one epoch over
       its samples: ceil(samples / samples_per_step) steps, a fresh optimizer each iteration.
@@ -118,6 +124,7 @@ class OpdConfig:
     beta: float = 0.5
     incorrect: str = "keep"
     redi_alpha: float = 0.8
+    async_: int = 0
     samples_per_step: int = 16
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
@@ -316,6 +323,9 @@ def check_config(cfg: OpdConfig, start: str):
         raise UserError("opd.iterations, opd.prompts_per_iteration and opd.max_tokens must be "
                         f">= 1 (got {cfg.iterations}, {cfg.prompts_per_iteration}, "
                         f"{cfg.max_tokens})")
+    if cfg.async_ not in (0, 1):
+        raise UserError(f"opd.async: {cfg.async_} (0 = off, 1 = sample while the previous "
+                        "iteration trains)")
     if not 0.0 <= cfg.redi_alpha <= 1.0:
         raise UserError(f"opd.redi_alpha: {cfg.redi_alpha} is outside [0, 1]")
     student_t = check_chat_format(start, cfg.chat_template, cfg.prompt_format, "opd", "start")
@@ -573,23 +583,64 @@ def run(cfg: OpdConfig, inputs, ctx):
 
     root = os.path.join(ctx.out_dir, "iterations")
     os.makedirs(root, exist_ok=True)
-    history, student, engines, scorers = [], start, None, None
-    # The training workers, like the engines and scorers, stay up for the run where all three
-    # fit at once (stay_up); else each iteration is one fit.
-    trainers = None
+    lag = cfg.async_
+    if lag:
+        ctx.ensure_ray()
+        if not stay_up(ctx.resources, 2):
+            raise UserError(
+                f"opd.async: {lag} overlaps sampling and scoring with training, so the engines, "
+                f"the scorers and the training workers must fit the cluster at once "
+                f"(resources.opd: 2 x {ctx.resources.replicas} replicas x "
+                f"{ctx.resources.gpus_per_replica} GPU + {ctx.resources.num_workers} workers); "
+                f"use opd.async=0 or a smaller resources.opd")
+    # Iteration i trains from checkpoint(i) into iteration i's model/ = checkpoint(i + 1); it
+    # samples with checkpoint(i - lag): with async 1 the samples of i are drawn while i - 1
+    # still trains, by the checkpoint before (their old log-probs are that policy's, so the
+    # importance ratio exp(new - old) corrects for the one iteration of staleness).
+    def checkpoint(j: int) -> str:
+        return start if j <= 0 else os.path.join(root, f"iter-{j - 1:05d}", "model")
+
+    history, engines, scorers, trainers, pending = [], None, None, None, None
+    clock = time.monotonic()
+    background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    def finish(job) -> None:
+        """Wait for a training job; write its iteration's marker, LAST."""
+        i, future, table, timings, timeline = job
+        t0 = time.monotonic()
+        (train_stats, waited), began, ended = future.result()
+        timeline["train"] = [round(began - clock, 2), round(ended - clock, 2)]
+        timings["trainer_start"] = waited
+        timings["train"] = ended - began - waited
+        stats = {"iteration": i, "student": checkpoint(i),
+                 **iteration_stats(table, timings, train_stats), "timeline": timeline}
+        if lag:
+            stats["waited_for_training"] = round(time.monotonic() - t0, 2)
+        done = os.path.join(root, f"iter-{i:05d}", "done.json")
+        with open(done + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+        os.replace(done + ".tmp", done)  # the marker: iteration i is complete
+        print(f"opd: iteration {i}: pass rate {stats['pass_rate']}, mean tokens "
+              f"{stats['mean_tokens']}, kl {stats['kl']}, loss {stats['loss']}; seconds "
+              + ", ".join(f"{k} {v}" for k, v in stats["seconds"].items()), flush=True)
+        history.append(stats)
+
     try:
         for i in range(cfg.iterations):
             folder = os.path.join(root, f"iter-{i:05d}")
-            model_dir = os.path.join(folder, "model")
             done = os.path.join(folder, "done.json")
             if os.path.exists(done):
                 with open(done, encoding="utf-8") as f:
                     history.append(json.load(f))
-                student = model_dir
                 continue
+            if pending is not None and not lag:
+                finish(pending)  # synchronous: iteration i samples the checkpoint i - 1 wrote
+                pending = None
             os.makedirs(folder, exist_ok=True)
+            policy = checkpoint(i - lag)
             timings = {"engine_start": 0.0, "weight_sync": 0.0, "sample": 0.0, "verify": 0.0,
                        "scorer_start": 0.0, "score": 0.0, "trainer_start": 0.0, "train": 0.0}
+            timeline = {}  # step -> [start, end], seconds since the run began
             batch = batch_of(problems, i, cfg.prompts_per_iteration, cfg.seed)
             sampled_path = os.path.join(folder, "sampled.parquet")
             scored_path = os.path.join(folder, "scored.parquet")
@@ -598,59 +649,58 @@ def run(cfg: OpdConfig, inputs, ctx):
                     table = pq.read_table(sampled_path)
                 else:
                     # One set of engines for the whole run: started on the first iteration this
-                    # run samples (after a rerun: the last finished iteration's checkpoint), then
-                    # each iteration's checkpoint loaded into them (weight_sync).
-                    t0 = time.perf_counter()
+                    # run samples, then each iteration's policy loaded into them (weight_sync).
+                    t0 = time.monotonic()
                     if engines is None:
-                        engines = start_engines(cfg, ctx, student, i, student_t)
-                        timings["engine_start"] = time.perf_counter() - t0
+                        engines = start_engines(cfg, ctx, policy, i, student_t)
+                        timings["engine_start"] = time.monotonic() - t0
                     else:
-                        engines.load(student)
-                        timings["weight_sync"] = time.perf_counter() - t0
-                    t0 = time.perf_counter()
+                        engines.load(policy)
+                        timings["weight_sync"] = time.monotonic() - t0
+                    t0 = time.monotonic()
                     table = sample(cfg, engines, batch, i)
-                    timings["sample"] = time.perf_counter() - t0
+                    timings["sample"] = time.monotonic() - t0
+                    timeline["sample"] = [round(t0 - clock, 2), round(time.monotonic() - clock, 2)]
                     if i == cfg.iterations - 1 or not stay_up(ctx.resources):
                         engines.close()  # their memory (and GPUs) go to scoring and training
                         engines = None
-                    t0 = time.perf_counter()
+                    t0 = time.monotonic()
                     table = verify(cfg, table, answers)
-                    timings["verify"] = time.perf_counter() - t0
+                    timings["verify"] = time.monotonic() - t0
                     _write_atomic(table, sampled_path)
                 # The scorers, like the engines, start once (the first iteration this run
-                # scores) and then load each iteration's student; the teacher stays loaded.
+                # scores) and then load each iteration's policy; the teacher stays loaded.
                 if scorers is None and stay_up(ctx.resources, 2 if engines else 1):
-                    t0 = time.perf_counter()
-                    scorers = start_scorers(cfg, ctx, student)
-                    timings["scorer_start"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
+                    t0 = time.monotonic()
+                    scorers = start_scorers(cfg, ctx, policy)
+                    timings["scorer_start"] = time.monotonic() - t0
+                t0 = time.monotonic()
                 messages = {p["problem_id"]: p["prompt_messages"] for p in batch}
                 table = token_ids(cfg, table, messages,
                                   {"student": student_tok, "teacher": teacher_tok},
                                   {"student": student_t, "teacher": teacher_t}, fmt)
-                table = score(cfg, ctx, table, student, scorers)
-                table = table.append_column("scored_by", _constant(student, table.num_rows))
-                timings["score"] = time.perf_counter() - t0
+                table = score(cfg, ctx, table, policy, scorers)
+                table = table.append_column("scored_by", _constant(policy, table.num_rows))
+                timings["score"] = time.monotonic() - t0
+                timeline["score"] = [round(t0 - clock, 2), round(time.monotonic() - clock, 2)]
                 _write_atomic(table, scored_path)
             table = pq.read_table(scored_path)
+            if pending is not None:
+                finish(pending)  # async: checkpoint(i) is iteration i - 1's training
+                pending = None
             if trainers is None and stay_up(ctx.resources, 2):
                 trainers = TrainGroup(opd_worker, ctx.resources, ctx)
-            t0 = time.perf_counter()
-            train_stats, waited = train(cfg, ctx, table, student, model_dir, i,
-                                        fmt.end_of_turn, trainers)
-            timings["trainer_start"] = waited
-            timings["train"] = time.perf_counter() - t0 - waited
-            stats = {"iteration": i, "student": student, **iteration_stats(table, timings,
-                                                                           train_stats)}
-            with open(done + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(stats, f, indent=1)
-            os.replace(done + ".tmp", done)  # the marker: iteration i is complete
-            print(f"opd: iteration {i}: pass rate {stats['pass_rate']}, mean tokens "
-                  f"{stats['mean_tokens']}, kl {stats['kl']}, loss {stats['loss']}; seconds "
-                  + ", ".join(f"{k} {v}" for k, v in stats["seconds"].items()), flush=True)
-            history.append(stats)
-            student = model_dir
+            future = background.submit(_timed, train, cfg, ctx, table, checkpoint(i),
+                                       os.path.join(folder, "model"), i, fmt.end_of_turn,
+                                       trainers)
+            pending = (i, future, table, timings, timeline)
+        if pending is not None:
+            finish(pending)
+            pending = None
     finally:
+        if pending is not None:  # a failure elsewhere: let the running job end, keep nothing
+            concurrent.futures.wait([pending[1]])
+        background.shutdown(wait=True)
         if engines is not None:
             engines.close()
         if scorers is not None:
@@ -658,6 +708,7 @@ def run(cfg: OpdConfig, inputs, ctx):
         if trainers is not None:
             trainers.close()
 
+    student = checkpoint(cfg.iterations)
     # The version is the last iteration's checkpoint; intermediate checkpoints go (unless kept).
     for name in os.listdir(student):
         if os.path.isfile(os.path.join(student, name)):
@@ -680,6 +731,13 @@ def run(cfg: OpdConfig, inputs, ctx):
         "zero_stage": ctx.resources.zero_stage,
     })
     return None
+
+
+def _timed(fn, *args):
+    """(fn(*args), its start, its end) on time.monotonic's clock."""
+    began = time.monotonic()
+    out = fn(*args)
+    return out, began, time.monotonic()
 
 
 def _constant(value: str, n: int):

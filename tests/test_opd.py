@@ -607,6 +607,46 @@ def test_topk_loss_trains_on_the_teachers_top_k_of_the_students_samples(opd_inpu
         assert top.tolist() == r["topk_ids"][t]
         assert max(abs(a - b) for a, b in zip(values.tolist(), r["topk_logps"][t])) <= 1e-4
 
+@pytest.mark.slow
+def test_async_samples_while_the_previous_iteration_trains(opd_inputs, teacher, tiny_model,
+                                                           ray_cluster):
+    """opd.async=1: iteration i samples and scores with checkpoint i-1 while iteration i-1
+    trains, then trains from checkpoint i (the newest)."""
+    from transformers import AutoModelForCausalLM
+
+    _, sft = opd_inputs
+    version = _run(opd_inputs[0], teacher, ["opd.async=1", "opd.iterations=3",
+                                            "opd.keep_checkpoints=true"])
+    stats = version.manifest["stats"]["iterations"]
+    model = [os.path.join(version.path, "iterations", f"iter-{i:05d}", "model")
+             for i in range(3)]
+    # who sampled (and scored) each iteration: one checkpoint behind the one it trains from
+    # (paths recorded inside the version's temporary folder: compared by their tails)
+    def tail(path):
+        return path if path == sft.path else os.path.join(*path.split(os.sep)[-3:])
+
+    sampled = [{tail(r["sampled_by"]) for r in _scored(version, i)} for i in range(3)]
+    assert sampled == [{sft.path}, {sft.path}, {tail(model[0])}]
+    assert [{tail(r["scored_by"]) for r in _scored(version, i)} for i in range(3)] == sampled
+    assert [tail(h["student"]) for h in stats] == [sft.path, tail(model[0]), tail(model[1])]
+    # iteration 1 was drawn while iteration 0 trained (its group's start alone is seconds)
+    assert stats[1]["timeline"]["sample"][0] < stats[0]["timeline"]["train"][1]
+    # the old log-probs are the sampling policy's (the start's), not the checkpoint trained from
+    start, first = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (tiny_model,
+                                                                            model[0]))
+    for r in _scored(version, 1)[:3]:
+        args = (r["student_prompt_ids"], r["completion_ids"])
+        assert max(abs(a - b) for a, b in zip(_direct_logps(start, *args),
+                                              r["student_logps"])) <= 1e-4
+        assert max(abs(a - b) for a, b in zip(_direct_logps(first, *args),
+                                              r["student_logps"])) > 1e-4
+    # each iteration trained on from the one before: the version is the last checkpoint
+    weights = [load_weights(m) for m in model]
+    after = load_weights(version.path)
+    assert all((weights[2][k] == after[k]).all() for k in after)
+    assert all(not (weights[1][k] == weights[2][k]).all() for k in after)
+
+
 # --- bad input: exit 2 through the CLI, one line naming the key, before Ray starts -----------
 
 def _exit_2(data_root, teacher, extra, capsys) -> str:
@@ -620,6 +660,10 @@ def _exit_2(data_root, teacher, extra, capsys) -> str:
 
 def test_n_below_one_names_the_key(opd_inputs, teacher, capsys):
     assert "opd.n: must be >= 1" in _exit_2(opd_inputs[0], teacher, ["opd.n=0"], capsys)
+
+
+def test_async_other_than_0_or_1_names_the_key(opd_inputs, teacher, capsys):
+    assert "opd.async: 2" in _exit_2(opd_inputs[0], teacher, ["opd.async=2"], capsys)
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(opd_inputs, tmp_path, capsys):
