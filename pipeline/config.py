@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.resources import StageResources
+from pipeline.resources import SCORER_FIELDS, StageResources
 from pipeline.errors import UserError
 from pipeline.textfile import read_text
 
@@ -184,6 +184,12 @@ def load_recipe(path: str, overrides: list[str], stages: dict) -> Recipe:
     for name in stages:
         resources[name] = build_config(StageResources, res_raw.get(name) or {},
                                        f"recipe {path}: resources.{name}")
+        scorers = resources[name].scorers
+        other = sorted(set(scorers) - set(SCORER_FIELDS))
+        if other:
+            raise UserError(f"recipe {path}: resources.{name}.scorers: '{other[0]}' is not a "
+                            f"scoring pool setting (one of {', '.join(SCORER_FIELDS)})")
+        build_config(StageResources, scorers, f"recipe {path}: resources.{name}.scorers")
     for name in res_raw:
         if name not in stages:
             raise UserError(f"recipe {path}: resources: unknown stage '{name}'{_nearest(name, stages)}")

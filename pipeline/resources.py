@@ -104,11 +104,27 @@ class StageResources:
     # a node when no label_selector node is left (Ray's fallback_strategy): e.g. spot GPU nodes
     # first, [{"pool": "on-demand"}] after a spot node is reclaimed.
     fallback_label_selectors: list = field(default_factory=list)
+    # --- opd: its scoring pool (the teacher and the sampling student, cluster/scoring.py
+    #     WarmScorers) where it differs from the sampling engines above: any of SCORER_FIELDS,
+    #     e.g. {replicas: 1, gpus_per_replica: 1, label_selector: {pool: teacher}} puts the
+    #     teacher on GPUs of its own; {} = the engines' settings ---
+    scorers: dict = field(default_factory=dict)
     # --- waiting for resources ---
     # On a cluster with an autoscaler, how long a stage waits for the nodes its request needs
     # before it gives up (exit 2); a line says what it waits for every PROGRESS_EVERY_S. A
     # fixed cluster that is too small is refused at once, whatever this says.
     wait_s: float = 600.0
+
+
+# What resources.<stage>.scorers may set: how many scoring actors, what each holds, where.
+SCORER_FIELDS = ("replicas", "gpus_per_replica", "cpus_per_replica", "label_selector",
+                 "fallback_label_selectors")
+
+
+def scoring_pool(r: StageResources) -> StageResources:
+    """The settings of a stage's scoring pool: r with r.scorers laid over its engine fields
+    (the recipe loader has checked the keys and types)."""
+    return dataclasses.replace(r, **r.scorers, scorers={})
 
 
 def placement(r: StageResources) -> dict:
@@ -423,16 +439,22 @@ def fit_to_cluster(stage: str, r: StageResources, log=print) -> StageResources:
     A section that asks for nothing (all defaults) needs no cluster and starts no Ray.
     """
     kinds = _set_kinds(r)
-    if not kinds and AUTO not in (r.replicas, r.num_workers):
+    if not kinds and AUTO not in (r.replicas, r.num_workers) and not r.scorers:
         return r
     cluster = _local_before_start(r)
     if cluster is None:
         ensure_ray()
         cluster = cluster_now()
     out = size(stage, r, cluster, log=log)
+    checks = [(stage, out, kind) for kind in kinds]
+    if r.scorers:  # the scoring pool, sized and checked as engines of its own
+        pool = size(f"{stage}.scorers", scoring_pool(r), cluster, log=log)
+        out.scorers = {**r.scorers, "replicas": pool.replicas,
+                       "gpus_per_replica": pool.gpus_per_replica}
+        checks.append((f"{stage}.scorers", pool, "engines"))
     if not cluster.autoscaling:
-        for kind in kinds:
-            problem = shortfall(stage, asks_for(out, kind), cluster)
+        for name, res, kind in checks:
+            problem = shortfall(name, asks_for(res, kind), cluster)
             if problem:
                 raise UserError(problem)
     return out

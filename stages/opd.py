@@ -52,6 +52,7 @@ from cluster.inference import Sampling, WarmEngines
 from cluster.scoring import WarmScorers, score_batches
 from cluster.train import TrainGroup, fit
 from pipeline.errors import UserError
+from pipeline.resources import scoring_pool
 from pipeline.stage import Stage
 from stages.lib.answers import VerifyConfig, answer_parts, verify_rows
 from stages.lib.chat import (check_chat_format, load_tokenizer, render_prompt, split_think,
@@ -400,20 +401,24 @@ def sample(cfg, engines: WarmEngines, problems: list[dict], i: int):
     return table.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
 
 
-def stay_up(resources, pools: int = 1) -> bool:
-    """Whether `pools` sets of `resources.replicas` actors (warm engines, warm scorers) can stay
-    up through the rest of each iteration: CPU actors reserve no Ray CPUs while they wait
-    (WarmEngines, WarmScorers); GPU actors keep their GPUs, so the cluster must hold them and
-    the training workers' GPUs at once (pools x replicas x GPUs + workers <= GPUs), else each
-    iteration starts them and stops them after its call."""
-    import ray
+def stay_up(resources, *pools, gpus: float | None = None) -> bool:
+    """Whether the actor pools `pools` (StageResources: the sampling engines, the scoring pool)
+    can stay up through the rest of each iteration beside the training workers: CPU actors
+    reserve no Ray CPUs while they wait (WarmEngines, WarmScorers); GPU actors keep their GPUs,
+    so the cluster (`gpus`, default: Ray's count) must hold them and the workers' at once
 
-    r = resources
-    if not r.gpus_per_replica:
+        sum over pools of replicas x gpus_per_replica + workers' GPUs <= the cluster's GPUs
+
+    (4 engines x 1 + 2 scorers x 1 + 2 workers = 8 on an 8-GPU node: all stay up); else each
+    iteration starts them and stops them after its call."""
+    if not any(p.gpus_per_replica for p in pools):
         return True
-    workers = r.num_workers if r.use_gpu else 0
-    return (pools * r.replicas * r.gpus_per_replica + workers
-            <= ray.cluster_resources().get("GPU", 0))
+    if gpus is None:
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+    workers = resources.num_workers if resources.use_gpu else 0
+    return sum(p.replicas * p.gpus_per_replica for p in pools) + workers <= gpus
 
 
 def verify(cfg, table, answers: dict):
@@ -465,7 +470,7 @@ def start_scorers(cfg, ctx, student: str) -> WarmScorers:
     """The teacher and `student` loaded once in the scoring actors, kept up for the run; each
     later iteration loads only its student checkpoint into them (WarmScorers.load)."""
     return WarmScorers({"teacher": cfg.teacher, "student": student}, score_fn=_score_fn(cfg),
-                       resources=ctx.resources, ctx=ctx, prepare=register_attention,
+                       resources=scoring_pool(ctx.resources), ctx=ctx, prepare=register_attention,
                        cpu_model_hook=onednn_linears, attn_implementation=ATTENTION)
 
 
@@ -479,10 +484,11 @@ def score(cfg, ctx, table, student: str, scorers: WarmScorers | None):
         scorers.load("student", student)
         out = scorers.score(table)
     else:
+        pool = scoring_pool(ctx.resources)
         scored = score_batches(ray.data.from_arrow(table),
                                models={"teacher": cfg.teacher, "student": student},
-                               score_fn=_score_fn(cfg), resources=ctx.resources, ctx=ctx,
-                               batch_size=max(1, -(-table.num_rows // ctx.resources.replicas)),
+                               score_fn=_score_fn(cfg), resources=pool, ctx=ctx,
+                               batch_size=max(1, -(-table.num_rows // pool.replicas)),
                                prepare=register_attention, cpu_model_hook=onednn_linears,
                                attn_implementation=ATTENTION)
         out = pa.Table.from_pylist(scored.take_all())
@@ -586,13 +592,12 @@ def run(cfg: OpdConfig, inputs, ctx):
     lag = cfg.async_
     if lag:
         ctx.ensure_ray()
-        if not stay_up(ctx.resources, 2):
+        if not stay_up(ctx.resources, ctx.resources, scoring_pool(ctx.resources)):
             raise UserError(
                 f"opd.async: {lag} overlaps sampling and scoring with training, so the engines, "
                 f"the scorers and the training workers must fit the cluster at once "
-                f"(resources.opd: 2 x {ctx.resources.replicas} replicas x "
-                f"{ctx.resources.gpus_per_replica} GPU + {ctx.resources.num_workers} workers); "
-                f"use opd.async=0 or a smaller resources.opd")
+                f"(resources.opd: the engines, resources.opd.scorers and num_workers); use "
+                f"opd.async=0 or smaller pools")
     # Iteration i trains from checkpoint(i) into iteration i's model/ = checkpoint(i + 1); it
     # samples with checkpoint(i - lag): with async 1 the samples of i are drawn while i - 1
     # still trains, by the checkpoint before (their old log-probs are that policy's, so the
@@ -661,7 +666,7 @@ def run(cfg: OpdConfig, inputs, ctx):
                     table = sample(cfg, engines, batch, i)
                     timings["sample"] = time.monotonic() - t0
                     timeline["sample"] = [round(t0 - clock, 2), round(time.monotonic() - clock, 2)]
-                    if i == cfg.iterations - 1 or not stay_up(ctx.resources):
+                    if i == cfg.iterations - 1 or not stay_up(ctx.resources, ctx.resources):
                         engines.close()  # their memory (and GPUs) go to scoring and training
                         engines = None
                     t0 = time.monotonic()
@@ -670,7 +675,8 @@ def run(cfg: OpdConfig, inputs, ctx):
                     _write_atomic(table, sampled_path)
                 # The scorers, like the engines, start once (the first iteration this run
                 # scores) and then load each iteration's policy; the teacher stays loaded.
-                if scorers is None and stay_up(ctx.resources, 2 if engines else 1):
+                if scorers is None and stay_up(ctx.resources, scoring_pool(ctx.resources),
+                                               *([ctx.resources] if engines else [])):
                     t0 = time.monotonic()
                     scorers = start_scorers(cfg, ctx, policy)
                     timings["scorer_start"] = time.monotonic() - t0
@@ -688,7 +694,8 @@ def run(cfg: OpdConfig, inputs, ctx):
             if pending is not None:
                 finish(pending)  # async: checkpoint(i) is iteration i - 1's training
                 pending = None
-            if trainers is None and stay_up(ctx.resources, 2):
+            if trainers is None and stay_up(ctx.resources, ctx.resources,
+                                            scoring_pool(ctx.resources)):
                 trainers = TrainGroup(opd_worker, ctx.resources, ctx)
             future = background.submit(_timed, train, cfg, ctx, table, checkpoint(i),
                                        os.path.join(folder, "model"), i, fmt.end_of_turn,
@@ -729,6 +736,9 @@ def run(cfg: OpdConfig, inputs, ctx):
         "problems": len(problems),
         "problems_without_answer": len(missing),
         "zero_stage": ctx.resources.zero_stage,
+        "pools": {"engines": ctx.resources.replicas,
+                  "scorers": scoring_pool(ctx.resources).replicas,
+                  "workers": ctx.resources.num_workers},
     })
     return None
 

@@ -112,6 +112,20 @@ def test_iteration_batches_are_seeded_and_take_every_problem_in_turn():
 
 
 
+def test_pools_stay_up_when_the_cluster_holds_them_beside_the_workers():
+    from pipeline.resources import StageResources, scoring_pool
+    from stages.opd import stay_up
+
+    r = StageResources(replicas=4, gpus_per_replica=1, num_workers=2, use_gpu=True,
+                       scorers={"replicas": 2})
+    pool = scoring_pool(r)
+    assert stay_up(r, r, pool, gpus=8)             # 4 + 2 + 2 workers = 8
+    assert not stay_up(r, r, pool, gpus=7)
+    assert stay_up(r, pool, gpus=7)                # the scorers alone beside the workers: 4
+    cpu = StageResources(replicas=2, num_workers=2)  # CPU actors reserve nothing while waiting
+    assert stay_up(cpu, cpu, scoring_pool(cpu), gpus=0)
+
+
 def test_topk_loss_with_the_whole_vocabulary_is_the_dense_divergence_over_kept_positions():
     import torch
 
@@ -611,12 +625,15 @@ def test_topk_loss_trains_on_the_teachers_top_k_of_the_students_samples(opd_inpu
 def test_async_samples_while_the_previous_iteration_trains(opd_inputs, teacher, tiny_model,
                                                            ray_cluster):
     """opd.async=1: iteration i samples and scores with checkpoint i-1 while iteration i-1
-    trains, then trains from checkpoint i (the newest)."""
+    trains, then trains from checkpoint i (the newest). The scoring pool is sized apart from
+    the engines (resources.opd.scorers)."""
     from transformers import AutoModelForCausalLM
 
     _, sft = opd_inputs
     version = _run(opd_inputs[0], teacher, ["opd.async=1", "opd.iterations=3",
-                                            "opd.keep_checkpoints=true"])
+                                            "opd.keep_checkpoints=true",
+                                            "resources.opd.scorers.replicas=2"])
+    assert version.manifest["stats"]["pools"] == {"engines": 1, "scorers": 2, "workers": 1}
     stats = version.manifest["stats"]["iterations"]
     model = [os.path.join(version.path, "iterations", f"iter-{i:05d}", "model")
              for i in range(3)]

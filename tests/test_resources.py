@@ -146,6 +146,35 @@ def test_replicas_must_be_a_number_or_auto(tmp_path):
         sized(StageResources(replicas=0), node())
 
 
+def test_the_scoring_pool_lays_its_own_settings_over_the_engines():
+    from pipeline.config import load_recipe
+    from pipeline.resources import scoring_pool
+    from stages import STAGES
+
+    recipe = os.path.join(REPO, "configs", "tiny.yaml")
+    r = load_recipe(recipe, ["resources.opd.replicas=2", "resources.opd.scorers.replicas=1",
+                             "resources.opd.scorers.gpus_per_replica=1"], STAGES)
+    engines, pool = r.resources["opd"], scoring_pool(r.resources["opd"])
+    assert (engines.replicas, engines.gpus_per_replica) == (2, 0.0)
+    assert (pool.replicas, pool.gpus_per_replica, pool.scorers) == (1, 1.0, {})
+    assert pool.cpus_per_replica == engines.cpus_per_replica  # not set: the engines' value
+    assert scoring_pool(load_recipe(recipe, [], STAGES).resources["opd"]).replicas == 1
+    with pytest.raises(UserError, match="resources.opd.scorers: 'num_workers' is not a "
+                                        "scoring pool setting"):
+        load_recipe(recipe, ["resources.opd.scorers.num_workers=2"], STAGES)
+    with pytest.raises(UserError, match="resources.opd.scorers.replicas: expected int"):
+        load_recipe(recipe, ["resources.opd.scorers.replicas=two"], STAGES)
+    # a scoring pool of GPUs on this machine (no GPU) is refused, naming the pool
+    with pytest.raises(UserError, match=r"resources.opd.scorers: 1 engines x 1 GPU"):
+        fit_to_cluster("opd", r.resources["opd"], log=lambda line: None)
+    # auto sizes it like engines: none on a machine without GPUs falls back to 1 CPU actor
+    auto = dataclasses.replace(engines, scorers={"replicas": AUTO, "gpus_per_replica": 1})
+    logs = []
+    out = fit_to_cluster("opd", auto, log=logs.append)
+    assert out.scorers["replicas"] == 1 and out.scorers["gpus_per_replica"] == 0.0
+    assert any("resources.opd.scorers" in line for line in logs)
+
+
 def test_a_section_that_asks_for_nothing_needs_no_cluster():
     r = StageResources(enforce_eager=True, dtype="float32")
     assert fit_to_cluster("prompts", r) is r
