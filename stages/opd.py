@@ -563,6 +563,7 @@ def iteration_stats(table, timings: dict, train_stats: dict) -> dict:
         "kl": round(sum(gap) / len(gap), 5) if gap else None,
         "loss": train_stats.get("mean_loss"),
         "steps": train_stats.get("steps"),
+        "tokens_seen": train_stats.get("tokens_seen"),  # prompt + completion, as sft / redi
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }
 

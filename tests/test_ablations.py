@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from pipeline.apps.ablations import (COMPARISONS, KD_ARMS, KD_START, PAIR_ARMS, PAIR_START,
+from pipeline.apps.ablations import (COMPARISONS, KD_ARMS, KD_START, OPD_ARMS, OPD_START,
+                                     PAIR_ARMS, PAIR_START,
                                      SFT_ARMS, AblationPlan, format_summary, mean_sd, summarize,
                                      targets)
 from stages import STAGES
@@ -23,7 +24,8 @@ def _runs():
             "dap_rewrite": (0.47, 31.0, 34.0), "provenance": (0.53, 45.0, 60.0),
             "all": (0.55, 41.0, 52.0), "redi": (0.57, 40.0, None), "dpo": (0.56, 40.0, None),
             "simpo": (0.54, 40.0, None), "sft_cont": (0.555, 40.0, None),
-            "kd": (0.59, 40.0, 52.0), "taid": (0.60, 40.0, 52.0), "mixkd": (0.58, 40.0, 52.0)}
+            "kd": (0.59, 40.0, 52.0), "taid": (0.60, 40.0, 52.0), "mixkd": (0.58, 40.0, 52.0),
+            "opd": (0.58, 38.0, None)}
     runs = {}
     for seed, shift in ((0, 0.0), (1, 0.01), (2, -0.01)):
         runs[seed] = {arm: {"pass_at_1": p + shift, "pass_at_k": p + 0.2,
@@ -61,6 +63,9 @@ def test_summary_pairs_differences_per_seed_and_states_each_target():
     assert any(c.startswith("[met] KD - SFT: pass@1 0.040") for c in checks)
     assert by["TAID vs forward KL"]["pass_at_1"][0] == pytest.approx(0.01)
     assert by["MixKD vs forward KL"]["pass_at_1"][0] == pytest.approx(-0.01)
+    # opd 0.58 vs sft_cont 0.555: +0.025 < +0.03 missed; vs redi 0.57: +0.01 met
+    assert any(c.startswith("[MISSED] OPD - SFT continued: pass@1 0.025") for c in checks)
+    assert any(c.startswith("[met] OPD - REDI: pass@1 0.010") for c in checks)
     text = format_summary(summary, k=4)
     assert "pass@4" in text and "0.500 ± 0.010" in text and "REDI vs SFT continued" in text
 
@@ -85,7 +90,9 @@ class _FakeVersion:
         self.stage = name
         self.version = version_hash(STAGES[name], recipe.configs[name], inputs)
         self.path = f"/versions/{name}/{self.version}"
-        self.manifest = {"stats": {"sft_rows": 10, "mean_sft_tokens": 30.0, "pairs": 4}}
+        self.manifest = {"stats": {"sft_rows": 10, "mean_sft_tokens": 30.0, "pairs": 4,
+                                   "tokens_seen": 500, "pass_rate": [0.1, 0.2],
+                                   "iterations": [{"tokens_seen": 250}] * 2}}
         self._models = list(models)
 
     def ref(self):
@@ -150,22 +157,29 @@ def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
     sft_calls = ["prune", "provenance", "select", "sft"]
     assert names == (["prompts", "generate", "verify"] + sft_calls * len(SFT_ARMS)
                      + ["redi"] * len(PAIR_ARMS) + ["distributions"] + ["kd"] * len(KD_ARMS)
-                     + ["evaluate"])
-    seeded = ["select.seed=3", "sft.seed=3", "redi.seed=3", "kd.seed=3", "evaluate.seed=3"]
+                     + ["opd"] * len(OPD_ARMS) + ["evaluate"])
+    seeded = ["select.seed=3", "sft.seed=3", "redi.seed=3", "kd.seed=3", "opd.seed=3",
+              "evaluate.seed=3"]
     arm_calls = {arm: calls[3 + 4 * i: 7 + 4 * i] for i, arm in enumerate(SFT_ARMS)}
     arm_calls.update({arm: [calls[3 + 4 * len(SFT_ARMS) + i]] for i, arm in enumerate(PAIR_ARMS)})
     at = 3 + 4 * len(SFT_ARMS) + len(PAIR_ARMS)
     distributions = calls[at]
     arm_calls.update({arm: [calls[at + 1 + i]] for i, arm in enumerate(KD_ARMS)})
+    at += 1 + len(KD_ARMS)
+    arm_calls.update({arm: [calls[at + i]] for i, arm in enumerate(OPD_ARMS)})
     arms = {**SFT_ARMS, **{a: SFT_ARMS[PAIR_START] + o for a, o in PAIR_ARMS.items()},
-            **{a: SFT_ARMS[KD_START] + o for a, o in KD_ARMS.items()}}
+            **{a: SFT_ARMS[KD_START] + o for a, o in KD_ARMS.items()},
+            **{a: SFT_ARMS[OPD_START] + o for a, o in OPD_ARMS.items()}}
     for arm, overrides in arms.items():
         for call in arm_calls[arm]:
             r = call["recipe"]
             assert r.teacher == teacher and r.student == student and r.data_root == root
             for text in overrides + seeded:   # the arm's settings reach its stages
-                (stage, key), value = parse_override(text)
-                assert getattr(r.configs[stage], key) == value, (arm, text)
+                (stage, *key), value = parse_override(text)
+                if stage == "resources":
+                    assert getattr(r.resources[key[0]], key[1]) == value, (arm, text)
+                else:
+                    assert getattr(r.configs[stage], key[0]) == value, (arm, text)
     # The data arms differ in what select hands SFT: five SFT models, five select versions.
     assert len({arm_calls[a][3]["version"].version for a in SFT_ARMS}) == len(SFT_ARMS)
     start = arm_calls[PAIR_START]
@@ -194,10 +208,17 @@ def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
         ["forward_kl", "taid", "forward_kl"]
     assert [arm_calls[a][0]["recipe"].configs["kd"].online_teacher for a in KD_ARMS] == \
         [False, False, True]
+    # OPD: from the `all` arm's sft, on its select's problems, verified against prompts
+    opd_start = arm_calls[OPD_START]
+    for arm in OPD_ARMS:
+        assert arm_calls[arm][0]["pins"] == {"select": opd_start[2]["version"].version,
+                                             "sft": opd_start[3]["version"].version,
+                                             "prompts": calls[0]["version"].version}
+        assert arm_calls[arm][0]["recipe"].configs["opd"].teacher == teacher
     evaluate = calls[-1]["recipe"].configs["evaluate"]
     assert evaluate.models == ["teacher", "student"] + [
         arm_calls[a][-1]["version"].path for a in list(SFT_ARMS) + list(PAIR_ARMS)
-        + list(KD_ARMS)]
+        + list(KD_ARMS) + list(OPD_ARMS)]
     with open(os.path.join(root, "ablations.json")) as f:
         result = json.load(f)
     assert result["complete"] and set(result["runs"]["3"]) == {"teacher", "student", *arms}
@@ -206,6 +227,7 @@ def test_every_arm_loads_its_recipe_and_pins_its_inputs(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arms, sft_arms, runs", [
     (("kd", "taid"), ["all"], ["distributions", "kd", "kd"]),
     (("dpo",), ["all"], ["redi"]),
+    (("opd",), ["all"], ["opd"]),
     (("random", "provenance"), ["random", "provenance"], []),
 ])
 def test_arms_run_only_those_and_their_start(tmp_path, monkeypatch, arms, sft_arms, runs):
@@ -216,7 +238,7 @@ def test_arms_run_only_those_and_their_start(tmp_path, monkeypatch, arms, sft_ar
     assert [c["name"] for c in calls] == (["prompts", "generate", "verify"]
                                           + ["prune", "provenance", "select", "sft"]
                                           * len(sft_arms) + runs + ["evaluate"])
-    trained = [c["version"].path for c in calls if c["name"] in ("sft", "redi", "kd")]
+    trained = [c["version"].path for c in calls if c["name"] in ("sft", "redi", "kd", "opd")]
     assert calls[-1]["recipe"].configs["evaluate"].models == ["teacher", "student"] + trained
     with open(tmp_path / "data" / "ablations.json") as f:
         assert set(json.load(f)["runs"]["0"]) == {"teacher", "student", *sft_arms, *arms}
@@ -337,3 +359,14 @@ def test_kd_sweep_picks_the_largest_margin_over_sft_never_the_ratio_0_control():
             {"kd_ratio": 1.0, "pass_at_1": 0.25}]    # not this tie after it
     assert pick_kd(runs, sft) == {"kd_ratio": 0.5}
     assert [round(r["margin_vs_sft"], 3) for r in runs] == [0.1, 0.02, 0.05, 0.05]
+
+
+def test_opd_sweep_picks_the_lr_with_the_largest_margin_over_its_sft_start():
+    from pipeline.apps.sweeps import pick_opd
+
+    sft = {"pass_at_1": 0.10}
+    runs = [{"learning_rate": 3e-5, "pass_at_1": 0.09},
+            {"learning_rate": 1e-4, "pass_at_1": 0.14},   # +0.04: the pick,
+            {"learning_rate": 3e-4, "pass_at_1": 0.14}]   # not this tie after it
+    assert pick_opd(runs, sft) == {"learning_rate": 1e-4}
+    assert [round(r["margin_vs_sft"], 3) for r in runs] == [-0.01, 0.04, 0.04]

@@ -19,6 +19,10 @@ same held-out problems:
     simpo        TRL CPOTrainer, loss_type simpo
     sft_cont     REDI's loss with alpha 0: the chosen traces only, the same steps and LR — the
                  fair control for "more training"
+  on-policy arm (from the same `all` SFT model, about the pair arms' budget of sequences and
+  steps; docs/opd.md):
+    opd          on-policy distillation: the student samples, the demo's teacher scores the
+                 student's own tokens (sampled reverse KL), OPD_LR (swept)
   logit-distillation arms (each from the base student, on the `all` arm's select: the teacher's
   top-k captured once by `distributions` (the same traces at every seed), then `kd` with sft's
   schedule, so the same traces and the same steps as the `all` SFT model; docs/kd.md):
@@ -79,6 +83,21 @@ KD_ARMS = {
     "taid": ["kd.divergence=taid", f"kd.kd_ratio={KD_RATIO}"],
     "mixkd": ["kd.divergence=forward_kl", f"kd.kd_ratio={KD_RATIO}", "kd.online_teacher=true"],
 }
+OPD_START = "all"
+# opd's learning rate: pipeline/apps/sweeps.py opd's pick (tuning seed, validation problems;
+# docs/demo.md).
+OPD_LR = 1e-4
+# The pair arms train 163 steps of 8 pairs = 16 sequences (2,608 sequences); opd: 10 iterations
+# x 64 problems x 4 samples = 2,560 of the student's own samples, 16 a step (160 steps), at
+# on-policy temperature 1. Both arms' trained tokens are in the table (`tokens`).
+OPD_ARMS = {
+    "opd": ["opd.iterations=10", "opd.prompts_per_iteration=64", "opd.n=4",
+            "opd.max_tokens=128", "opd.samples_per_step=16",
+            f"opd.learning_rate={OPD_LR:.8f}", "opd.report_to=none",
+            # as redi: 2 training workers; the engine in float32 (this CPU emulates bf16)
+            "resources.opd.num_workers=2", "resources.opd.enforce_eager=true",
+            "resources.opd.dtype=float32"],
+}
 # kd's settings that sft also has: the KD arms take sft's (same_as_sft), so they train on the
 # same tokens for the same steps; distributions takes the text settings kd's arrays align to.
 SCHEDULE = ("epochs", "max_steps", "learning_rate", "warmup_ratio", "lr_scheduler",
@@ -95,8 +114,11 @@ COMPARISONS = (
     ("KD vs SFT (same traces, steps)", "kd", KD_START),
     ("TAID vs forward KL", "taid", "kd"),
     ("MixKD vs forward KL", "mixkd", "kd"),
+    ("OPD vs SFT continued", "opd", "sft_cont"),
+    ("OPD vs REDI", "opd", "redi"),
 )
-METRICS = ("pass_at_1", "pass_at_k", "mean_completion_tokens", "sft_rows", "mean_sft_tokens")
+METRICS = ("pass_at_1", "pass_at_k", "mean_completion_tokens", "sft_rows", "mean_sft_tokens",
+           "tokens")
 
 
 @dataclass
@@ -108,9 +130,9 @@ class AblationPlan:
       epochs (vs the demo's 3), to fit 10 SFT/pair models x 3 seeds in an hour on 2 cores;
       tests: tiny counts.
     teacher: the demo's teacher settings (pipeline/apps/demo.py TEACHER) or smaller ones.
-    arms: which arms run (`--arms`; empty = every arm of SFT_ARMS, PAIR_ARMS and KD_ARMS). A
-      pair arm brings its start (PAIR_START's SFT arm) along, a KD arm KD_START's; no KD arm
-      skips distributions and kd.
+    arms: which arms run (`--arms`; empty = every arm of SFT_ARMS, PAIR_ARMS, KD_ARMS and
+      OPD_ARMS). A pair arm brings its start (PAIR_START's SFT arm) along, a KD arm KD_START's,
+      the OPD arm OPD_START's; no KD arm skips distributions and kd.
     """
 
     seeds: tuple = SEEDS
@@ -119,9 +141,10 @@ class AblationPlan:
     arms: tuple = ()
 
 
-def arms_to_run(wanted: tuple) -> tuple[list, list, list]:
-    """(SFT arms, pair arms, KD arms) in their tables' order for the requested arm names."""
-    every = {**SFT_ARMS, **PAIR_ARMS, **KD_ARMS}
+def arms_to_run(wanted: tuple) -> tuple[list, list, list, list]:
+    """(SFT arms, pair arms, KD arms, OPD arms) in their tables' order for the requested arm
+    names."""
+    every = {**SFT_ARMS, **PAIR_ARMS, **KD_ARMS, **OPD_ARMS}
     unknown = [a for a in wanted if a not in every]
     if unknown:
         raise UserError(f"--arms: unknown arm(s) {', '.join(unknown)} (the arms: "
@@ -129,11 +152,14 @@ def arms_to_run(wanted: tuple) -> tuple[list, list, list]:
     wanted = set(wanted or every)
     pairs = [a for a in PAIR_ARMS if a in wanted]
     kds = [a for a in KD_ARMS if a in wanted]
+    opds = [a for a in OPD_ARMS if a in wanted]
     if pairs:
         wanted.add(PAIR_START)
     if kds:
         wanted.add(KD_START)
-    return [a for a in SFT_ARMS if a in wanted], pairs, kds
+    if opds:
+        wanted.add(OPD_START)
+    return [a for a in SFT_ARMS if a in wanted], pairs, kds, opds
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -222,6 +248,14 @@ def targets(summary: dict) -> list[str]:
     if c:
         line(c["pass_at_1"][0] >= 0.03,
              f"KD - SFT: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= +0.030)")
+    c = by.get("opd:sft_cont")
+    if c:
+        line(c["pass_at_1"][0] >= 0.03,
+             f"OPD - SFT continued: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= +0.030)")
+    c = by.get("opd:redi")
+    if c:
+        line(c["pass_at_1"][0] >= 0,
+             f"OPD - REDI: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= 0)")
     return out
 
 
@@ -315,7 +349,7 @@ def kd_arms(recipe_for, arms, seeded, start, capture=None) -> tuple:
 
 def main(args, plan: AblationPlan | None = None) -> int:
     plan = plan or AblationPlan(arms=tuple(getattr(args, "arms", ()) or ()))
-    sft_arms, pair_arms, kd_arm_names = arms_to_run(plan.arms)
+    sft_arms, pair_arms, kd_arm_names, opd_arms = arms_to_run(plan.arms)
     started = time.time()
     recipe_for, shared, prompts, verify, info = shared_setup(args.recipe, args.items, plan)
     k = shared.configs["evaluate"].pass_k
@@ -325,7 +359,7 @@ def main(args, plan: AblationPlan | None = None) -> int:
     capture = None  # the KD arms' teacher distributions, captured at the first seed
     for seed in plan.seeds:
         seeded = [f"select.seed={seed}", f"sft.seed={seed}", f"redi.seed={seed}",
-                  f"kd.seed={seed}", f"evaluate.seed={seed}"]
+                  f"kd.seed={seed}", f"opd.seed={seed}", f"evaluate.seed={seed}"]
         paths, data = {}, {}
         for arm in sft_arms:
             select, sft = sft_arm(recipe_for(*SFT_ARMS[arm], *seeded), verify)
@@ -339,12 +373,22 @@ def main(args, plan: AblationPlan | None = None) -> int:
             redi = run_stage("redi", r, {"select": start["select"].version,
                                          "sft": start["sft"].version})
             paths[arm] = redi.path
-            data[arm] = {"pairs": start["select"].manifest["stats"]["pairs"], "redi": redi}
+            data[arm] = {"pairs": start["select"].manifest["stats"]["pairs"], "redi": redi,
+                         "tokens": redi.manifest["stats"].get("tokens_seen")}
         kd_start = data.get(KD_START)
         capture, kds = kd_arms(recipe_for, kd_arm_names, seeded, kd_start, capture)
         for arm, kd in kds.items():
             paths[arm] = kd.path
             data[arm] = {m: kd_start[m] for m in ("sft_rows", "mean_sft_tokens")}
+        for arm in opd_arms:
+            opd = run_stage("opd", recipe_for(*SFT_ARMS[OPD_START], *OPD_ARMS[arm], *seeded),
+                            {"select": data[OPD_START]["select"].version,
+                             "sft": data[OPD_START]["sft"].version,
+                             "prompts": prompts.version})
+            paths[arm] = opd.path
+            data[arm] = {"tokens": sum(h["tokens_seen"] or 0
+                                       for h in opd.manifest["stats"]["iterations"]),
+                         "pass_rate": opd.manifest["stats"]["pass_rate"]}
         # One evaluate per seed with every model of the seed (the teacher once, at the first).
         names = (["teacher"] if seed == plan.seeds[0] else []) + ["student"] + list(paths)
         model_list = "[" + ", ".join(["teacher"] * (seed == plan.seeds[0]) + ["student"]
@@ -365,7 +409,8 @@ def main(args, plan: AblationPlan | None = None) -> int:
             key = name if name in ("teacher", "student") else paths[name]
             runs[seed][name] = {**_overall(summary_rows, key),
                                 **{m: data.get(name, {}).get(m)
-                                   for m in ("sft_rows", "mean_sft_tokens", "pairs")}}
+                                   for m in ("sft_rows", "mean_sft_tokens", "pairs", "tokens",
+                                             "pass_rate")}}
         print(f"ablations: seed {seed} done ({time.time() - started:.0f} s so far)", flush=True)
         # Written after every seed (complete: false until the last), so a stopped run keeps
         # the seeds it finished.

@@ -1,6 +1,6 @@
 """The settings sweeps behind the ablations:
 
-    python -m pipeline.apps.sweeps redi|dap|kd [key=value …]
+    python -m pipeline.apps.sweeps redi|dap|kd|opd [key=value …]
 
 Each chooses settings on data the ablations never report, so the ablations' seeds stay unpicked:
   - their own seed (TUNING_SEED, not in pipeline/apps/ablations.py SEEDS) for select / SFT / REDI /
@@ -27,6 +27,11 @@ kd: kd's kd_ratio (forward KL; the ablations' first run used 0.5, torchtune's an
   should land near the SFT model). Rule: the kd_ratio > 0 with the largest pass@1 margin over
   the `all` SFT model; the ablations' KD arms then run at it. Written to
   <data_root>/kd_sweep.json.
+opd: opd's learning rate (METHODS' 5e-5 is for full fine-tuning of real models; this student
+  was trained at 3e-3 and the pair arms run at 3e-5). From the tuning seed's `all` SFT model
+  (the ablations' OPD_START), the ablations' OPD arm at every LR of OPD_GRID. Rule: the LR with
+  the largest pass@1 margin over that SFT model (the first on a tie); the ablations' OPD arm
+  then runs at it. Written to <data_root>/opd_sweep.json.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ REDI_GRID = {"learning_rate": (1e-5, 3e-5), "alpha": (0.0, 0.2, 0.5, 0.8)}
 # (easy, medium, hard) token budgets by the teacher's pass-rate level, loose to tight.
 DAP_GRID = ((40, 56, 80), (36, 48, 64), (34, 44, 56))
 KD_GRID = {"kd_ratio": (0.0, 0.25, 0.5, 0.75, 1.0)}
+OPD_GRID = {"learning_rate": (3e-5, 1e-4, 3e-4)}
 
 
 def pick_redi(runs: list[dict]) -> dict:
@@ -78,13 +84,23 @@ def pick_kd(runs: list[dict], sft_run: dict) -> dict:
     return {"kd_ratio": best["kd_ratio"]}
 
 
+def pick_opd(runs: list[dict], sft_run: dict) -> dict:
+    """The opd rule: each run's pass@1 margin over the SFT start (written into the runs), then
+    the LR with the largest margin (the first on a tie)."""
+    for run in runs:
+        run["margin_vs_sft"] = run["pass_at_1"] - sft_run["pass_at_1"]
+    best = max(runs, key=lambda run: run["margin_vs_sft"])
+    return {"learning_rate": best["learning_rate"]}
+
+
 def _setup(argv: list[str], prog: str):
     """The ablations' start (pipeline/apps/ablations.py shared_setup) with the tuning seed last."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--recipe", default="configs/tiny.yaml")
     parser.add_argument("items", nargs="*", help="key=value overrides (e.g. data_root=/tmp/demo)")
     args = parser.parse_args(argv)
-    seeded = [f"{s}.seed={TUNING_SEED}" for s in ("select", "sft", "redi", "kd", "evaluate")]
+    seeded = [f"{s}.seed={TUNING_SEED}" for s in ("select", "sft", "redi", "kd", "opd",
+                                                  "evaluate")]
     recipe_for, shared, prompts, verify, _ = ablations.shared_setup(
         args.recipe, args.items, ablations.AblationPlan(), last=tuple(seeded))
     return recipe_for, shared, prompts, verify
@@ -211,12 +227,43 @@ def kd(argv: list[str]) -> int:
     return 0
 
 
+def opd(argv: list[str]) -> int:
+    started = time.time()
+    recipe_for, shared, prompts, verify = _setup(argv, "python -m pipeline.apps.sweeps opd")
+    start_arm = ablations.SFT_ARMS[ablations.OPD_START]
+    select, sft = ablations.sft_arm(recipe_for(*start_arm), verify)
+    paths = {}
+    for lr in OPD_GRID["learning_rate"]:
+        # the arm's settings with this LR last (LR in decimals: YAML reads "1e-05" as a string)
+        r = recipe_for(*start_arm, *ablations.OPD_ARMS["opd"], f"opd.learning_rate={lr:.8f}")
+        version = run_stage("opd", r, {"select": select.version, "sft": sft.version,
+                                       "prompts": prompts.version})
+        paths[version.path] = (lr, version.manifest["stats"]["pass_rate"])
+    ev = _evaluate(recipe_for, prompts, sft, None, [sft.path] + list(paths))
+    sft_run = ev["rows"][sft.path]
+    runs = [{"learning_rate": lr, "sample_pass_rate": curve, **ev["rows"][path]}
+            for path, (lr, curve) in paths.items()]
+    result = {"sft": sft_run, "runs": runs, "evaluate": ev["evaluate"],
+              "chosen": pick_opd(runs, sft_run), "wall_s": round(time.time() - started, 1)}
+    out = _write(shared, "opd_sweep.json", result)
+    print(f"opd sweep (seed {TUNING_SEED}, validation problems seed {VALIDATION_SEED}; the "
+          f"`all` SFT start's pass@1 {sft_run['pass_at_1']:.3f}):")
+    print(f"{'LR':>8} {'pass@1':>7} {'pass@k':>7} {'own tok':>8} {'vs SFT':>7}  samples' pass "
+          "rate by iteration")
+    for run in runs:
+        print(f"{run['learning_rate']:>8g} {run['pass_at_1']:>7.3f} {run['pass_at_k']:>7.3f} "
+              f"{run['mean_completion_tokens']:>8.1f} {run['margin_vs_sft']:>+7.3f}  "
+              + " ".join(f"{p:.2f}" for p in run["sample_pass_rate"]))
+    print(f"chosen: {result['chosen']} ({result['wall_s']:.0f} s); {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    sweeps = {"redi": redi, "dap": dap, "kd": kd}
+    sweeps = {"redi": redi, "dap": dap, "kd": kd, "opd": opd}
     if not argv or argv[0] not in sweeps:
-        print("usage: python -m pipeline.apps.sweeps redi|dap|kd [--recipe …] [key=value …]",
-              file=sys.stderr)
+        print("usage: python -m pipeline.apps.sweeps redi|dap|kd|opd [--recipe …] "
+              "[key=value …]", file=sys.stderr)
         return 2
 
     # As the distillery CLI: a user's mistake (here or inside a Ray worker) is one line, exit 2.
