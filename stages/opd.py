@@ -629,6 +629,7 @@ def run(cfg: OpdConfig, inputs, ctx):
         print(f"opd: iteration {i}: pass rate {stats['pass_rate']}, mean tokens "
               f"{stats['mean_tokens']}, kl {stats['kl']}, loss {stats['loss']}; seconds "
               + ", ".join(f"{k} {v}" for k, v in stats["seconds"].items()), flush=True)
+        log_curve(cfg, ctx, stats)
         history.append(stats)
 
     try:
@@ -742,6 +743,23 @@ def run(cfg: OpdConfig, inputs, ctx):
                   "workers": ctx.resources.num_workers},
     })
     return None
+
+
+CURVE = ("pass_rate", "mean_tokens", "kl", "loss")
+
+
+def log_curve(cfg, ctx, stats: dict) -> None:
+    """The iteration's point of the learning curve in TensorBoard (report_to tensorboard):
+    opd/pass_rate, opd/mean_tokens, opd/kl, opd/loss at step = the iteration, under
+    <version>/logs/iterations (the trainer's per-step logs are in each iteration's model/)."""
+    if cfg.report_to != "tensorboard":
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(os.path.join(ctx.out_dir, "logs", "iterations")) as writer:
+        for key in CURVE:
+            if stats.get(key) is not None:
+                writer.add_scalar(f"opd/{key}", stats[key], stats["iteration"])
 
 
 def _timed(fn, *args):

@@ -632,9 +632,17 @@ def test_async_samples_while_the_previous_iteration_trains(opd_inputs, teacher, 
     _, sft = opd_inputs
     version = _run(opd_inputs[0], teacher, ["opd.async=1", "opd.iterations=3",
                                             "opd.keep_checkpoints=true",
-                                            "resources.opd.scorers.replicas=2"])
+                                            "resources.opd.scorers.replicas=2",
+                                            "opd.report_to=tensorboard"])
     assert version.manifest["stats"]["pools"] == {"engines": 1, "scorers": 2, "workers": 1}
     stats = version.manifest["stats"]["iterations"]
+    # the learning curve in TensorBoard: one point per iteration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(version.path, "logs", "iterations"))
+    events.Reload()
+    curve = [(e.step, round(e.value, 4)) for e in events.Scalars("opd/pass_rate")]
+    assert curve == [(i, h["pass_rate"]) for i, h in enumerate(stats)]
     model = [os.path.join(version.path, "iterations", f"iter-{i:05d}", "model")
              for i in range(3)]
     # who sampled (and scored) each iteration: one checkpoint behind the one it trains from

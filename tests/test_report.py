@@ -91,6 +91,17 @@ def test_report_sections_from_versions(full_store, tmp_path):
     assert re.search(r"<td>student</td><td>all</td>.*?0\.1<", text)
 
 
+def test_report_draws_opds_learning_curve_per_iteration(full_store, tmp_path):
+    _commit(full_store, "opd", "o1", None, {"sft": "s1"},
+            {"pass_rate": [0.2, 0.3, 0.45], "mean_tokens": [40.0, 38.5, 36.0],
+             "kl": [0.9, 0.6, 0.4], "loss": [0.1, 0.05, 0.02], "problems": 16})
+    text = open(write_report(full_store, str(tmp_path / "r.html")), encoding="utf-8").read()
+    training = text[text.index('<section id="training">'):text.index('<section id="evaluation">')]
+    assert "opd@o1" in training and "pass_rate" in training and "mean_tokens" in training
+    # sft, redi and opd each one figure; no kd version: no note for it (run by name only)
+    assert training.count("data:image/png;base64,") == 3 and "no kd version" not in training
+
+
 def test_report_on_an_empty_root(tmp_path):
     path = write_report(Store(str(tmp_path / "empty")), str(tmp_path / "r.html"))
     text = open(path, encoding="utf-8").read()

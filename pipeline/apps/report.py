@@ -33,7 +33,7 @@ import statistics
 from pipeline.store import Store, Version
 
 STAGE_ORDER = ("prompts", "generate", "verify", "prune", "provenance", "select", "sft", "redi",
-               "evaluate", "attribution")
+               "distributions", "kd", "opd", "evaluate", "attribution")
 SECTIONS = ("stages", "lengths", "pass-rate", "teachers", "provenance", "training", "evaluation",
             "ablations", "lineage")
 
@@ -331,10 +331,11 @@ def _training_section(store: Store, latest: dict[str, Version]) -> str:
     import matplotlib.pyplot as plt
 
     out = ""
-    for stage in ("sft", "redi"):
+    for stage in ("sft", "redi", "kd", "opd"):
         v = latest.get(stage)
         if v is None:
-            out += _note(f"no {stage} version yet")
+            if stage in ("sft", "redi"):  # kd and opd are run by name only
+                out += _note(f"no {stage} version yet")
             continue
         series = _series(v.manifest.get("stats"))
         steps = (v.manifest.get("stats") or {}).get("logged_steps") or []
@@ -357,7 +358,9 @@ def _training_section(store: Store, latest: dict[str, Version]) -> str:
                     xs = steps if len(steps) == len(s) else range(1, len(s) + 1)
                     ax.plot(xs, s, label=name)
                 ax.set_title(title)
-                ax.set_xlabel("optimizer step" if len(steps) else "logging step")
+                # opd's lists are one point per iteration (pass rate, length, kl, loss)
+                ax.set_xlabel("iteration" if stage == "opd" else
+                              "optimizer step" if len(steps) else "logging step")
                 if len(curves) > 1:
                     ax.legend(fontsize=7)
             out += f"<h3>{_esc(v.ref())}</h3>" + _figure(
