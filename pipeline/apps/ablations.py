@@ -86,7 +86,7 @@ KD_ARMS = {
 OPD_START = "all"
 # opd's learning rate: pipeline/apps/sweeps.py opd's pick (tuning seed, validation problems;
 # docs/demo.md).
-OPD_LR = 1e-4
+OPD_LR = 3e-5
 # The pair arms train 163 steps of 8 pairs = 16 sequences (2,608 sequences); opd: 10 iterations
 # x 64 problems x 4 samples = 2,560 of the student's own samples, 16 a step (160 steps), at
 # on-policy temperature 1. Both arms' trained tokens are in the table (`tokens`).
