@@ -387,8 +387,9 @@ def _sampling(cfg, i: int) -> Sampling:
                     seed=cfg.seed * 1000 + i)
 
 
-def sample(cfg, engines: WarmEngines, problems: list[dict], i: int):
-    """n samples per problem from the engines' current weights (engines.model)."""
+def sample(cfg, engines: WarmEngines, problems: list[dict], i: int, sampled_by: str = ""):
+    """n samples per problem from the engines' current weights (engines.model, recorded as
+    `sampled_by`, or the given name of it)."""
     import pyarrow as pa
 
     table = engines.complete([{"problem_id": p["problem_id"],
@@ -396,8 +397,8 @@ def sample(cfg, engines: WarmEngines, problems: list[dict], i: int):
                              _sampling(cfg, i))
     table = table.select(["problem_id", "sample_idx", "completion", "completion_tokens",
                           "finish_reason"])
-    table = table.append_column("sampled_by",
-                                pa.array([engines.model] * table.num_rows, pa.string()))
+    table = table.append_column("sampled_by", pa.array([sampled_by or engines.model]
+                                                       * table.num_rows, pa.string()))
     return table.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
 
 
@@ -606,6 +607,12 @@ def run(cfg: OpdConfig, inputs, ctx):
     def checkpoint(j: int) -> str:
         return start if j <= 0 else os.path.join(root, f"iter-{j - 1:05d}", "model")
 
+    def recorded(path: str) -> str:
+        """A checkpoint as the version records it: inside the version relative to its folder
+        (the temporary folder the run writes is renamed when it completes)."""
+        inside = path.startswith(ctx.out_dir + os.sep)
+        return os.path.relpath(path, ctx.out_dir) if inside else path
+
     history, engines, scorers, trainers, pending = [], None, None, None, None
     clock = time.monotonic()
     background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -618,7 +625,7 @@ def run(cfg: OpdConfig, inputs, ctx):
         timeline["train"] = [round(began - clock, 2), round(ended - clock, 2)]
         timings["trainer_start"] = waited
         timings["train"] = ended - began - waited
-        stats = {"iteration": i, "student": checkpoint(i),
+        stats = {"iteration": i, "student": recorded(checkpoint(i)),
                  **iteration_stats(table, timings, train_stats), "timeline": timeline}
         if lag:
             stats["waited_for_training"] = round(time.monotonic() - t0, 2)
@@ -665,7 +672,7 @@ def run(cfg: OpdConfig, inputs, ctx):
                         engines.load(policy)
                         timings["weight_sync"] = time.monotonic() - t0
                     t0 = time.monotonic()
-                    table = sample(cfg, engines, batch, i)
+                    table = sample(cfg, engines, batch, i, recorded(policy))
                     timings["sample"] = time.monotonic() - t0
                     timeline["sample"] = [round(t0 - clock, 2), round(time.monotonic() - clock, 2)]
                     if i == cfg.iterations - 1 or not stay_up(ctx.resources, ctx.resources):
@@ -688,7 +695,8 @@ def run(cfg: OpdConfig, inputs, ctx):
                                   {"student": student_tok, "teacher": teacher_tok},
                                   {"student": student_t, "teacher": teacher_t}, fmt)
                 table = score(cfg, ctx, table, policy, scorers)
-                table = table.append_column("scored_by", _constant(policy, table.num_rows))
+                table = table.append_column("scored_by",
+                                            _constant(recorded(policy), table.num_rows))
                 timings["score"] = time.monotonic() - t0
                 timeline["score"] = [round(t0 - clock, 2), round(time.monotonic() - clock, 2)]
                 _write_atomic(table, scored_path)

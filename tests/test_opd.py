@@ -646,14 +646,12 @@ def test_async_samples_while_the_previous_iteration_trains(opd_inputs, teacher, 
     model = [os.path.join(version.path, "iterations", f"iter-{i:05d}", "model")
              for i in range(3)]
     # who sampled (and scored) each iteration: one checkpoint behind the one it trains from
-    # (paths recorded inside the version's temporary folder: compared by their tails)
-    def tail(path):
-        return path if path == sft.path else os.path.join(*path.split(os.sep)[-3:])
-
-    sampled = [{tail(r["sampled_by"]) for r in _scored(version, i)} for i in range(3)]
-    assert sampled == [{sft.path}, {sft.path}, {tail(model[0])}]
-    assert [{tail(r["scored_by"]) for r in _scored(version, i)} for i in range(3)] == sampled
-    assert [tail(h["student"]) for h in stats] == [sft.path, tail(model[0]), tail(model[1])]
+    # (a checkpoint inside the version recorded relative to its folder)
+    inside = [os.path.join("iterations", f"iter-{i:05d}", "model") for i in range(2)]
+    sampled = [{r["sampled_by"] for r in _scored(version, i)} for i in range(3)]
+    assert sampled == [{sft.path}, {sft.path}, {inside[0]}]
+    assert [{r["scored_by"] for r in _scored(version, i)} for i in range(3)] == sampled
+    assert [h["student"] for h in stats] == [sft.path, *inside]
     # iteration 1 was drawn while iteration 0 trained (its group's start alone is seconds)
     assert stats[1]["timeline"]["sample"][0] < stats[0]["timeline"]["train"][1]
     # the old log-probs are the sampling policy's (the start's), not the checkpoint trained from
