@@ -117,6 +117,15 @@ COMPARISONS = (
     ("OPD vs SFT continued", "opd", "sft_cont"),
     ("OPD vs REDI", "opd", "redi"),
 )
+# The pass@1 targets of the issues: ("arm:baseline", name, the least mean paired difference).
+PASS_AT_1_TARGETS = (
+    ("redi:sft_cont", "REDI - SFT continued", 0.01),
+    ("redi:dpo", "REDI - DPO", 0.0),
+    ("provenance:random", "provenance - random", 0.0),
+    (f"kd:{KD_START}", "KD - SFT", 0.03),
+    ("opd:sft_cont", "OPD - SFT continued", 0.03),
+    ("opd:redi", "OPD - REDI", 0.0),
+)
 METRICS = ("pass_at_1", "pass_at_k", "mean_completion_tokens", "sft_rows", "mean_sft_tokens",
            "tokens")
 
@@ -232,30 +241,12 @@ def targets(summary: dict) -> list[str]:
             line(cut >= 0.30 and d1 >= -0.01 and dtok < 0,
                  f"{arm}: SFT-trace tokens {-cut:+.0%} (target <= -30%), pass@1 {d1:+.3f} vs "
                  f"unpruned (target >= -0.010), student's own tokens {dtok:+.1f} (target < 0)")
-    c = by.get("redi:sft_cont")
-    if c:
-        line(c["pass_at_1"][0] >= 0.01,
-             f"REDI - SFT continued: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= +0.010)")
-    c = by.get("redi:dpo")
-    if c:
-        line(c["pass_at_1"][0] >= 0,
-             f"REDI - DPO: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= 0)")
-    c = by.get("provenance:random")
-    if c:
-        line(c["pass_at_1"][0] >= 0,
-             f"provenance - random: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= 0)")
-    c = by.get(f"kd:{KD_START}")
-    if c:
-        line(c["pass_at_1"][0] >= 0.03,
-             f"KD - SFT: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= +0.030)")
-    c = by.get("opd:sft_cont")
-    if c:
-        line(c["pass_at_1"][0] >= 0.03,
-             f"OPD - SFT continued: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= +0.030)")
-    c = by.get("opd:redi")
-    if c:
-        line(c["pass_at_1"][0] >= 0,
-             f"OPD - REDI: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= 0)")
+    for key, name, target in PASS_AT_1_TARGETS:
+        c = by.get(key)
+        if c:
+            want = f"{target:+.3f}" if target else "0"
+            line(c["pass_at_1"][0] >= target,
+                 f"{name}: pass@1 {mean_sd_text(c['pass_at_1'])} (target >= {want})")
     return out
 
 
