@@ -21,9 +21,8 @@ temp dir.
       scorer_start, score, trainer_start, train in the current stage; a key the stage does not record prints "not
       recorded"), the student tokens sampled (vLLM's completion_tokens) and the positions
       trained (the completion ids of scored.parquet, every one in the loss with incorrect=keep:
-      the sample's text tokenized again, docs/opd.md "What is missing", which a random-init
-      student's odd byte sequences make ~1.4x longer). Student tokens trained/s counts the
-      sampled tokens, the count TRL trains on (the smaller of the two: our rate from below).
+      the engine's own sampled ids, so the two counts are equal). Student tokens trained/s
+      counts the sampled tokens, the count TRL trains on.
       Weight sync's share of the iteration = weight_sync / the sum of its seconds, on the
       iterations that load a checkpoint into the running engines (1 ..).
       Target (issue 26): weight sync <= 10% of an iteration at the demo's sizes (measured
@@ -105,7 +104,9 @@ def opd_overrides(args, env: dict) -> list[str]:
             f"opd.max_tokens={args.max_tokens}", f"opd.max_model_len={args.max_model_len}",
             "opd.temperature=1.0", "opd.top_p=1.0",
             f"opd.samples_per_step={args.samples_per_step}", "opd.report_to=none",
-            f"resources.opd.num_workers={args.workers}", "resources.opd.enforce_eager=true"]
+            f"resources.opd.num_workers={args.workers}",
+            f"resources.opd.cpus_per_worker={args.cpus_per_worker}",
+            "resources.opd.enforce_eager=true"]
 
 
 def run_opd(args, env: dict) -> dict:
@@ -304,6 +305,9 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--samples-per-step", type=int, default=16)
     p.add_argument("--workers", type=int, default=1, help="opd training workers")
+    p.add_argument("--cpus-per-worker", type=int, default=1,
+                   help="Ray CPUs (= torch threads) of each training worker; the engines and "
+                        "scorers reserve none while they wait, so 2 on 2 cores fits")
     p.add_argument("--teacher-layers", type=int, default=8, help="the student has 4")
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--skip-trl", action="store_true")

@@ -95,14 +95,16 @@ def _sample_schema():
             ("finish_reason", pa.string()), ("error", pa.string())]
 
 
-def _expand(batch, samples: list[list[dict]]):
-    """Input rows (pyarrow batch) + per-row sample dicts -> one output row per sample."""
+def _expand(batch, samples: list[list[dict]], with_ids: bool = False):
+    """Input rows (pyarrow batch) + per-row sample dicts -> one output row per sample; with_ids:
+    also `completion_ids`, the token ids the engine sampled (its stop token included)."""
     import pyarrow as pa
 
     index = [i for i, row in enumerate(samples) for _ in row]
     out = batch.take(pa.array(index, type=pa.int64())) if index else batch.slice(0, 0)
     flat = [s for row in samples for s in row]
-    for name, typ in _sample_schema():
+    schema = _sample_schema() + ([("completion_ids", pa.list_(pa.int64()))] if with_ids else [])
+    for name, typ in schema:
         out = out.append_column(pa.field(name, typ), pa.array([s[name] for s in flat], type=typ))
     return out
 
@@ -208,6 +210,8 @@ class _VLLMChat:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.model = model
 
+    with_ids = False  # complete_chats' rows: the sample's text; _WarmChat adds its token ids
+
     def __call__(self, batch):
         from vllm import SamplingParams
 
@@ -227,7 +231,7 @@ class _VLLMChat:
             if len(ids) >= self.max_model_len:  # not even one token of room left
                 samples.append([dict(sample_idx=k, completion="", completion_tokens=0,
                                      prompt_tokens=len(ids), finish_reason="prompt_too_long",
-                                     error=None) for k in range(self.n)])
+                                     error=None, completion_ids=[]) for k in range(self.n)])
                 continue
             params = SamplingParams(n=self.n, temperature=s.temperature, top_p=s.top_p,
                                     top_k=s.top_k, stop=list(s.stop),
@@ -257,9 +261,10 @@ class _VLLMChat:
             samples[i] = [dict(sample_idx=c.index, completion=c.text,
                                completion_tokens=len(c.token_ids),
                                prompt_tokens=len(out.prompt_token_ids),
-                               finish_reason=c.finish_reason or "stop", error=None)
+                               finish_reason=c.finish_reason or "stop", error=None,
+                               completion_ids=list(c.token_ids))
                           for c in sorted(out.outputs, key=lambda c: c.index)]
-        return _expand(batch, samples)
+        return _expand(batch, samples, with_ids=self.with_ids)
 
     def _exit_when_dead(self) -> None:
         """Watchdog thread: exit the actor as soon as an engine process is gone."""
@@ -502,7 +507,11 @@ def _vllm_actor(r, ctx, **kwargs) -> tuple[dict, dict]:
 
 
 class _WarmChat(_VLLMChat):
-    """A _VLLMChat that stays up across calls, as a plain Ray actor (WarmEngines)."""
+    """A _VLLMChat that stays up across calls, as a plain Ray actor (WarmEngines); its rows also
+    carry the sampled token ids (`completion_ids`): a loop that trains on its samples (opd)
+    trains on exactly the tokens the engine drew."""
+
+    with_ids = True
 
     def __init__(self, **kwargs):
         if not kwargs["gpus_per_replica"] and not kwargs["cpu_engine_in_process"]:

@@ -396,7 +396,7 @@ def sample(cfg, engines: WarmEngines, problems: list[dict], i: int, sampled_by: 
                                "prompt_messages": p["prompt_messages"]} for p in problems],
                              _sampling(cfg, i))
     table = table.select(["problem_id", "sample_idx", "completion", "completion_tokens",
-                          "finish_reason"])
+                          "completion_ids", "finish_reason"])
     table = table.append_column("sampled_by", pa.array([sampled_by or engines.model]
                                                        * table.num_rows, pa.string()))
     return table.sort_by([("problem_id", "ascending"), ("sample_idx", "ascending")])
@@ -434,32 +434,22 @@ def verify(cfg, table, answers: dict):
     return table.append_column("correct", pa.array(cols["correct"], pa.bool_()))
 
 
-def token_ids(cfg, table, messages: dict, toks: dict, templates: dict, fmt):
-    """Each sample's completion token ids (its text + the end-of-turn id when it stopped) and
-    each model's prompt ids, as the engine rendered them (columns for score_batch)."""
+def prompt_ids(cfg, table, messages: dict, toks: dict, templates: dict):
+    """Each model's prompt ids of every sample, rendered as the engine rendered the student's
+    (columns student_prompt_ids / teacher_prompt_ids for score_batch). The completion ids are
+    the engine's own sampled ids (`completion_ids`, its stop token included): the scorers and
+    the trainer see exactly the tokens the student drew."""
     import pyarrow as pa
 
-    student = toks["student"]
-    eot = student.convert_tokens_to_ids(fmt.end_of_turn)
-    prompt_ids = {name: {pid: toks[name](render_prompt(toks[name], m, templates[name],
-                                                       cfg.prompt_format),
-                                         add_special_tokens=False)["input_ids"]
-                         for pid, m in messages.items()} for name in ("student", "teacher")}
-    completion = []
-    for text, reason in zip(table.column("completion").to_pylist(),
-                            table.column("finish_reason").to_pylist()):
-        text = text or ""
-        ended = reason == "stop"
-        if ended and text.endswith(fmt.end_of_turn):
-            text = text[:-len(fmt.end_of_turn)]
-        ids = student(text, add_special_tokens=False)["input_ids"]
-        completion.append(ids + [eot] if ended else ids)
-    ids = pa.list_(pa.int64())
+    ids = {name: {pid: toks[name](render_prompt(toks[name], m, templates[name],
+                                                cfg.prompt_format),
+                                  add_special_tokens=False)["input_ids"]
+                  for pid, m in messages.items()} for name in ("student", "teacher")}
     pids = table.column("problem_id").to_pylist()
     for name in ("student", "teacher"):
         table = table.append_column(f"{name}_prompt_ids",
-                                    pa.array([prompt_ids[name][p] for p in pids], ids))
-    return table.append_column("completion_ids", pa.array(completion, ids))
+                                    pa.array([ids[name][p] for p in pids], pa.list_(pa.int64())))
+    return table
 
 
 def _score_fn(cfg):
@@ -691,9 +681,9 @@ def run(cfg: OpdConfig, inputs, ctx):
                     timings["scorer_start"] = time.monotonic() - t0
                 t0 = time.monotonic()
                 messages = {p["problem_id"]: p["prompt_messages"] for p in batch}
-                table = token_ids(cfg, table, messages,
-                                  {"student": student_tok, "teacher": teacher_tok},
-                                  {"student": student_t, "teacher": teacher_t}, fmt)
+                table = prompt_ids(cfg, table, messages,
+                                   {"student": student_tok, "teacher": teacher_tok},
+                                   {"student": student_t, "teacher": teacher_t})
                 table = score(cfg, ctx, table, policy, scorers)
                 table = table.append_column("scored_by",
                                             _constant(recorded(policy), table.num_rows))

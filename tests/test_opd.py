@@ -469,6 +469,13 @@ def test_opd_trains_the_student_on_its_own_samples(opd_run, opd_inputs, tiny_mod
     s_model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     rows0, rows1 = _scored(version, 0), _scored(version, 1)
     assert len(rows0) == len(rows1) == 8
+    # The scored and trained tokens are the engine's own sampled ids (vLLM's count of them is
+    # completion_tokens), a stopped sample's last one its stop token.
+    eos = s_model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    for r in rows0 + rows1:
+        assert len(r["completion_ids"]) == r["completion_tokens"] > 0
+        assert r["finish_reason"] != "stop" or r["completion_ids"][-1] in eos
     for r in rows0[:4]:
         direct = _direct_logps(t_model, r["teacher_prompt_ids"], r["completion_ids"])
         assert max(abs(a - b) for a, b in zip(direct, r["teacher_logps"])) <= 1e-4
