@@ -254,7 +254,9 @@ class _Mailbox:
     async def finish(self, k: int) -> None:
         async with self.changed:
             self.finished = max(self.finished, k)
-            self.jobs[k] = {}  # its rows' reference goes: no worker takes a finished job again
+            # its rows' reference goes: every worker has returned from it (group_loop's barrier)
+            # and a restarted group starts at the next one
+            self.jobs[k] = {}
             self.changed.notify_all()
 
     async def wait_finished(self, k: int) -> float:
@@ -264,9 +266,12 @@ class _Mailbox:
 
 
 def group_loop(config: dict) -> None:
-    """A TrainGroup worker: its jobs in order, each `config["loop"](job)`, until a None job."""
+    """A TrainGroup worker: its jobs in order, each `config["loop"](job)`, until a None job.
+    Job k is finished when every worker has returned from it (a barrier, then rank 0 says so):
+    never while one is still on it, whatever the loop synchronises itself."""
     import ray
     import ray.train
+    import torch.distributed as dist
 
     mailbox, loop = config["mailbox"], config["loop"]
     k = ray.get(mailbox.next_job.remote())
@@ -275,6 +280,8 @@ def group_loop(config: dict) -> None:
         if job is None:
             return
         loop(job)
+        if dist.is_initialized():
+            dist.barrier()
         if ray.train.get_context().get_world_rank() == 0:
             ray.get(mailbox.finish.remote(k))
         k += 1
