@@ -142,6 +142,8 @@ class _VLLMChat:
     the same greedy outputs as a fresh process and no memory growth over repeated swaps.
     """
 
+    with_ids = False  # complete_chats' rows: the sample's text; _WarmChat adds its token ids
+
     def __init__(self, model: str, sampling: Sampling, n: int, messages_column: str,
                  max_model_len: int, trust_remote_code: bool, tensor_parallel_size: int,
                  gpus_per_replica: float, gpu_memory_utilization: float, kv_cache_gib: int,
@@ -209,8 +211,6 @@ class _VLLMChat:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.model = model
-
-    with_ids = False  # complete_chats' rows: the sample's text; _WarmChat adds its token ids
 
     def __call__(self, batch):
         from vllm import SamplingParams

@@ -664,7 +664,8 @@ def run(cfg: OpdConfig, inputs, ctx):
                     t0 = time.monotonic()
                     table = sample(cfg, engines, batch, i, recorded(policy))
                     timings["sample"] = time.monotonic() - t0
-                    timeline["sample"] = [round(t0 - clock, 2), round(time.monotonic() - clock, 2)]
+                    timeline["sample"] = [round(t0 - clock, 2),
+                                          round(time.monotonic() - clock, 2)]
                     if i == cfg.iterations - 1 or not stay_up(ctx.resources, ctx.resources):
                         engines.close()  # their memory (and GPUs) go to scoring and training
                         engines = None
@@ -705,7 +706,9 @@ def run(cfg: OpdConfig, inputs, ctx):
             finish(pending)
             pending = None
     finally:
-        if pending is not None:  # a failure elsewhere: let the running job end, keep nothing
+        if pending is not None:
+            # a failure while a training job ran: let it end; its iteration gets no marker, so
+            # a rerun trains it again from its scored samples
             concurrent.futures.wait([pending[1]])
         background.shutdown(wait=True)
         if engines is not None:
