@@ -18,7 +18,8 @@ all problems, taken in turn):
      (stages/lib/packed.py score_token_ids) in scoring actors kept up across iterations, the
      teacher loaded once and each iteration's student in place (cluster/scoring.py
      WarmScorers): teacher_logps and the sampling policy's student_logps per completion token;
-  4. train: one Ray Train fit (stages/lib/trainer.py train_packed) over the samples with
+  4. train: one job on the run's Ray Train worker group, kept up across iterations
+     (cluster/train.py TrainGroup; stages/lib/trainer.py train_packed) over the samples with
 
        loss = sampled_rkl_loss(new, old, teacher, mask)     (stages/lib/divergences.py)
             = -sum_t mask_t exp(new_t - old_t) A_t / sum_t mask_t,  A_t = -(old_t - teacher_t)
@@ -28,6 +29,8 @@ all problems, taken in turn):
      alpha * sum_wrong log pi(y-)/|y-| / samples in the row, which pushes it down).
      loss topk instead: the mean over the mask's positions of a divergence between the
      teacher's top-k + tail (stored by the scorer) and the student's distribution.
+
+With `async` 1, iteration i's steps 1-3 run (with checkpoint i-1) while iteration i-1 trains.
 
 Resume: everything of iteration i lives under <version tmp>/iterations/iter-NNNNN/:
 sampled.parquet, then scored.parquet, then model/ (the checkpoint of iteration i+1), then
