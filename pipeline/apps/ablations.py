@@ -302,6 +302,13 @@ def sft_arm(recipe, verify):
     return select, run_stage("sft", recipe, {"select": select.version})
 
 
+def opd_arm(recipe, select, sft, prompts):
+    """The OPD arm: opd from an SFT arm's model, on its select's problems, verified against
+    prompts' answers (also pipeline/apps/sweeps.py opd's run)."""
+    return run_stage("opd", recipe, {"select": select.version, "sft": sft.version,
+                                     "prompts": prompts.version})
+
+
 def _value(v) -> str:
     """An override's value as the recipe parser reads it back (strings JSON-quoted)."""
     return json.dumps(v) if isinstance(v, str) else str(v)
@@ -372,10 +379,8 @@ def main(args, plan: AblationPlan | None = None) -> int:
             paths[arm] = kd.path
             data[arm] = {m: kd_start[m] for m in ("sft_rows", "mean_sft_tokens")}
         for arm in opd_arms:
-            opd = run_stage("opd", recipe_for(*SFT_ARMS[OPD_START], *OPD_ARMS[arm], *seeded),
-                            {"select": data[OPD_START]["select"].version,
-                             "sft": data[OPD_START]["sft"].version,
-                             "prompts": prompts.version})
+            opd = opd_arm(recipe_for(*SFT_ARMS[OPD_START], *OPD_ARMS[arm], *seeded),
+                          data[OPD_START]["select"], data[OPD_START]["sft"], prompts)
             paths[arm] = opd.path
             data[arm] = {"tokens": sum(h["tokens_seen"] or 0
                                        for h in opd.manifest["stats"]["iterations"]),

@@ -236,8 +236,7 @@ def opd(argv: list[str]) -> int:
     for lr in OPD_GRID["learning_rate"]:
         # the arm's settings with this LR last (LR in decimals: YAML reads "1e-05" as a string)
         r = recipe_for(*start_arm, *ablations.OPD_ARMS["opd"], f"opd.learning_rate={lr:.8f}")
-        version = run_stage("opd", r, {"select": select.version, "sft": sft.version,
-                                       "prompts": prompts.version})
+        version = ablations.opd_arm(r, select, sft, prompts)
         paths[version.path] = (lr, version.manifest["stats"]["pass_rate"])
     ev = _evaluate(recipe_for, prompts, sft, None, [sft.path] + list(paths))
     sft_run = ev["rows"][sft.path]
